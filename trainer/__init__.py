@@ -1,0 +1,1 @@
+"""LoRA and FullFT training with torch + transformers + peft + datasets."""
