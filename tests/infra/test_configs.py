@@ -47,15 +47,23 @@ def test_compose_mlflow_uses_postgres_store_and_s3_artifacts():
     mlflow = _compose()["services"]["mlflow"]
     env = mlflow["environment"]
     # The server reads these two as its --backend-store-uri / --artifacts-destination envvars.
-    assert re.fullmatch(r"postgresql://\$\{POSTGRES_USER[^}]*\}:\$\{POSTGRES_PASSWORD[^}]*\}@postgres:5432/mlflow",
+    assert re.fullmatch(r"postgresql\+psycopg://\$\{POSTGRES_USER[^}]*\}:\$\{POSTGRES_PASSWORD[^}]*\}@postgres:5432/mlflow",
                         env["MLFLOW_BACKEND_STORE_URI"])
     assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     command = mlflow["command"]
     assert command[:2] == ["mlflow", "server"]
     assert "--host=0.0.0.0" in command
-    allowed = next(arg for arg in command if arg.startswith("--allowed-hosts="))
-    assert "mlflow:5000" in allowed.split("=", 1)[1].split(","), "other containers call the server mlflow:5000"
+    allowed = next(arg for arg in command if arg.startswith("--allowed-hosts=")).split("=", 1)[1]
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    hosts = allowed.split(",")
+    assert is_allowed_host_header(hosts, "mlflow:5000"), "other containers call the server mlflow:5000"
+    assert is_allowed_host_header(hosts, "localhost:5000")
+    assert not is_allowed_host_header(hosts, "attacker.example.com")
+    from tests.infra.stack import MLFLOW_ALLOWED_HOSTS
+
+    assert allowed == MLFLOW_ALLOWED_HOSTS, "the real-server test must run the compose setting"
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert mlflow["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
 

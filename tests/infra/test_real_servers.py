@@ -1,0 +1,115 @@
+"""The production stack's servers for real: Postgres-backed MLflow and Prefect servers.
+
+The same services as infra/docker-compose.yml, started as local processes (tests/infra/stack.py)
+because this machine has no Docker engine. Clients reach them only through the environment
+variables the product honours (MLFLOW_TRACKING_URI, PREFECT_API_URL) or plain HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post_json(url: str, body: dict) -> dict | list:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _client_env(stack, tmp_path: Path) -> dict[str, str]:
+    """A child process's environment: the stack's URLs, and a Prefect home of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    return env | stack.env | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+
+def test_mlflow_server_registers_a_version_and_alias_on_postgres(real_stack, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=real_stack.mlflow_url, registry_uri=real_stack.mlflow_url)
+    experiment_id = client.create_experiment("stack-check")
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "eval_loss", 1.25)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 1}')
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    client.set_terminated(run.info.run_id)
+
+    name = "stack-check-adapter"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+    # Plain HTTP, as an operator's script or a serving system would read the registry.
+    quoted = urllib.parse.quote(name)
+    model = _get_json(f"{real_stack.mlflow_url}/api/2.0/mlflow/registered-models/get?name={quoted}")
+    assert model["registered_model"]["aliases"] == [{"alias": "champion", "version": version.version}]
+    by_alias = _get_json(f"{real_stack.mlflow_url}/api/2.0/mlflow/registered-models/alias?name={quoted}&alias=champion")
+    assert by_alias["model_version"]["run_id"] == run.info.run_id
+
+    # Artifacts went through the server's proxy (mlflow-artifacts:) into its destination, so
+    # clients need no storage credentials; in compose that destination is the MinIO bucket.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert list(real_stack.artifacts_dir.rglob("adapter/adapter_config.json"))
+
+
+def test_mlflow_allowed_hosts_accepts_compose_service_name_only(real_stack):
+    url = f"{real_stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    # Other containers call the server by its compose service name.
+    assert isinstance(_get_json(url, headers={"Host": "mlflow:5000"}), dict)
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        _get_json(url, headers={"Host": "attacker.example.com"})
+    assert excinfo.value.code == 403
+
+
+def test_prefect_server_records_a_flow_run_on_postgres(real_stack, tmp_path):
+    script = (
+        "from prefect import flow, task\n"
+        "@task\n"
+        "def double(x): return 2 * x\n"
+        "@flow(name='stack-check')\n"
+        "def stack_check(): return sum(double.map([1, 2, 3]).result())\n"
+        "assert stack_check() == 12\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=_client_env(real_stack, tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    runs = _post_json(f"{real_stack.prefect_api_url}/flow_runs/filter",
+                      {"flows": {"name": {"any_": ["stack-check"]}}})
+    assert [run["state_type"] for run in runs] == ["COMPLETED"]
+    task_runs = _post_json(f"{real_stack.prefect_api_url}/task_runs/filter",
+                           {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    assert len(task_runs) == 3
+
+
+def test_prefect_server_accepts_the_kubernetes_gpu_work_pool(real_stack, tmp_path):
+    template = REPO / "infra" / "k8s" / "gpu-job-template.json"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "lowregret-gpu",
+         "--type", "kubernetes", "--base-job-template", str(template)],
+        env=_client_env(real_stack, tmp_path), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    pool = _get_json(f"{real_stack.prefect_api_url}/work_pools/lowregret-gpu")
+    assert pool["type"] == "kubernetes"
+    assert pool["base_job_template"] == json.loads(template.read_text())
