@@ -318,7 +318,10 @@ def tokenize_example(tokenizer, row: dict, fmt: Format, max_length: int, *,
         input_ids.extend(ids)
         labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
     truncated = len(input_ids) > max_length
-    first_trained = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if first_trained is None:
+        raise UserError(f"{at}: the assistant turns are empty and the chat template closes them with no "
+                        f"special token, so there is nothing to train: drop the row.")
     if first_trained >= max_length:
         raise UserError(
             f"{at}: the prompt alone is {first_trained} tokens, which fills max_length={max_length}, so "

@@ -259,6 +259,23 @@ def test_template_that_rewrites_history_is_user_error(tok):
         tokenize_example(odd, CHAT[0], "chat", 512)
 
 
+PLAIN_TEMPLATE = (  # no special tokens at all: nothing closes a turn
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def test_template_without_end_token_trains_the_content_only():
+    plain = build_tokenizer.__wrapped__()
+    plain.chat_template = PLAIN_TEMPLATE
+    ex = tokenize_example(plain, CHAT[0], "chat", 512)
+    assert plain.decode(ex.input_ids) == "user: hi\nassistant: hello there\n"
+    assert _trained_runs(plain, ex) == ["hello there"]
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    with pytest.raises(UserError, match="Row 3: the assistant turns are empty"):
+        tokenize_example(plain, empty, "chat", 512, row_index=3)
+
+
 def test_bad_max_length_and_bad_row(tok):
     with pytest.raises(UserError, match="max_length"):
         tokenize_example(tok, PC[0], "prompt_completion", 0)
