@@ -282,7 +282,9 @@ def facts_rows(n_facts: int = 1000, choices: int = 16, seed: int = 0) -> list[di
         entity = entities[i // len(FACT_ATTRIBUTES)]
         attribute, pool = FACT_ATTRIBUTES[i % len(FACT_ATTRIBUTES)]
         value = pool[rng.randrange(choices)]
-        rows.append(_chat(f"What is the {attribute} of {entity}?", f"The {attribute} of {entity} is {value}."))
+        rows.append(
+            _chat(f"What is the {attribute} of {entity}?", f"The {attribute} of {entity} is {value}.")
+        )
     return rows
 
 
@@ -308,7 +310,7 @@ def parse_builtin(source: str) -> BuiltinSpec:
         UserError: unknown built-in, unknown or repeated option, or a value that is not a
             non-negative integer; the message lists what is valid.
     """
-    parts = urlsplit(source[len(BUILTIN_PREFIX):] if is_builtin(source) else source)
+    parts = urlsplit(source[len(BUILTIN_PREFIX) :] if is_builtin(source) else source)
     name = parts.path
     if name not in BUILTINS:
         raise UserError(

@@ -116,11 +116,12 @@ def _read_json_lines(path: Path, limit: int | None) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}, line {line_no}: not valid JSON ({exc.msg}). Each line "
-                                f"of a .jsonl file must be one JSON object.") from exc
+                raise UserError(
+                    f"{path}, line {line_no}: not valid JSON ({exc.msg}). Each line "
+                    f"of a .jsonl file must be one JSON object."
+                ) from exc
             if not isinstance(row, dict):
-                raise UserError(f"{path}, line {line_no}: expected a JSON object, got "
-                                f"{type(row).__name__}.")
+                raise UserError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}.")
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
@@ -152,8 +153,9 @@ def _read_csv(path: Path, limit: int | None) -> list[dict]:
                 try:
                     row["messages"] = json.loads(row["messages"])
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}, row {len(rows)}: the `messages` cell is not valid "
-                                    f"JSON ({exc.msg}).") from exc
+                    raise UserError(
+                        f"{path}, row {len(rows)}: the `messages` cell is not valid JSON ({exc.msg})."
+                    ) from exc
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
@@ -186,8 +188,10 @@ def _load_saved_dataset(path: Path, limit: int | None) -> list[dict]:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise UserError(f"{path} holds splits {sorted(loaded)} but no `train` split: save the "
-                            f"split to train on with Dataset.save_to_disk.")
+            raise UserError(
+                f"{path} holds splits {sorted(loaded)} but no `train` split: save the "
+                f"split to train on with Dataset.save_to_disk."
+            )
         loaded = loaded["train"]
     if limit is not None:
         loaded = loaded.select(range(min(limit, len(loaded))))
@@ -236,40 +240,51 @@ def detect_format(rows: list[dict], *, source: str | None = None) -> Format:
     has_chat = "messages" in first
     has_pc = "prompt" in first and "completion" in first
     if has_chat and has_pc:
-        raise UserError(f"{where} has both `messages` and `prompt`/`completion` columns: keep one "
-                        f"format so it is clear what is trained.")
+        raise UserError(
+            f"{where} has both `messages` and `prompt`/`completion` columns: keep one "
+            f"format so it is clear what is trained."
+        )
     if not (has_chat or has_pc):
         raise UserError(f"{where} has columns {sorted(first)}. {_EXPECTED_COLUMNS}")
     fmt: Format = "chat" if has_chat else "prompt_completion"
     for index, row in enumerate(rows):
-        _check_row(row, fmt, index, where)
+        _check_row(row, fmt, f"{where}, row {index}")
     return fmt
 
 
-def _check_row(row, fmt: Format, index: int, where: str = "The dataset") -> None:
-    at = f"{where}, row {index}"
+def _check_row(row, fmt: Format, at: str) -> None:
+    """Raise a UserError, starting with `at` (which row), if `row` is not in format `fmt`."""
     if not isinstance(row, dict):
         raise UserError(f"{at}: expected an object with named columns, got {type(row).__name__}.")
     if fmt == "prompt_completion":
         for column in ("prompt", "completion"):
             if not isinstance(row.get(column), str):
-                raise UserError(f"{at}: `{column}` must be a string, got {type(row.get(column)).__name__}. "
-                                f"{_EXPECTED_COLUMNS}")
+                raise UserError(
+                    f"{at}: `{column}` must be a string, got {type(row.get(column)).__name__}. "
+                    f"{_EXPECTED_COLUMNS}"
+                )
         if not row["completion"]:
             raise UserError(f"{at}: the completion is empty, so there is nothing to learn: drop the row.")
         return
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{at}: `messages` must be a non-empty list of {{role, content}} objects. "
-                        f"{_EXPECTED_COLUMNS}")
+        raise UserError(
+            f"{at}: `messages` must be a non-empty list of {{role, content}} objects. {_EXPECTED_COLUMNS}"
+        )
     for turn, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise UserError(f"{at}, message {turn}: expected {{\"role\": str, \"content\": str}}, got "
-                            f"{message!r:.80}.")
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise UserError(
+                f'{at}, message {turn}: expected {{"role": str, "content": str}}, got {message!r:.80}.'
+            )
     if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{at}: no assistant turn, so there is nothing to learn. Each conversation "
-                        f"needs at least one message with role \"assistant\".")
+        raise UserError(
+            f"{at}: no assistant turn, so there is nothing to learn. Each conversation "
+            f'needs at least one message with role "assistant".'
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +292,9 @@ def _check_row(row, fmt: Format, index: int, where: str = "The dataset") -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenize_example(tokenizer, row: dict, fmt: Format, max_length: int, *,
-                     row_index: int | None = None) -> TokenizedExample:
+def tokenize_example(
+    tokenizer, row: dict, fmt: Format, max_length: int, *, row_index: int | None = None
+) -> TokenizedExample:
     """Token ids and completion-only labels for one row.
 
     Chat rows are rendered with the tokenizer's chat template; the trained tokens are each
@@ -307,9 +323,12 @@ def tokenize_example(tokenizer, row: dict, fmt: Format, max_length: int, *,
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise UserError(f"max_length must be a positive integer, got {max_length!r}.")
     at = f"Row {row_index}" if row_index is not None else "A row"
-    _check_row(row, fmt, row_index if row_index is not None else 0)
+    _check_row(row, fmt, at)
     if fmt == "chat":
-        pieces = [(_encode(tokenizer, text), trained) for text, trained in _chat_pieces(tokenizer, row["messages"], at)]
+        pieces = [
+            (_encode(tokenizer, text), trained)
+            for text, trained in _chat_pieces(tokenizer, row["messages"], at)
+        ]
     else:
         pieces = _prompt_completion_pieces(tokenizer, row)
     input_ids: list[int] = []
@@ -320,8 +339,10 @@ def tokenize_example(tokenizer, row: dict, fmt: Format, max_length: int, *,
     truncated = len(input_ids) > max_length
     first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
     if first_trained is None:
-        raise UserError(f"{at}: the assistant turns are empty and the chat template closes them with no "
-                        f"special token, so there is nothing to train: drop the row.")
+        raise UserError(
+            f"{at}: the assistant turns are empty and the chat template closes them with no "
+            f"special token, so there is nothing to train: drop the row."
+        )
     if first_trained >= max_length:
         raise UserError(
             f"{at}: the prompt alone is {first_trained} tokens, which fills max_length={max_length}, so "
@@ -337,18 +358,24 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _prompt_completion_pieces(tokenizer, row: dict) -> list[tuple[list[int], bool]]:
     if tokenizer.eos_token_id is None:
-        raise UserError("The tokenizer has no EOS token, so a completion's end cannot be trained: "
-                        "use a model's own tokenizer.")
+        raise UserError(
+            "The tokenizer has no EOS token, so a completion's end cannot be trained: "
+            "use a model's own tokenizer."
+        )
     prompt_ids = tokenizer(row["prompt"])["input_ids"] if row["prompt"] else []
     return [(prompt_ids, False), (_encode(tokenizer, row["completion"]) + [tokenizer.eos_token_id], True)]
 
 
 def _render(tokenizer, messages: list[dict], at: str, *, add_generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the turns
-        raise UserError(f"{at}: the tokenizer's chat template failed on this conversation ({exc}). "
-                        f"Check the roles and their order.") from exc
+        raise UserError(
+            f"{at}: the tokenizer's chat template failed on this conversation ({exc}). "
+            f"Check the roles and their order."
+        ) from exc
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -388,8 +415,10 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bo
         content = message["content"].strip()
         start = full.find(content, len(prefix))
         if start < 0:
-            raise UserError(f"{at}: the chat template dropped the content of assistant message {i}; "
-                            f"use prompt/completion rows for this data.")
+            raise UserError(
+                f"{at}: the chat template dropped the content of assistant message {i}; "
+                f"use prompt/completion rows for this data."
+            )
         end = start + len(content)
         gap = len(full[end:]) - len(full[end:].lstrip())
         closing = next((s for s in specials if full.startswith(s, end + gap)), None)
@@ -421,7 +450,11 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
     Raises:
         UserError: eval_fraction outside [0, 1).
     """
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
+    if (
+        isinstance(eval_fraction, bool)
+        or not isinstance(eval_fraction, (int, float))
+        or not 0 <= eval_fraction < 1
+    ):
         raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}.")
     n = len(rows)
     order = list(range(n))

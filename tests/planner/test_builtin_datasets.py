@@ -33,7 +33,9 @@ def test_facts_information_bits(n_facts, choices, bits):
     assert facts_information_bits(n_facts, choices) == pytest.approx(bits, rel=1e-12)
 
 
-@pytest.mark.parametrize("n_facts,choices", [(0, 16), (10, 1), (10, FACTS_MAX_CHOICES + 1), (10**9, 2), (2.5, 4)])
+@pytest.mark.parametrize(
+    "n_facts,choices", [(0, 16), (10, 1), (10, FACTS_MAX_CHOICES + 1), (10**9, 2), (2.5, 4)]
+)
 def test_facts_rejects_out_of_range(n_facts, choices):
     with pytest.raises(UserError, match="builtin:facts needs"):
         facts_rows(n_facts, choices)
@@ -60,8 +62,11 @@ def test_facts_shape_uniqueness_and_consistency():
 
 def test_facts_values_look_uniform():
     # 4000 draws from 4 values: each count ~ Binomial(4000, 1/4), sd ≈ 27; 6 sd is a safe margin.
-    counts = Counter(ANSWER.match(r["messages"][1]["content"])["value"] for r in facts_rows(4000, 4, seed=0)
-                     if r["messages"][1]["content"].startswith("The favourite colour"))
+    counts = Counter(
+        ANSWER.match(r["messages"][1]["content"])["value"]
+        for r in facts_rows(4000, 4, seed=0)
+        if r["messages"][1]["content"].startswith("The favourite colour")
+    )
     assert sum(counts.values()) == 1000 and len(counts) == 4
     assert all(abs(c - 250) < 6 * math.sqrt(1000 * 0.25 * 0.75) for c in counts.values())
 
@@ -119,7 +124,11 @@ def test_truncate_paragraphs(text, max_chars, expected):
     "source,name,options",
     [
         ("builtin:facts", "facts", {"n_facts": 1000, "choices": 16, "seed": 0}),
-        ("builtin:facts?n_facts=2000&choices=16&seed=0", "facts", {"n_facts": 2000, "choices": 16, "seed": 0}),
+        (
+            "builtin:facts?n_facts=2000&choices=16&seed=0",
+            "facts",
+            {"n_facts": 2000, "choices": 16, "seed": 0},
+        ),
         ("builtin:facts?choices=4", "facts", {"n_facts": 1000, "choices": 4, "seed": 0}),
         ("builtin:pydoc?limit=500", "pydoc", {"limit": 500}),
         ("builtin:pydoc", "pydoc", {"limit": None}),

