@@ -391,7 +391,8 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bo
     The start of assistant turn i is found by rendering messages[:i] with the generation prompt
     and checking it is a prefix of the whole rendering (true for ChatML, Llama 3, Gemma, Mistral
     templates); the end is the turn's content (searched for, as templates may trim it) plus a
-    special token that directly follows it, after optional whitespace.
+    special token that directly follows it, after optional whitespace. A conversation that opens
+    with the assistant trains that turn's content and closing token only.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
@@ -405,18 +406,29 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bo
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], at, add_generation_prompt=True) if i else ""
-        if not full.startswith(prefix) or len(prefix) < position:
-            raise UserError(
-                f"{at}: the chat template renders the conversation up to assistant message {i} "
-                f"differently from the whole conversation, so its tokens cannot be located. Use "
-                f"prompt/completion rows, or split the conversation so it ends at that turn."
-            )
         content = message["content"].strip()
-        start = full.find(content, len(prefix))
+        if i == 0:
+            # transformers refuses to render an empty conversation, so an opening assistant turn
+            # has no generation prompt to measure: its content is the last occurrence of the text
+            # in the rendering of that one message (header and default system prompt untrained).
+            if not content:
+                continue  # an empty opening turn teaches nothing, and has nothing to anchor on
+            opening = _render(tokenizer, messages[:1], at, add_generation_prompt=False)
+            start = opening.rfind(content) if full.startswith(opening) else -1
+            span_start = start
+        else:
+            prefix = _render(tokenizer, messages[:i], at, add_generation_prompt=True)
+            if not full.startswith(prefix) or len(prefix) < position:
+                raise UserError(
+                    f"{at}: the chat template renders the conversation up to assistant message {i} "
+                    f"differently from the whole conversation, so its tokens cannot be located. Use "
+                    f"prompt/completion rows, or split the conversation so it ends at that turn."
+                )
+            start = full.find(content, len(prefix))
+            span_start = len(prefix)
         if start < 0:
             raise UserError(
-                f"{at}: the chat template dropped the content of assistant message {i}; "
+                f"{at}: the chat template dropped or rewrote the content of assistant message {i}; "
                 f"use prompt/completion rows for this data."
             )
         end = start + len(content)
@@ -424,7 +436,7 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bo
         closing = next((s for s in specials if full.startswith(s, end + gap)), None)
         if closing is not None:
             end += gap + len(closing)
-        spans.append((len(prefix), end))
+        spans.append((span_start, end))
         position = end
     pieces: list[tuple[str, bool]] = []
     cursor = 0

@@ -222,6 +222,18 @@ def test_multi_turn_chat_trains_every_assistant_turn_only(tok):
     assert ex.labels[-1] == IGNORE_INDEX and tok.decode(ex.input_ids[-1:]) == "\n"
 
 
+def test_conversation_opening_with_the_assistant_trains_only_its_turn(tok):
+    row = {
+        "messages": [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "hi"}]
+    }
+    ex = tokenize_example(tok, row, "chat", 512)
+    assert _trained_runs(tok, ex) == ["How can I help?<|im_end|>"]
+    first = next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX)
+    assert tok.decode(ex.input_ids[:first]) == "<|im_start|>assistant\n"
+    empty_opening = {"messages": [{"role": "assistant", "content": ""}, *CHAT[0]["messages"]]}
+    assert _trained_runs(tok, tokenize_example(tok, empty_opening, "chat", 512)) == ["hello there<|im_end|>"]
+
+
 def test_prompt_completion_trains_completion_and_eos(tok):
     ex = tokenize_example(tok, PC[0], "prompt_completion", 512)
     prompt_ids = tok(PC[0]["prompt"], add_special_tokens=False)["input_ids"]

@@ -187,6 +187,15 @@ def test_real_smollm2_tokenizer_masks_turns_and_profiles_pydoc_fast():
     ex = tokenize_example(tokenizer, row, "chat", 2048)
     assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
     assert _trained_runs(tokenizer, ex) == ["The capital of France is Paris.<|im_end|>", "Rome.<|im_end|>"]
+    # Opening assistant turn whose text also occurs in SmolLM2's default system prompt.
+    opening = {
+        "messages": [
+            {"role": "assistant", "content": "You are a helpful AI"},
+            {"role": "user", "content": "ok"},
+        ]
+    }
+    ex = tokenize_example(tokenizer, opening, "chat", 2048)
+    assert _trained_runs(tokenizer, ex) == ["You are a helpful AI<|im_end|>"]
     pc = tokenize_example(tokenizer, {"prompt": "Q: 2+2? A:", "completion": " 4"}, "prompt_completion", 64)
     assert _trained_runs(tokenizer, pc) == [" 4<|im_end|>"]
 
