@@ -200,6 +200,49 @@ def profile_dataset(
             f"builtin:pydoc is made from this Python's docstrings (Python "
             f"{sys.version_info.major}.{sys.version_info.minor}); other versions give other data."
         )
+    bits, method_name, method_notes = _information(
+        method,
+        source,
+        [rows[i] for i in indices],
+        fmt,
+        n_rows,
+        examples,
+        completion_tokens,
+        bits_per_token_prior,
+        model_ref,
+    )
+    notes += method_notes
+    return DatasetProfile(
+        source=source,
+        format=fmt,
+        examples=n_rows,
+        sampled_examples=len(indices),
+        total_tokens=round(total),
+        total_tokens_stderr=total_se,
+        completion_tokens=completion_tokens,
+        completion_tokens_stderr=completion_se,
+        information_bits=bits,
+        information_method=method_name,
+        bits_per_completion_token=bits / completion_tokens if completion_tokens else None,
+        tokenizer=tokenizer_name,
+        notes=tuple(notes),
+    )
+
+
+def _information(
+    method: str,
+    source: str,
+    sampled_rows: list[dict],
+    fmt: str,
+    n_rows: int,
+    examples: list,
+    completion_tokens: int,
+    bits_per_token_prior: float,
+    model_ref: str | None,
+) -> tuple[float, str, list[str]]:
+    """(information bits, `information_method` name, notes) for a resolved `method`."""
+    notes: list[str] = []
+    n_sampled = len(sampled_rows)
     if method == "exact":
         options = parse_builtin(source).options
         bits = facts_information_bits(options["n_facts"], options["choices"])
@@ -209,15 +252,15 @@ def profile_dataset(
             f"independent uniform draw; the rest of each answer is implied by the question."
         )
     elif method == "lzma":
-        text = "\n".join(t for i in indices for t in _completion_texts(rows[i], fmt))
-        bits = lzma_bits(text) * n_rows / len(indices)
+        text = "\n".join(t for row in sampled_rows for t in _completion_texts(row, fmt))
+        bits = lzma_bits(text) * n_rows / n_sampled
         method_name = "lzma"
         notes.append(
             "lzma: LZMA2-compressed size of the completion text alone, an upper bound on its "
             "description length; it ignores what the prompt already says and what the base "
             "model already knows, so the true information is usually far lower."
         )
-        if len(indices) < n_rows:
+        if n_sampled < n_rows:
             notes.append(
                 "lzma bits scaled by N/n from the sample; compressing all rows together would "
                 "find more repetition, so this overstates rather than understates."
@@ -239,21 +282,7 @@ def profile_dataset(
             f"under the base model, an upper bound on what fine-tuning must store. Examples "
             f"longer than {LOGLOSS_MAX_LENGTH} tokens are cut."
         )
-    return DatasetProfile(
-        source=source,
-        format=fmt,
-        examples=n_rows,
-        sampled_examples=len(indices),
-        total_tokens=round(total),
-        total_tokens_stderr=total_se,
-        completion_tokens=completion_tokens,
-        completion_tokens_stderr=completion_se,
-        information_bits=float(bits),
-        information_method=method_name,
-        bits_per_completion_token=bits / completion_tokens if completion_tokens else None,
-        tokenizer=tokenizer_name,
-        notes=tuple(notes),
-    )
+    return float(bits), method_name, notes
 
 
 def _logloss_bits(model_ref: str, examples) -> list[float]:
