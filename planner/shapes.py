@@ -276,9 +276,8 @@ def _read_config_file(path: Path) -> dict:
 
 def _config_via_transformers(ref: str) -> dict:
     """A config through transformers' AutoConfig: GGUF files, `pypi:` models and Hub ids."""
-    from planner.sources import resolve_model
-
     from planner.catalog import catalog_names
+    from planner.sources import resolve_model
 
     hint = (
         f"Catalog models (work offline): {', '.join(catalog_names())}. Otherwise pass a "

@@ -75,7 +75,7 @@ def test_bad_rank_is_user_error(rank):
         count_lora_params(load_shape(LLAMA_8B), rank)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(arch):
     from transformers import AutoModelForCausalLM
 
