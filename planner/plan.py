@@ -212,6 +212,12 @@ def build_plan(
                 "total": "all experts, peft's docs",
                 "none": "no division"}[expert_rank_divisor] + ")."
         )
+        if lora.by_role.get("routed_expert"):
+            all_notes.append(
+                "peft adapts the fused 3-D expert weights through target_parameters, which rebuilds W + ΔW "
+                "for all experts with torch parametrize on every forward; its transient memory and FLOPs "
+                "(per step, not per token) are not modelled: check them on a GPU."
+            )
     all_notes.append("Attention-score FLOPs count the full s×s matrix (MFU convention); causal kernels do about half.")
     all_notes.append("Memory: activations per Korthikanti et al. 2022 for a GPT block with memory-efficient "
                      "attention; QLoRA assumes every matrix but the embedding and lm_head is 4-bit.")
