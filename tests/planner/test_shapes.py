@@ -121,3 +121,15 @@ def test_hub_id_offline_is_user_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="Could not read a config"):
         load_shape("some-org/not-in-the-catalog")
+
+
+def test_gemma_ties_by_default_and_text_config_is_read():
+    gemma = {"model_type": "gemma2", "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000}
+    shape = shape_from_config(gemma)
+    lm_head = next(m for m in shape.matrices if m.name == "lm_head")
+    assert not lm_head.stored  # Gemma ties its unembedding when config.json does not say
+    q = next(m for m in shape.matrices if m.name == "q_proj")
+    assert (q.d_in, q.d_out) == (2304, 8 * 256)
+    wrapped = shape_from_config({"model_type": "gemma3", "text_config": {**gemma, "model_type": "gemma3_text"}})
+    assert wrapped.matrices == shape.matrices and wrapped.model_type == "gemma3_text"
