@@ -58,6 +58,12 @@ def _validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    for name in ("epochs", "bits_per_param", "reward_entropy_bits", "fullft_lr"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}.")
     if args.dataset and args.rl_episodes:
         raise UserError("Pass either --dataset (SFT) or --rl-episodes (RL), not both.")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():

@@ -162,21 +162,50 @@ def render_markdown(plan: CapacityPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _markdown_to_html(text: str, images: dict[str, str]) -> str:
+    """Just enough Markdown for our own pages: headings, bullets, tables, and `![title](name)`
+    images replaced by the `images[name]` data URI."""
+    out, table = [], []
+
+    def flush_table():
+        if table:
+            rows = [r.strip("|").split(" | ") for r in table if not set(r) <= set("|-: ")]
+            head, *body = rows
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+                                 for r in body) + "</table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.startswith("!["):
+            title, name = line[2:-1].split("](")
+            out.append(f'<figure><img alt="{html.escape(title)}" src="{images[name]}">'
+                       f"<figcaption>{html.escape(title)}</figcaption></figure>")
+        elif line:
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    return "\n".join(out)
+
+
 def render_html(plan: CapacityPlan, charts: dict[str, bytes]) -> str:
-    """A self-contained page: the summary, tables as preformatted Markdown, charts inlined."""
-    images = "".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(charts[name]).decode()}"><figcaption>{html.escape(title)}</figcaption></figure>'
-        for name, title in CHARTS.items()
-    )
-    body = html.escape(render_markdown(plan))
+    """A self-contained page: the Markdown report as HTML with the charts inlined as PNG."""
+    images = {name: "data:image/png;base64," + base64.b64encode(data).decode() for name, data in charts.items()}
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>Capacity plan: {html.escape(plan.model['name'])}</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
-        "pre{white-space:pre-wrap}</style></head><body>"
-        f"<h1>Capacity plan: {html.escape(plan.model['name'])}, rank {plan.rank}</h1>"
-        f"{images}<pre>{body}</pre></body></html>\n"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "</style></head><body>"
+        f"{_markdown_to_html(render_markdown(plan), images)}</body></html>\n"
     )
 
 

@@ -111,6 +111,8 @@ def _peft_trainable(arch, kwargs):
         ("qwen3_moe", "all", False, "none"),
         ("qwen3_moe", "attention", False, "active"),
         ("qwen3_moe", "mlp", True, "active"),
+        ("mixtral", "all", False, "active"),
+        ("mixtral", "mlp", False, "none"),
     ],
 )
 @pytest.mark.parametrize("rank", [1, 4, 8])
