@@ -69,8 +69,16 @@ class RunTime:
     fullft_seconds: float
     lora_seconds: float
 
+    @property
+    def fullft_gpu_hours(self) -> float:
+        return self.fullft_seconds * self.num_gpus / 3600
+
+    @property
+    def lora_gpu_hours(self) -> float:
+        return self.lora_seconds * self.num_gpus / 3600
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"fullft_gpu_hours": self.fullft_gpu_hours, "lora_gpu_hours": self.lora_gpu_hours}
 
 
 def estimate_flops(shape: ModelShape, lora: LoraCount, seq_len: int) -> FlopsEstimate:

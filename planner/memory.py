@@ -97,17 +97,23 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class Fit:
-    """The fewest GPUs (powers of two) on which a method fits, and the largest micro-batch there.
+    """The fewest GPUs (powers of two) on which a method fits, and the micro-batch to use there.
 
-    `num_gpus` is None when no count up to the largest tried fits even micro-batch 1.
+    `max_micro_batch` is the largest micro-batch that fits; `micro_batch` the largest one up to it
+    that divides the per-GPU share of the batch, so micro-batches × accumulation steps give the
+    requested batch exactly. `num_gpus` is None when no count up to the largest tried fits even micro-batch 1.
+    `effective_batch` = micro_batch × num_gpus × grad_accum_steps: above the requested batch when
+    more GPUs than sequences per step are needed.
     """
 
     method: str
     gpu: str
     num_gpus: int | None
     micro_batch: int | None
+    max_micro_batch: int | None
     gradient_checkpointing: bool
     grad_accum_steps: int | None
+    effective_batch: int | None
     total_bytes: float | None
 
     def to_dict(self) -> dict:
@@ -193,9 +199,11 @@ def fit_hardware(
                 estimate = estimate_memory(shape, adapter_params, method, seq_len, b, n, checkpointing)
                 return estimate.total_bytes <= gpu.memory_bytes
 
-            b = _largest_micro_batch(fits, cap)
-            if b:
+            largest = _largest_micro_batch(fits, cap)
+            if largest:
+                share = batch_size // n if batch_size % n == 0 else 0
+                b = max((d for d in range(1, largest + 1) if share % d == 0), default=largest) if share else largest
                 total = estimate_memory(shape, adapter_params, method, seq_len, b, n, checkpointing).total_bytes
                 accum = -(-batch_size // (b * n))
-                return Fit(method, gpu.name, n, b, checkpointing, accum, total)
-    return Fit(method, gpu.name, None, None, False, None, None)
+                return Fit(method, gpu.name, n, b, largest, checkpointing, accum, b * n * accum, total)
+    return Fit(method, gpu.name, None, None, None, False, None, None, None)

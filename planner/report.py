@@ -45,6 +45,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def _hours(plan: CapacityPlan, fit) -> float:
+    """Wall hours of the run on the GPUs a method needs (LoRA FLOPs for lora/qlora)."""
+    r = plan.run
+    gpu_hours = r.fullft_gpu_hours if fit.method.startswith("full") else r.lora_gpu_hours
+    return gpu_hours / fit.num_gpus
+
+
 def summary_lines(plan: CapacityPlan) -> list[str]:
     """The plan in a few readable lines (the CLI's output without --json)."""
     m, lora = plan.model, plan.lora
@@ -77,15 +84,20 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
                  f"{_num(f.lora_flops_per_token)} (LoRA/FullFT {f.lora_over_fullft:.3f})")
     if plan.run is not None:
         r = plan.run
-        lines.append(f"Run of {_num(r.tokens)} tokens on {r.num_gpus}x {r.gpu} at MFU {r.mfu:g}: FullFT "
-                     f"{_duration(r.fullft_seconds)}, LoRA {_duration(r.lora_seconds)}")
+        lines.append(f"Run of {_num(r.tokens)} tokens on {r.gpu} at MFU {r.mfu:g}: FullFT "
+                     f"{r.fullft_gpu_hours:.3g} GPU-hours, LoRA {r.lora_gpu_hours:.3g} GPU-hours")
+    lines.append(f"Fewest {plan.settings['gpu']} per method (seq_len {plan.settings['seq_len']}, "
+                 f"batch {plan.settings['batch_size']}, FSDP/ZeRO-3 sharding):")
     for fit in plan.hardware:
         if fit.num_gpus is None:
             lines.append(f"  {fit.method:9s}: does not fit on {plan.settings['num_gpus'] or 'up to 1024'} x {fit.gpu}")
         else:
             lines.append(f"  {fit.method:9s}: {fit.num_gpus} x {fit.gpu}, micro-batch {fit.micro_batch}, grad accum "
                          f"{fit.grad_accum_steps}{', gradient checkpointing' if fit.gradient_checkpointing else ''}"
-                         f" ({_gb(fit.total_bytes)}/GPU)")
+                         f" ({_gb(fit.total_bytes)}/GPU)"
+                         + (f"; effective batch {fit.effective_batch}" if fit.effective_batch != plan.settings["batch_size"]
+                            else "")
+                         + (f"; {_duration(_hours(plan, fit) * 3600)} wall" if plan.run else ""))
     return lines
 
 

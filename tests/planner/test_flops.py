@@ -51,3 +51,4 @@ def test_run_time_uses_peak_mfu_and_gpus():
     run = estimate_run_time(flops, 10**9, get_gpu("H100"), num_gpus=8, mfu=0.4)
     assert run.fullft_seconds == pytest.approx(flops.fullft_flops_per_token * 1e9 / (8 * 0.4 * 989.4e12))
     assert run.lora_seconds / run.fullft_seconds == pytest.approx(flops.lora_over_fullft)
+    assert run.to_dict()["lora_gpu_hours"] == pytest.approx(run.lora_seconds * 8 / 3600)

@@ -51,7 +51,7 @@ def test_unknown_method_is_user_error():
 def test_fit_is_the_fewest_gpus_and_largest_micro_batch(model, method):
     shape, gpu = load_shape(model), get_gpu("H100")
     fit = fit_hardware(shape, 10**7, method, gpu, 2048, 32)
-    n, b, ckpt = fit.num_gpus, fit.micro_batch, fit.gradient_checkpointing
+    n, b, ckpt = fit.num_gpus, fit.max_micro_batch, fit.gradient_checkpointing
 
     def total(b, n, ckpt):
         return estimate_memory(shape, 10**7, method, 2048, b, n, ckpt).total_bytes
@@ -61,7 +61,8 @@ def test_fit_is_the_fewest_gpus_and_largest_micro_batch(model, method):
         assert total(b + 1, n, ckpt) > gpu.memory_bytes
     if n > 1:
         assert total(1, n // 2, True) > gpu.memory_bytes
-    assert fit.grad_accum_steps * b * n >= 32
+    assert fit.micro_batch <= b and (32 // n) % fit.micro_batch == 0
+    assert fit.effective_batch == fit.grad_accum_steps * fit.micro_batch * n == max(32, n)
 
 
 def test_llama_8b_lora_fits_one_h100_fullft_does_not():
