@@ -100,6 +100,9 @@ def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = No
         rule = (f"tinker-cookbook: 5e-5 × {multiplier:g} × (2000/{shape.hidden_size})^{exponent} "
                 f"({family} family from model_type {shape.model_type!r})")
     messages.append(f"LoRA LR {lora_lr:.3g} = {rule}; constant schedule, no warmup.")
+    if fullft_lr is None and family not in shape.name.lower():
+        messages.append(f"tinker-cookbook fitted the exponent on {family} checkpoints by name; {shape.name} only "
+                        "shares the architecture, so treat the LR as a starting point or pass --fullft-lr.")
     if short:
         messages.append(f"The run has {steps} steps (< {SHORT_RUN_STEPS}): the 15× multiplier is anecdotal (blog).")
     elif steps is None:

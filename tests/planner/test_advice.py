@@ -40,3 +40,9 @@ def test_unknown_family_needs_fullft_lr():
 def test_batch_levels(batch, level):
     assert batch_level(batch) == level
     assert advise(load_shape("Qwen3-8B"), batch).batch_level == level
+
+
+def test_architecture_only_match_is_flagged():
+    a = advise(load_shape("SmolLM2-135M"), 32)  # model_type llama, not a Llama checkpoint
+    assert a.family == "llama" and any("only shares the architecture" in m for m in a.messages)
+    assert not any("only shares" in m for m in advise(load_shape("Llama-3.1-8B"), 32).messages)
