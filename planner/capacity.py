@@ -36,6 +36,7 @@ class CapacityVerdict:
         min_rank_pow2, min_rank_exact: smallest rank (power of two up to 512; any integer up to the
             matrices' full rank) whose capacity reaches LOW_REGRET_RATIO × dataset bits; None if none.
         tinker_rule_holds: adapter_params >= completion_tokens; `tinker_min_rank_*` as above for it.
+            All None for RL profiles, which count no completion tokens.
     """
 
     adapter_params: int
@@ -49,8 +50,8 @@ class CapacityVerdict:
     borderline_ratio: float
     min_rank_pow2: int | None
     min_rank_exact: int | None
-    completion_tokens: int
-    tinker_rule_holds: bool
+    completion_tokens: int | None
+    tinker_rule_holds: bool | None
     tinker_min_rank_pow2: int | None
     tinker_min_rank_exact: int | None
 
@@ -105,7 +106,7 @@ def assess_capacity(
     params = params_at(rank)
     capacity = params * bits_per_param
     data_bits = float(profile.information_bits)
-    completion_tokens = int(profile.completion_tokens)
+    tokens = profile.completion_tokens
     needed = LOW_REGRET_RATIO * data_bits / bits_per_param
     return CapacityVerdict(
         adapter_params=params,
@@ -119,8 +120,8 @@ def assess_capacity(
         borderline_ratio=BORDERLINE_RATIO,
         min_rank_pow2=smallest_pow2_rank(params_at, needed),
         min_rank_exact=smallest_rank(params_at, needed, max_rank),
-        completion_tokens=completion_tokens,
-        tinker_rule_holds=params >= completion_tokens,
-        tinker_min_rank_pow2=smallest_pow2_rank(params_at, completion_tokens),
-        tinker_min_rank_exact=smallest_rank(params_at, completion_tokens, max_rank),
+        completion_tokens=tokens,
+        tinker_rule_holds=None if tokens is None else params >= tokens,
+        tinker_min_rank_pow2=None if tokens is None else smallest_pow2_rank(params_at, tokens),
+        tinker_min_rank_exact=None if tokens is None else smallest_rank(params_at, tokens, max_rank),
     )

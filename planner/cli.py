@@ -12,8 +12,6 @@ from pathlib import Path
 
 from planner.errors import UserError
 
-INFO_METHODS = ("auto", "base_model_logloss", "lzma", "prior")
-
 
 def register(subparsers) -> None:
     """Add the `plan` sub-command to the `lowregret` parser."""
@@ -21,6 +19,7 @@ def register(subparsers) -> None:
     from planner.flops import DEFAULT_MFU
     from planner.lora import EXPERT_RANK_DIVISORS
     from planner.plan import DEFAULT_BATCH_SIZE, DEFAULT_GPU, DEFAULT_SEQ_LEN
+    from planner.profile import METHODS as INFO_METHODS
 
     p = subparsers.add_parser(
         "plan",
@@ -35,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--target-unembedding", action="store_true", help="also adapt lm_head")
     p.add_argument("--dataset", help="JSONL/JSON/Parquet/CSV, saved dataset folder, Hub dataset id, builtin:pydoc, builtin:facts?n_facts=N")
     p.add_argument("--tokenizer", help="tokenizer for token counts (default: the model's own)")
-    p.add_argument("--info-method", choices=INFO_METHODS, default="auto", help="how to measure the dataset's information")
+    p.add_argument("--info-method", choices=INFO_METHODS, default="auto", help="dataset information: auto (exact for builtin:facts, else lzma), exact, lzma, prior, "
+                   "logloss (the base model's summed log loss; loads the model)")
     p.add_argument("--sample-size", type=int, default=2000, help="examples sampled to profile the dataset")
     p.add_argument("--rl-episodes", type=int, help="plan for RL: number of episodes (instead of --dataset)")
     p.add_argument("--reward-entropy-bits", type=float, default=1.0, help="bits per RL episode (1 for pass/fail)")
@@ -107,9 +107,12 @@ def _profile(args: argparse.Namespace):
     from planner.profile import profile_dataset
 
     tokenizer, notes = _load_tokenizer(args)
-    model_ref = _tokenizer_ref(args.model) if args.info_method == "base_model_logloss" else None
-    profile = profile_dataset(args.dataset, tokenizer, method=args.info_method, sample_size=args.sample_size,
-                              model_ref=model_ref)
+    model_ref = _tokenizer_ref(args.model) if args.info_method == "logloss" else None
+    try:
+        profile = profile_dataset(args.dataset, tokenizer, method=args.info_method, sample_size=args.sample_size,
+                                  model_ref=model_ref)
+    except OSError as exc:  # e.g. --info-method logloss with a Hub id offline
+        raise UserError(f"Could not profile {args.dataset!r}: {exc}") from exc
     if not profile.examples:
         raise UserError(f"The dataset {args.dataset!r} has no examples: pass a non-empty dataset.")
     return profile, notes
@@ -146,6 +149,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print("\n".join(summary_lines(plan)))
     for note in plan.notes:
         print(f"Note: {note}")
+    for note in (plan.dataset or {}).get("notes", ()):
+        print(f"Data note: {note}")
     if files:
         print(f"Report: {files['plan.html']} (also plan.md, plan.json, charts)")
     return 0

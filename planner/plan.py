@@ -184,7 +184,7 @@ def build_plan(
         capacity = capacity_mod.assess_capacity(params_at, rank, max_rank, profile, bits_per_param)
         if steps is None and int(profile.examples) > 0:
             steps = math.ceil(epochs * int(profile.examples) / batch_size)
-        if int(profile.total_tokens) > 0:
+        if profile.total_tokens:  # None for RL profiles
             tokens = round(epochs * int(profile.total_tokens))
     if tokens is None and steps is not None:
         tokens = steps * batch_size * seq_len  # every sequence full: an upper bound

@@ -63,6 +63,13 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
         + f", targets {plan.targets}: {plan.adapter_params:,} adapter params "
         + "(" + ", ".join(f"{role} {n:,}" for role, n in lora.by_role.items()) + ")",
     ]
+    d = plan.dataset
+    if d is not None:
+        tokens = ("" if d["completion_tokens"] is None else
+                  f", {d['completion_tokens']:,} completion tokens of {d['total_tokens']:,}")
+        lines.append(f"Dataset {d['source']} ({d['format']}): {d['examples']:,} examples{tokens}, "
+                     f"{_num(d['information_bits'])} bits ({d['information_method']})"
+                     + (f", tokenizer {d['tokenizer']}" if d["tokenizer"] else ""))
     c = plan.capacity
     if c is not None:
         ratio = "inf" if c.capacity_over_data is None else f"{c.capacity_over_data:.2f}"
@@ -73,9 +80,10 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
         )
         lines.append(f"Smallest low-regret rank: {c.min_rank_pow2 or 'none <= 512'} (power of two), "
                      f"{c.min_rank_exact or 'none'} (exact)")
-        lines.append(f"Tinker's rule (adapter params >= {c.completion_tokens:,} completion tokens): "
-                     f"{'holds' if c.tinker_rule_holds else 'fails'}; smallest rank {c.tinker_min_rank_pow2 or '-'} "
-                     f"(power of two), {c.tinker_min_rank_exact or '-'} (exact)")
+        if c.completion_tokens is not None:
+            lines.append(f"Tinker's rule (adapter params >= {c.completion_tokens:,} completion tokens): "
+                         f"{'holds' if c.tinker_rule_holds else 'fails'}; smallest rank "
+                         f"{c.tinker_min_rank_pow2 or '-'} (power of two), {c.tinker_min_rank_exact or '-'} (exact)")
     else:
         lines.append("No dataset given: pass --dataset for a capacity verdict.")
     lines += [f"Advice: {msg}" for msg in plan.advice.messages]
@@ -169,6 +177,8 @@ def render_markdown(plan: CapacityPlan) -> str:
     lines += [f"| {m.method} | {m.num_gpus} | " + " | ".join(_gb(getattr(m, p)) for p in _MEMORY_PARTS)
               + f" | {_gb(m.total_bytes)} |" for m in plan.memory]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in plan.notes]
+    if plan.dataset:
+        lines += [f"- Data: {n}" for n in plan.dataset["notes"]]
     lines += ["", "## Constants", "", "| name | value | source |", "|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']} | {c['source']} |" for c in plan.constants]
     return "\n".join(lines) + "\n"
