@@ -138,8 +138,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             and before anything is written.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
     # ---- setup: checks, data, model (nothing written until all of it succeeded) ----------------
@@ -147,8 +148,15 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     final_dir, run_dir = _run_dirs(config)
     use_cuda = torch.cuda.is_available()
     mixed_precision = {"auto": "bf16" if use_cuda else "no"}.get(config.mixed_precision, config.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    # cpu=True without CUDA: under torchrun / accelerate launch, accelerate then runs DDP over gloo.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
+    if accelerator.distributed_type == DistributedType.FSDP and (config.checkpoint_every or resume_from):
+        raise UserError(
+            "Checkpoints and resume save unsharded trainable weights and are not supported under FSDP yet: "
+            "set checkpoint_every=0 (and no resume) for FSDP runs, or use DDP."
+        )
     set_seed(config.seed)
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
 
     def say(message: str) -> None:  # main process only; tqdm.write keeps the progress bar intact
         if accelerator.is_main_process:
@@ -156,6 +164,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     tokenizer = load_base_tokenizer(config.model)
     data = prepare_data(config, tokenizer)
+    stats = data.stats
+    say(
+        f"data: {stats['train_examples']} train / {stats['eval_examples']} held-out examples ({data.format}), "
+        f"{stats['train_truncated'] + stats['eval_truncated']} truncated to max_length={config.max_length}"
+        + (f", packed into {stats['packed_rows']} rows" if config.packing else "")
+    )
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     if len(data.train) < global_batch:
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
@@ -287,10 +301,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         config_hash=config_hash,
         peak_memory_kind=peak_kind,
     )
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; a collective on every process
+    # Gathers FSDP shards (a collective: every process calls it); peft keeps only the adapter's keys.
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_trained(unwrapped, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
-                     state_dict=state_dict if config.method == "full" else None)
+                     state_dict=state_dict)
         (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
         summary = {
             **result.to_dict(),

@@ -65,6 +65,11 @@ def loadable_path(ref: str) -> str:
 
     print(f"Converting {gguf.name} to a transformers checkpoint in {target} (once; ~30 s on CPU)")
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    # The weights are now plain dequantised fp32 tensors; transformers still flags the model as
+    # "gguf-quantized" and refuses to save it. Drop the flag so it saves as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))

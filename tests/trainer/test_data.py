@@ -69,3 +69,36 @@ def test_unpacked_collate_masks_padding():
     assert inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert inputs["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert targets.tolist() == [[6, 7, IGNORE], [IGNORE] * 3]
+
+
+def test_lora_and_full_get_the_same_examples_in_the_same_order(tmp_path):
+    from tests.trainer.conftest import write_rows
+    from trainer.config import TrainConfig
+    from trainer.data import prepare_data
+
+    rows = write_rows(tmp_path / "rows.jsonl")
+    tokenizer = build_tokenizer()
+    lora = prepare_data(TrainConfig(dataset=str(rows), method="lora", max_length=64), tokenizer)
+    full = prepare_data(TrainConfig(dataset=str(rows), method="full", max_length=64), tokenizer)
+    assert lora.train == full.train and lora.eval == full.eval and lora.fingerprint == full.fingerprint
+    reseeded = prepare_data(TrainConfig(dataset=str(rows), seed=1, max_length=64), tokenizer)
+    assert reseeded.eval != lora.eval  # the held-out split follows the seed
+
+
+def test_eval_dataset_replaces_the_split_and_truncation_is_counted(tmp_path):
+    from tests.trainer.conftest import write_rows
+    from trainer.config import TrainConfig
+    from trainer.data import prepare_data
+
+    rows, held_out = write_rows(tmp_path / "rows.jsonl", n=20), write_rows(tmp_path / "eval.jsonl", n=6)
+    tokenizer = build_tokenizer()
+    data = prepare_data(TrainConfig(dataset=str(rows), eval_dataset=str(held_out), max_length=64), tokenizer)
+    assert (len(data.train), len(data.eval)) == (20, 6)
+    assert data.stats["train_truncated"] == 0
+    import json
+
+    prompts = [json.loads(line)["prompt"] for line in open(rows)]
+    prompt_tokens = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    short = prepare_data(TrainConfig(dataset=str(rows), max_length=prompt_tokens + 1), tokenizer)
+    assert 0 < short.stats["train_truncated"] <= len(short.train)
+    assert all(len(s.input_ids) <= prompt_tokens + 1 for s in short.train)
