@@ -202,9 +202,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                 "or start a fresh run in another output_dir."
             )
 
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, fused=True if use_cuda else None,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -255,7 +254,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             nll_step += nll.detach().double()
             input_tokens += sum(len(data.train[i].input_ids) for i in batch)
         if config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

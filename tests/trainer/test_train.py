@@ -129,3 +129,21 @@ def test_resume_from_another_config_is_refused_and_touches_nothing(tiny_config, 
         train(other, progress=False)
     assert snapshot == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+
+
+def test_gradient_checkpointing_and_clipping_keep_the_losses(tiny_config, tmp_path):
+    plain = train(tiny_config(max_steps=3, eval_points=2, output_dir=str(tmp_path / "a")), progress=False)
+    recomputed = train(tiny_config(max_steps=3, eval_points=2, output_dir=str(tmp_path / "b"),
+                                   gradient_checkpointing=True, max_grad_norm=1e6), progress=False)
+    want = json.loads(open(plain.curves_path).read())
+    got = json.loads(open(recomputed.curves_path).read())
+    assert want["train"][-1][1] != want["train"][0][1]  # the steps did change the model
+    for kind in ("train", "eval"):
+        assert [loss for _, loss in got[kind]] == pytest.approx([loss for _, loss in want[kind]], abs=1e-5)
+
+
+def test_packed_run_trains_on_fewer_rows(tiny_config):
+    result = train(tiny_config(max_steps=2, eval_points=2, packing=True), progress=False)
+    data = json.loads(open(result.summary_path).read())["data"]
+    assert 0 < data["packed_rows"] < data["train_examples"]
+    assert result.final_train_loss > 0
