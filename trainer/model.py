@@ -130,8 +130,9 @@ class TargetPlan:
     matrices: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     def describe(self) -> str:
-        names = sorted({*self.target_modules, *self.target_parameters})
-        text = ", ".join(n.rsplit(".", 1)[-1] if n.count(".") > 2 else n for n in names)
+        modules = sorted({n.rsplit(".", 1)[-1] for n in self.target_modules})
+        params = sorted({".".join(n.split(".")[-2:]) for n in self.target_parameters})
+        text = ", ".join(modules + params)
         if self.expert_rank is not None:
             text += f"; experts at rank {self.expert_rank}"
         return text

@@ -83,3 +83,16 @@ def test_every_preset_loads(path):
     config = load_config(path)
     assert config.method in ("lora", "full")
     assert config.output_dir
+
+
+def test_cli_config_and_result_import_no_heavy_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trainer, trainer.cli, trainer.config, trainer.result\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'peft', 'prefect', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == ""

@@ -73,3 +73,10 @@ def test_rank_above_a_targeted_matrix_is_user_error():
     with pytest.raises(UserError, match="rank 33 is larger than min.*= 32 of .*k_proj"):
         resolve_targets(model, 33)
     resolve_targets(model, 33, "q_proj")  # 64 x 64 alone takes it
+
+
+def test_unreachable_hub_model_is_user_error():
+    from trainer.model import load_base_model
+
+    with pytest.raises(UserError, match="Could not load model"):
+        load_base_model("lowregret-test/no-such-model")
