@@ -86,7 +86,7 @@ def prepare_data(config, tokenizer) -> PreparedData:
     rows = load_rows(config.dataset, limit=config.dataset_limit)
     if not rows:
         raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
-    fmt = detect_format(rows)
+    fmt = detect_format(rows, source=config.dataset)
     if config.eval_dataset is None:
         train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
         eval_fmt = fmt
@@ -95,7 +95,7 @@ def prepare_data(config, tokenizer) -> PreparedData:
         eval_rows = load_rows(config.eval_dataset)
         if not eval_rows:
             raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
-        eval_fmt = detect_format(eval_rows)
+        eval_fmt = detect_format(eval_rows, source=config.eval_dataset)
     if not train_rows or not eval_rows:
         raise UserError(
             f"{len(rows)} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
@@ -104,8 +104,14 @@ def prepare_data(config, tokenizer) -> PreparedData:
     if config.eval_max_examples is not None:
         eval_rows = eval_rows[: config.eval_max_examples]
 
-    train_examples = [tokenize_example(tokenizer, r, fmt, config.max_length) for r in train_rows]
-    eval_examples = [tokenize_example(tokenizer, r, eval_fmt, config.max_length) for r in eval_rows]
+    # Error messages name a row by its index in the file it came from.
+    row_index = {id(r): i for i, r in enumerate(rows)}
+    if config.eval_dataset is not None:
+        row_index.update({id(r): i for i, r in enumerate(eval_rows)})
+    train_examples = [tokenize_example(tokenizer, r, fmt, config.max_length, row_index=row_index[id(r)])
+                      for r in train_rows]
+    eval_examples = [tokenize_example(tokenizer, r, eval_fmt, config.max_length, row_index=row_index[id(r)])
+                     for r in eval_rows]
     # An example whose completion was cut away entirely has nothing to learn or score: drop it.
     train = [s for s in map(_to_sequence, train_examples) if s.loss_tokens]
     evals = [s for s in map(_to_sequence, eval_examples) if s.loss_tokens]

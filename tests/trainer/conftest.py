@@ -2,10 +2,6 @@ import json
 
 import pytest
 
-from tests.trainer._dataset_stub import install_if_missing
-
-install_if_missing()
-
 _WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow"]
 
 

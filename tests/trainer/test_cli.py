@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[2]
 
 
 def _cli(args, **kwargs):
-    command = [sys.executable, "-m", "tests.trainer.run_cli", "train", *args]
+    command = [sys.executable, "-m", "flows.cli", "train", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)

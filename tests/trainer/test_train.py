@@ -82,7 +82,7 @@ def _never_step(monkeypatch):
     "case, overrides, message",
     [
         ("missing columns", {}, "column"),
-        ("empty dataset", {}, "no rows|empty"),
+        ("empty dataset", {}, "no rows|no examples"),
         ("prompt too long", {"max_length": 16}, "max_length"),
         ("unknown target", {"targets": "q_proj,nope_proj"}, "Unknown LoRA target"),
         ("bad rank", {"rank": 40}, "rank 40 is larger"),
