@@ -41,6 +41,11 @@ def test_cli_smoke_writes_the_run_and_loss_falls(tmp_path, tiny_models, rows_fil
     curves = json.loads((out / "curves.json").read_text())
     assert curves["eval"][-1][1] < curves["eval"][0][1] - 0.05
     assert json.loads((out / "summary.json").read_text())["trainable_params"] == 8192
+    from planner.lora import count_lora_params
+    from planner.shapes import load_shape
+
+    planned = count_lora_params(load_shape(json.loads((tiny_models("llama") / "config.json").read_text())), 4)
+    assert f"trainable parameters: {planned.total:,} (LoRA" in stdout
 
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path, tiny_models, rows_file):
