@@ -156,6 +156,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             "set checkpoint_every=0 (and no resume) for FSDP runs, or use DDP."
         )
     set_seed(config.seed)
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()  # peak of this run, not of earlier work in the process
     hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
 
     def say(message: str) -> None:  # main process only; tqdm.write keeps the progress bar intact
