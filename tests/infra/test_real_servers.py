@@ -140,3 +140,109 @@ def test_dask_task_runner_fans_tasks_out_over_two_worker_processes(real_stack, t
     runs = _post_json(f"{real_stack.prefect_api_url}/flow_runs/filter",
                       {"flows": {"name": {"any_": ["dask-fan-out"]}}})
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
+
+
+PIPELINE_NAME = "tiny-prod"
+
+
+def _pipeline_args(model_dir: Path) -> list[str]:
+    """A pipeline that trains in seconds: 6 steps of 4 x 64 tokens on 64 synthetic facts."""
+    options = {"name": PIPELINE_NAME, "model": str(model_dir), "dataset": "builtin:facts?n_facts=64", "rank": 4,
+               "lora_lr": 1e-3, "full_lr": 1e-4, "threshold": 1.0, "info_method": "lzma",
+               "train.max_steps": 6, "train.batch_size": 4, "train.max_length": 64, "train.eval_points": 3,
+               "train.eval_max_examples": 16}
+    return [f"{key}={value}" for key, value in options.items()]
+
+
+def _lowregret(args: list[str], env: dict[str, str], timeout_s: int = 900) -> subprocess.CompletedProcess:
+    env = env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def _champion(stack) -> dict:
+    quoted = urllib.parse.quote(PIPELINE_NAME)
+    return _get_json(f"{stack.mlflow_url}/api/2.0/mlflow/registered-models/alias?name={quoted}&alias=champion")[
+        "model_version"]
+
+
+def test_pipeline_on_the_real_servers_registers_a_champion(real_stack, tmp_path, tiny_models):
+    pytest.importorskip("flows.pipeline", reason="the pipeline flow (flows/pipeline.py) is not on this branch yet")
+    work = tmp_path / "work"
+    done = _lowregret(["pipeline", "--workdir", str(work), *_pipeline_args(tiny_models("llama"))],
+                      _client_env(real_stack, tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    quoted = urllib.parse.quote(PIPELINE_NAME)
+    model = _get_json(f"{real_stack.mlflow_url}/api/2.0/mlflow/registered-models/get?name={quoted}")
+    aliases = {a["alias"]: a["version"] for a in model["registered_model"]["aliases"]}
+    champion = _champion(real_stack)
+    assert aliases["champion"] == champion["version"] == "1"
+
+    assert not list(work.rglob("mlflow.db")), "tracking and registry must be the server's, not SQLite"
+    runs = _post_json(f"{real_stack.prefect_api_url}/flow_runs/filter",
+                      {"flows": {"name": {"any_": ["lowregret-pipeline"]}}})
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "flows/settings.py ensure_experiment() creates experiments with artifact_location = the local "
+    ".lowregret/mlartifacts even when MLFLOW_TRACKING_URI is a server, so adapters land on the training "
+    "machine's disk, not in the server's artifact store (S3). Remove this marker with that fix."))
+def test_pipeline_artifacts_go_to_the_mlflow_servers_artifact_store(real_stack):
+    pytest.importorskip("flows.pipeline", reason="the pipeline flow (flows/pipeline.py) is not on this branch yet")
+    champion = _champion(real_stack)  # registered by the test above
+    run = _get_json(f"{real_stack.mlflow_url}/api/2.0/mlflow/runs/get?run_id={champion['run_id']}")["run"]
+    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:"), run["info"]["artifact_uri"]
+    assert list(real_stack.artifacts_dir.rglob("adapter_model.safetensors"))
+
+
+def test_deployment_on_a_process_work_pool_runs_through_a_worker(real_stack, tmp_path, tiny_models):
+    """The nightly path: deploy on a cron to a work pool, a worker picks up a run and finishes it."""
+    pytest.importorskip("flows.deploy", reason="flows/deploy.py is not on this branch yet")
+    env = _client_env(real_stack, tmp_path)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    created = subprocess.run([prefect, "work-pool", "create", "lowregret-process", "--type", "process"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    done = _lowregret(["deploy", "--cron", "0 2 * * *", "--work-pool", "lowregret-process", "--name", "nightly",
+                       "--workdir", str(tmp_path / "work"), *_pipeline_args(tiny_models("llama"))], env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deployment = _get_json(f"{real_stack.prefect_api_url}/deployments/name/lowregret-pipeline/nightly")
+    assert deployment["work_pool_name"] == "lowregret-process"
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+
+    # Not waiting for 02:00: trigger a run now, and let one worker poll once and execute it.
+    triggered = subprocess.run([prefect, "deployment", "run", "lowregret-pipeline/nightly"],
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+    worker = subprocess.run([prefect, "worker", "start", "--pool", "lowregret-process", "--type", "process",
+                             "--run-once"], env=env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    runs = _post_json(f"{real_stack.prefect_api_url}/flow_runs/filter",
+                      {"deployments": {"id": {"any_": [deployment["id"]]}}})
+    assert [r["state_type"] for r in runs] == ["COMPLETED"], worker.stdout[-3000:]
+    # Same data, config and code as the direct run above: the registry keeps version 1 as champion.
+    assert _champion(real_stack)["version"] == "1"
+
+
+def test_sweep_fans_out_over_a_local_dask_cluster_of_two_workers(real_stack, tmp_path, tiny_models):
+    """`lowregret sweep --runner dask --workers 2`: the grid's cells train at the same time."""
+    pytest.importorskip("prefect_dask", reason="prefect-dask not installed (infra/requirements-server.txt)")
+    pytest.importorskip("flows.sweep", reason="the sweep flow (flows/sweep.py) is not on this branch yet")
+    base = [f"base.{option}" for option in _pipeline_args(tiny_models("llama"))]
+    done = _lowregret(["sweep", "--runner", "dask", "--workers", "2", "--workdir", str(tmp_path / "work"), *base,
+                       "base.name=tiny-sweep", "methods=[lora]", "ranks=[4]", "lora_lrs=[1e-4, 1e-3]"],
+                      _client_env(real_stack, tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    (flow_run,) = _post_json(f"{real_stack.prefect_api_url}/flow_runs/filter",
+                             {"flows": {"name": {"any_": ["lowregret-sweep"]}}})
+    assert flow_run["state_type"] == "COMPLETED"
+    task_runs = _post_json(f"{real_stack.prefect_api_url}/task_runs/filter",
+                           {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    cells = sorted((run["start_time"], run["end_time"]) for run in task_runs if run["name"].startswith("train_cell"))
+    assert len(cells) == 2
+    (first_start, first_end), (second_start, _) = cells
+    assert second_start < first_end, f"the two cells ran one after the other, not fanned out: {cells}"
