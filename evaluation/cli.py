@@ -32,6 +32,12 @@ def register(subparsers) -> None:
         help="hold out this fraction of --dataset as the trainer does and score it (default: score all rows)",
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    ev.add_argument(
+        "--dataset-limit",
+        type=int,
+        default=None,
+        help="read only the first N rows of --dataset before splitting, as the trainer's dataset_limit",
+    )
     ev.add_argument("--max-length", type=int, default=1024, help="tokens per example (default 1024)")
     ev.add_argument("--max-examples", type=int, default=None, help="score only the first N held-out examples")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
@@ -93,7 +99,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    _check_positive(args, "batch_size", "max_length", "max_examples")
+    _check_positive(args, "batch_size", "max_length", "max_examples", "dataset_limit")
     if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
         raise UserError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}.")
     if args.run:
@@ -110,7 +116,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_run(args: argparse.Namespace) -> dict:
     from evaluation.nll import evaluate_run
 
-    given = [f"--{n.replace('_', '-')}" for n in ("model", "dataset", "eval_fraction") if getattr(args, n)]
+    names = ("model", "dataset", "eval_fraction", "dataset_limit")
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
     if given:
         raise UserError(
             f"With --run the model and held-out examples come from the run's summary.json; drop "
@@ -145,6 +152,7 @@ def _evaluate_dirs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         max_length=args.max_length,
         max_examples=args.max_examples,
+        dataset_limit=args.dataset_limit,
     )
     labels = ([] if args.no_base else ["base"]) + (["trained"] if args.adapter else [])
     dirs = [None if label == "base" else args.adapter for label in labels]

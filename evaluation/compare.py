@@ -235,6 +235,7 @@ HELD_OUT_KEYS = (
     "seed",
     "max_length",
     "eval_max_examples",
+    "dataset_limit",
 )
 
 
@@ -292,8 +293,8 @@ def held_out_mismatches(lora: RunRecord, full: RunRecord) -> list[str]:
     """The HELD_OUT_KEYS on which two runs' configs disagree, as readable lines."""
     keys = HELD_OUT_KEYS
     if lora.config.get("eval_dataset") and full.config.get("eval_dataset"):
-        # A separate eval set is used whole: the split's fraction and seed do not touch it.
-        keys = tuple(k for k in keys if k not in ("eval_fraction", "seed"))
+        # A separate eval set is read whole: the split's fraction, seed and row limit do not touch it.
+        keys = tuple(k for k in keys if k not in ("eval_fraction", "seed", "dataset_limit"))
     return [
         f"{key}: LoRA {lora.config.get(key)!r} vs FullFT {full.config.get(key)!r}"
         for key in keys

@@ -173,18 +173,24 @@ class HeldOutSpec:
     """Tokens per example, prompt included; longer examples are truncated as in training."""
     max_examples: int | None = None
     """Score only the first N held-out examples (None = all)."""
+    dataset_limit: int | None = None
+    """Read only the first N rows of `dataset` before splitting (the trainer's dataset_limit)."""
 
 
 def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
-    """The tokenized held-out examples of `spec` (planner.dataset's split and tokenization).
+    """The tokenized held-out examples of `spec`, chosen as the trainer chooses them.
+
+    Rows = load_rows(dataset, limit=dataset_limit); held out = split_rows(rows, eval_fraction,
+    seed)[1] (or every row when eval_fraction is None); then the first max_examples of them;
+    examples whose completion was truncated away entirely are dropped (nothing to score).
 
     Raises:
-        UserError: the data cannot be loaded or tokenized, or the held-out set is empty.
+        UserError: the data cannot be loaded or tokenized, or no held-out example is left.
     """
     from planner.dataset import detect_format, load_rows, split_rows, tokenize_example
 
-    rows = load_rows(spec.dataset)
-    if spec.eval_fraction is not None:
+    rows = load_rows(spec.dataset, limit=spec.dataset_limit)
+    if spec.eval_fraction is not None and rows:
         _, rows = split_rows(rows, spec.eval_fraction, spec.seed)
     if spec.max_examples is not None:
         rows = rows[: spec.max_examples]
@@ -194,7 +200,14 @@ def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
             "larger dataset or eval fraction, or pass a separate eval dataset."
         )
     fmt = detect_format(rows)
-    return [tokenize_example(tokenizer, row, fmt, spec.max_length) for row in rows]
+    examples = [tokenize_example(tokenizer, row, fmt, spec.max_length) for row in rows]
+    kept = [e for e in examples if any(label != -100 for label in e.labels[1:])]
+    if not kept:
+        raise UserError(
+            f"No held-out example keeps a completion token within max_length={spec.max_length}: "
+            "raise --max-length or shorten the prompts."
+        )
+    return kept
 
 
 def default_device() -> str:
@@ -356,6 +369,7 @@ def spec_from_run(run, max_examples: int | None = None) -> HeldOutSpec:
         seed=int(config.get("seed", 0)),
         max_length=int(config.get("max_length") or 1024),
         max_examples=max_examples if max_examples is not None else config.get("eval_max_examples"),
+        dataset_limit=None if separate else config.get("dataset_limit"),
     )
 
 
