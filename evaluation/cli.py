@@ -87,6 +87,19 @@ def register(subparsers) -> None:
     cmp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp.set_defaults(func=run_compare)
 
+    sw = subparsers.add_parser(
+        "lr-sweep",
+        help="fit each method/rank's final loss against log LR: optimal LRs and LoRA/FullFT ratio",
+        description=(
+            "Fit final held-out loss against log10(LR) with a quadratic per method and LoRA rank; "
+            "report each optimum (only when it lies inside the swept range) and LoRA's optimal LR "
+            "over FullFT's (the paper finds ~10x)."
+        ),
+    )
+    sw.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished trainer output directories")
+    sw.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sw.set_defaults(func=run_lr_sweep)
+
 
 # ----------------------------------------------------------------------------- evaluate
 
@@ -267,4 +280,39 @@ def format_comparison(c, lora_name: str = "LoRA", full_name: str = "FullFT") -> 
     )
     lines.append(c.verdict)
     lines += [f"note: {n}" for n in c.notes]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- lr-sweep
+
+
+def run_lr_sweep(args: argparse.Namespace) -> int:
+    from evaluation.sweep import fit_lr_sweep, points_from_runs
+
+    fit = fit_lr_sweep(points_from_runs(args.runs))
+    print(json.dumps(fit.to_dict(), indent=2) if args.json else format_sweep(fit))
+    return 0
+
+
+def format_sweep(fit) -> str:
+    """The lr-sweep table: one row per method/rank, then the LoRA/FullFT optimal-LR ratios."""
+    lines = [
+        f"{'run group':<12}  {'LRs':>3}  {'best run LR':>11}  {'loss':>7}  {'fitted optimum':>14}  status"
+    ]
+    for g in fit.groups:
+        optimum = f"{g.optimum_lr:.3g}" if g.optimum_lr is not None else "-"
+        lines.append(
+            f"{g.label:<12}  {len(g.lrs):>3}  {g.best_observed_lr:>11.3g}  {g.best_observed_loss:>7.4f}  "
+            f"{optimum:>14}  {g.status}: {g.message}"
+        )
+    lines.append("")
+    if fit.lr_ratios:
+        for r in fit.lr_ratios:
+            lines.append(
+                f"LoRA r={r.rank} optimal LR / FullFT optimal LR = {r.ratio:.2f}x "
+                f"(the paper finds ~{fit.expected_ratio:g}x)"
+            )
+    else:
+        lines.append("No LoRA/FullFT LR ratio: it needs an in-range optimum for FullFT and a LoRA rank.")
+    lines += [f"note: {n}" for n in fit.notes]
     return "\n".join(lines)

@@ -203,3 +203,27 @@ def fit_lr_sweep(points: list[SweepPoint]) -> SweepFit:
             if g.method == "lora" and g.status == "ok"
         )
     return SweepFit(groups=fits, lr_ratios=ratios, notes=tuple(notes))
+
+
+def points_from_runs(run_dirs) -> list[SweepPoint]:
+    """Sweep points from trainer output directories: method, rank and lr from summary.json's
+    config, final loss = the run's final eval loss.
+
+    Raises:
+        UserError: a run is unreadable or records no method, lr or final eval loss.
+    """
+    from evaluation.compare import load_run
+    from planner.errors import UserError
+
+    points = []
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        lr, loss = run.config.get("lr"), run.get("final_eval_loss")
+        if run.method not in ("lora", "full") or lr is None or loss is None:
+            raise UserError(
+                f"{run.path}/summary.json lacks the method, config.lr or final_eval_loss a sweep "
+                "point needs: pass finished trainer runs trained with eval_points > 0."
+            )
+        rank = run.config.get("rank") if run.method == "lora" else None
+        points.append(SweepPoint(run.method, rank, float(lr), float(loss)))
+    return points
