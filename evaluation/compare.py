@@ -313,16 +313,20 @@ def compare_runs(
     """`compare` two trainer output directories (final losses from summary.json).
 
     Raises:
-        UserError: a run is missing or unreadable, the methods are swapped, or the runs were
-            scored on different held-out sets (unless allow_mismatch).
+        UserError: a run is missing or unreadable, the methods are swapped (a FullFT run as
+            --lora and a LoRA run as --full), or the runs were scored on different held-out sets
+            (unless allow_mismatch). Two runs of one method are compared, with a note: that is
+            how run-to-run noise is measured.
     """
     lora, full = load_run(lora_dir), load_run(full_dir)
-    for run, want, flag in ((lora, "lora", "--lora"), (full, "full", "--full")):
-        if run.method is not None and run.method != want:
-            raise UserError(
-                f"{flag} {run.path} is a {run.method!r} run; pass a {want!r} run there "
-                "(--lora takes the LoRA run, --full the FullFT baseline)."
-            )
+    if (lora.method, full.method) == ("full", "lora"):
+        raise UserError(f"--lora {lora.path} is a FullFT run and --full {full.path} a LoRA run: swap them.")
+    notes = []
+    if lora.method is not None and lora.method == full.method:
+        # Two runs of one method (e.g. two seeds) measure run-to-run noise: allowed, and said so.
+        notes.append(
+            f"Both runs are {lora.method!r} runs: the 'regret' is run-to-run noise, not LoRA's regret."
+        )
     mismatches = held_out_mismatches(lora, full)
     if mismatches and not allow_mismatch:
         raise UserError(
@@ -339,6 +343,7 @@ def compare_runs(
         base_loss=base_loss,
     )
     if mismatches:
-        note = "Compared despite differing held-out settings: " + "; ".join(mismatches) + "."
-        comparison = dataclasses.replace(comparison, notes=comparison.notes + (note,))
+        notes.append("Compared despite differing held-out settings: " + "; ".join(mismatches) + ".")
+    if notes:
+        comparison = dataclasses.replace(comparison, notes=comparison.notes + tuple(notes))
     return comparison, lora, full

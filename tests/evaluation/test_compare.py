@@ -132,8 +132,16 @@ def test_compare_runs_reads_output_dirs(tmp_path):
 def test_compare_runs_rejects_swapped_methods(tmp_path):
     lora = write_run(tmp_path, "lora", "lora", 1.0, [])
     full = write_run(tmp_path, "full", "full", 1.0, [])
-    with pytest.raises(UserError, match="--lora .* is a 'full' run"):
+    with pytest.raises(UserError, match="swap them"):
         compare_runs(full, lora)
+
+
+def test_two_runs_of_one_method_measure_noise(tmp_path):
+    a = write_run(tmp_path, "full-a", "full", 1.003, [])
+    b = write_run(tmp_path, "full-b", "full", 1.0, [])
+    c, _, _ = compare_runs(a, b)
+    assert c.regret_nats == pytest.approx(0.003)
+    assert any("run-to-run noise" in n for n in c.notes)
 
 
 def test_compare_runs_rejects_different_held_out_sets(tmp_path):
