@@ -268,6 +268,7 @@ def evaluate_nll(
     batch_size: int = 8,
     eval_fraction: float | None = None,
     seed: int = 0,
+    dataset_limit: int | None = None,
     device: str | None = None,
 ) -> NllResult:
     """Held-out NLL per completion token of a base model, LoRA adapter or FullFT model.
@@ -282,9 +283,10 @@ def evaluate_nll(
         eval_fraction: hold out this fraction with `split_rows(rows, eval_fraction, seed)` and
             score it; None scores all of `dataset`.
         seed: the split's seed.
+        dataset_limit: read only the first N rows of `dataset` before splitting.
         device: "cpu", "cuda", ...; None picks cuda when available.
     """
-    spec = HeldOutSpec(model_ref, dataset, eval_fraction, seed, max_length, max_examples)
+    spec = HeldOutSpec(model_ref, dataset, eval_fraction, seed, max_length, max_examples, dataset_limit)
     return evaluate_models(spec, [model_dir], batch_size=batch_size, device=device)[0]
 
 
