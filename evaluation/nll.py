@@ -220,13 +220,16 @@ def load_model(model_ref: str, model_dir: str | None, *, device: str, dtype=None
     """The base model (model_dir None), base + peft adapter (a dir with adapter_config.json) or a
     fully fine-tuned model (a dir with config.json), in eval mode on `device`.
 
+    The base is loaded by the trainer's `load_base_model` (GGUF converted once and cached, Hub ids
+    from the local cache first), so it is the very model the trainer started from.
+
     Raises:
-        UserError: model_dir holds neither an adapter nor a model.
+        UserError: model_dir holds neither an adapter nor a model; the base cannot be loaded.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from planner.sources import resolve_model
+    from trainer.model import load_base_model
 
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -234,15 +237,11 @@ def load_model(model_ref: str, model_dir: str | None, *, device: str, dtype=None
         path = _model_path(model_dir)
         if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    source = resolve_model(model_ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.pretrained_kwargs())
-    except OSError as exc:
-        raise UserError(f"Could not load the model {model_ref!r}: {exc}") from exc
+    model = load_base_model(model_ref, dtype)
     if model_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(_model_path(model_dir)))
+        model = PeftModel.from_pretrained(model, str(path))
     return model.to(device).eval()
 
 
@@ -301,9 +300,9 @@ def evaluate_models(
 
     The examples are loaded and tokenized once; one model is in memory at a time.
     """
-    from planner.sources import load_tokenizer
+    from trainer.model import load_base_tokenizer
 
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = load_base_tokenizer(spec.model)
     examples = held_out_examples(spec, tokenizer)
     device = device or default_device()
     results = []
