@@ -7,8 +7,8 @@ trained, on which data, by which code), `reports/<name>/` for the plan report, t
 per pipeline run and a nested run per step.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the flows' parameter models from these
+# annotations when a deployment loads this file by path, where string annotations do not resolve.
 import dataclasses
 from pathlib import Path
 

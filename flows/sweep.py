@@ -7,8 +7,8 @@ only when chosen). Each grid cell is cached like the pipeline's baseline, so wid
 reruns only the new cells.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the flows' parameter models from these
+# annotations when a deployment loads this file by path, where string annotations do not resolve.
 import dataclasses
 import json
 

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_user_stores(monkeypatch):
+    """The flows read MLFLOW_* from the environment: a developer's own must not leak into tests."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture(scope="session")
 def flow_settings(tmp_path_factory):
     """FlowSettings rooted in a temporary working directory; MLflow's fluent API points there."""
@@ -48,9 +55,12 @@ def tiny_adapter(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def prefect_harness(flow_settings):
     """One Prefect test server for the whole session (starting one takes ~30 s on 2 cores)."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.settings import prefect_overrides
 
-    with prefect_test_harness(server_startup_timeout=180), prefect_overrides(flow_settings):
-        yield
+    # Telemetry writes race the first requests on the server's SQLite ("database is locked" noise).
+    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=180), prefect_overrides(flow_settings):
+            yield
