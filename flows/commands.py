@@ -26,8 +26,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("sweep", help="grid over method × rank × LR, fanned out by a Prefect task runner")
     _config_args(p)
-    p.add_argument("--runner", default="thread", choices=("thread", "process", "dask", "ray"),
-                   help="Prefect task runner (dask/ray need prefect-dask/prefect-ray)")
+    p.add_argument("--runner", default="process", choices=("process", "thread", "dask", "ray"),
+                   help="Prefect task runner (default process; dask/ray need prefect-dask/prefect-ray)")
     p.add_argument("--workers", type=int, help="concurrent runs (default: the runner's own)")
     p.set_defaults(func=run_sweep)
 
@@ -35,11 +35,13 @@ def register(subparsers) -> None:
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="version number")
     p.add_argument("--reason", required=True, help="why (kept as the version's promoted_reason tag)")
+    p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_promote)
 
     p = subparsers.add_parser("rollback", help="give @champion back to the previous champion")
     p.add_argument("name", help="registered model name")
     p.add_argument("--reason", default="rollback", help="why (kept as the demoted version's rolled_back tag)")
+    p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_rollback)
 
     p = subparsers.add_parser("deploy", help="schedule the pipeline (served here, or sent to a work pool)")
@@ -193,9 +195,11 @@ def _check_cron(cron: str) -> None:
 def format_summary(summary: dict, settings) -> str:
     """The regret table and where to look, for the terminal."""
     comparison, full, lora = summary["comparison"], summary["baseline"], summary["lora"]
-    lines = ["", "Capacity plan:"] + [f"  {line}" for line in summary["plan"]["summary"]]
-    lines += [
+    plan = summary["plan"]
+    lines = [
         "",
+        f"Capacity plan: {plan['verdict'].upper()} ({plan['adapter_params']:,} adapter parameters at rank "
+        f"{summary['config']['rank']})",
         f"{'run':<14}{'eval loss (nats/tok)':>22}{'steps':>7}{'wall s':>9}",
         f"{'FullFT' + (' (cached)' if summary['baseline_cached'] else ''):<14}"
         f"{full['final_eval_loss']:>22.4f}{full['steps']:>7}{full['wall_s']:>9.1f}",

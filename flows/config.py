@@ -109,10 +109,15 @@ class SweepConfig:
         bad = [m for m in self.methods if m not in ("lora", "full")]
         if bad or not self.methods:
             raise UserError(f"methods={self.methods!r}: sweep lora, full or both.")
-        for name in ("ranks", "lora_lrs", "full_lrs"):
+        for name, kind in (("ranks", int), ("lora_lrs", float), ("full_lrs", float)):
             values = getattr(self, name)
-            if not isinstance(values, list) or any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+            try:
+                numbers = [kind(float(v)) if kind is int else float(v) for v in values]
+            except (TypeError, ValueError):
+                numbers = []
+            if not isinstance(values, list) or not numbers or len(numbers) != len(values) or min(numbers) <= 0:
                 raise UserError(f"{name}={values!r}: give a list of positive numbers, e.g. [1e-4, 3e-4, 1e-3].")
+            setattr(self, name, numbers)
         for method, rank, lr in self.grid():
             self.base.train_config(method, rank=rank or 1, lr=lr)
 

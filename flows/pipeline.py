@@ -53,6 +53,7 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
                                   tags={"code_version": code, "dataset_fingerprint": data["fingerprint"]})
     try:
         plan = tasks.make_plan(config, str(reports / "plan"))
+        print("Capacity plan:\n  " + "\n  ".join(plan["summary"]), flush=True)
         plan_run = tasks.start_tracking(settings, config.experiment, "plan", {"rank": config.rank}, parent)
         tasks.log_files(settings, plan_run, list(plan["files"].values()), tags={"verdict": plan["verdict"]},
                         metrics={"adapter_params": plan["adapter_params"]}, artifact_path="plan")

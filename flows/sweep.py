@@ -1,9 +1,11 @@
 """The sweep flow: a grid over method × rank × LR, fanned out through a Prefect task runner, fed
 to `evaluation.sweep.fit_lr_sweep` (optimal LR per method and rank, LoRA/FullFT LR ratio).
 
-Runners: `thread` (Prefect's ThreadPoolTaskRunner, the default), `process` (ProcessPoolTaskRunner:
-one process per run, no GIL contention), `dask` and `ray` (prefect-dask / prefect-ray, imported
-only when chosen). Each grid cell is cached like the pipeline's baseline, so widening a sweep
+Runners: `process` (Prefect's ProcessPoolTaskRunner, the default: one process per run), `thread`
+(ThreadPoolTaskRunner: only with one worker, because transformers 5.23 builds models on the meta
+device through process-wide state and concurrent `from_pretrained` calls in threads fail with
+"Cannot copy out of meta tensor"), `dask` and `ray` (prefect-dask / prefect-ray, imported only
+when chosen). Each grid cell is cached like the pipeline's baseline, so widening a sweep
 reruns only the new cells.
 """
 
@@ -22,7 +24,7 @@ from planner.errors import UserError
 RUNNERS = ("thread", "process", "dask", "ray")
 
 
-def make_task_runner(kind: str = "thread", workers: int | None = None):
+def make_task_runner(kind: str = "process", workers: int | None = None):
     """A Prefect task runner by name.
 
     Raises:

@@ -75,10 +75,11 @@ def make_plan(config, out_dir: str) -> dict:
     from planner.plan import build_plan
     from planner.profile import profile_dataset
     from planner.report import summary_lines, write_report
-    from planner.sources import load_tokenizer
+    from trainer.model import load_base_tokenizer
 
     lora = config.train_config("lora")
-    profile = profile_dataset(config.dataset, load_tokenizer(config.model), method=config.info_method,
+    # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
+    profile = profile_dataset(config.dataset, load_base_tokenizer(config.model), method=config.info_method,
                               model_ref=config.model)
     plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                       target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,

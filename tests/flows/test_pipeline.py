@@ -12,7 +12,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows import registry
 from flows.config import load_pipeline_config
 from planner.errors import UserError
 
