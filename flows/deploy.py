@@ -3,8 +3,9 @@
 Two ways, both Prefect's own (no home-made scheduler):
 - served: `pipeline.serve(...)` registers the deployment and runs its flow runs from this process
   until it is stopped (a laptop, a VM, a container that stays up);
-- a work pool: `pipeline.from_source(<project dir>, entrypoint).deploy(...)` registers it with a
-  work pool; a worker of that pool (`prefect worker start --pool NAME`) runs each flow run.
+- a work pool: `pipeline.from_source(<project dir>, entrypoint).to_deployment(...).apply()`
+  registers it with a work pool; a worker of that pool (`prefect worker start --pool NAME`) runs
+  each flow run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def deploy_to_work_pool(config: PipelineConfig, cron: str, name: str, work_pool:
     from flows.pipeline import pipeline
 
     flow = pipeline.from_source(source=str(PROJECT_DIR), entrypoint=ENTRYPOINT)
-    deployment_id = flow.deploy(name=name, work_pool_name=work_pool, cron=cron,
-                                parameters=deployment_parameters(config, workdir), tags=["lowregret"],
-                                description=f"LoRA-vs-FullFT pipeline for {config.name}", print_next_steps=False)
-    return str(deployment_id)
+    # to_deployment + apply rather than flow.deploy: deploy() also lists the pool's online workers
+    # with offset/limit None, which Prefect 3.8.8's server rejects (422) under FastAPI 0.154.
+    deployment = flow.to_deployment(name=name, cron=cron, parameters=deployment_parameters(config, workdir),
+                                    work_pool_name=work_pool, tags=["lowregret"],
+                                    description=f"LoRA-vs-FullFT pipeline for {config.name}")
+    return str(deployment.apply(work_pool_name=work_pool))

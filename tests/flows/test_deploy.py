@@ -67,3 +67,22 @@ def test_deploy_serves_the_cron_schedule_and_a_triggered_run_completes(prefect_h
     db = f"sqlite:///{workdir / '.lowregret' / 'mlflow.db'}"
     registry = MlflowClient(tracking_uri=db, registry_uri=db)
     assert str(registry.get_model_version_by_alias("tiny-deploy", "champion").version) == "1"
+
+
+def test_deploy_to_a_work_pool_registers_the_schedule(prefect_harness, tiny_models, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.config import load_pipeline_config
+    from flows.deploy import deploy_to_work_pool
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="cpu-pool", type="process"))
+        config = load_pipeline_config(None, tiny_overrides(tiny_models("llama"), name="tiny-pool"))
+        deployment_id = deploy_to_work_pool(config, "30 1 * * 1", "weekly", "cpu-pool", str(tmp_path))
+        deployment = client.read_deployment(deployment_id)
+    assert deployment.work_pool_name == "cpu-pool"
+    assert deployment.entrypoint == "flows/pipeline.py:pipeline"
+    assert [s.schedule.cron for s in deployment.schedules] == ["30 1 * * 1"]
+    assert deployment.parameters["workdir"] == str(tmp_path.resolve())
+    assert deployment.parameters["config"]["name"] == "tiny-pool"
