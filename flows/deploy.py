@@ -37,8 +37,8 @@ def deploy_to_work_pool(config: PipelineConfig, cron: str, name: str, work_pool:
     from flows.pipeline import pipeline
 
     flow = pipeline.from_source(source=str(PROJECT_DIR), entrypoint=ENTRYPOINT)
-    # to_deployment + apply rather than flow.deploy: deploy() also lists the pool's online workers
-    # with offset/limit None, which Prefect 3.8.8's server rejects (422) under FastAPI 0.154.
+    # to_deployment + apply: registration only. flow.deploy() also lists the pool's online workers
+    # with offset/limit null, which Prefect 3.8.8's server rejects (422) on FastAPI >= 0.151.
     deployment = flow.to_deployment(name=name, cron=cron, parameters=deployment_parameters(config, workdir),
                                     work_pool_name=work_pool, tags=["lowregret"],
                                     description=f"LoRA-vs-FullFT pipeline for {config.name}")
