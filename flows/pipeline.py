@@ -39,14 +39,8 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
     data = tasks.check_inputs(config)
     code = tasks.code_version()
     runs, reports = settings.runs_dir / config.name, settings.reports_dir / config.name
-    full_config = config.train_config("full")
-    full_key = tasks.run_key(full_config, data["fingerprint"], code)
-    # overwrite: the folder is named by the run key, so what it holds is this very run's output.
-    full_config = config.train_config("full", output_dir=str(runs / f"full-{full_key}"), overwrite=True)
-    lora_config = config.train_config("lora")
-    lora_key = tasks.run_key(lora_config, data["fingerprint"], code)
-    lora_config = config.train_config("lora", output_dir=str(runs / f"lora-r{config.rank}-{lora_key}"),
-                                      overwrite=True)
+    (full_config, full_key), (lora_config, lora_key) = (
+        _run_config(config, method, runs, data["fingerprint"], code) for method in ("full", "lora"))
     fingerprint = f"{lora_key}-{full_key}"
 
     parent = tasks.start_tracking(settings, config.experiment, "pipeline", config.to_dict(),
@@ -109,6 +103,14 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
     except BaseException:
         tasks.end_tracking(settings, parent, "FAILED")
         raise
+
+
+def _run_config(config: PipelineConfig, method: str, runs: Path, data_fingerprint: str, code: str):
+    """The run's TrainConfig, writing to a folder named by its key, and the key."""
+    key = tasks.run_key(config.train_config(method), data_fingerprint, code)
+    folder = runs / (f"full-{key}" if method == "full" else f"lora-r{config.rank}-{key}")
+    # overwrite: the folder is named by the run key, so what it holds is this very run's output.
+    return config.train_config(method, output_dir=str(folder), overwrite=True), key
 
 
 def _baseline(full_config, fingerprint: str, code: str, refresh: bool):
