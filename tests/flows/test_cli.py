@@ -49,7 +49,7 @@ def test_promote_and_rollback_commands(tmp_path, tiny_adapter, restore_environ, 
         pass
     uri = registry.log_adapter_model(run.info.run_id, tiny_adapter(0), "unused", tmp_path / "scratch")
     for fingerprint in ("a", "b"):
-        reg = registry.register_adapter(client, "cli-model", uri, fingerprint, {"eval_loss": 1.0})
+        registry.register_adapter(client, "cli-model", uri, fingerprint, {"eval_loss": 1.0})
     registry.promote_if_better(client, "cli-model", "1", passed=True, eval_loss=1.0)
 
     assert main(["promote", "cli-model", "2", "--reason", "canary ok", "--workdir", str(tmp_path)]) == 0
