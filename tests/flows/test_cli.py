@@ -66,3 +66,15 @@ def test_bad_inputs_exit_2_without_a_traceback(tmp_path, restore_environ, capsys
     assert "not found" in capsys.readouterr().err
     assert main(["deploy", "--cron", "every night", "--workdir", str(tmp_path)]) == 2
     assert "not a cron expression" in capsys.readouterr().err
+
+
+def test_plan_only_writes_the_capacity_report(prefect_harness, tiny_models, tmp_path, restore_environ, capsys):
+    from tests.flows.test_pipeline import tiny_overrides
+
+    overrides = tiny_overrides(tiny_models("llama"), name="tiny-plan")
+    assert main(["pipeline", "--plan-only", "--workdir", str(tmp_path), *overrides]) == 0
+    report = tmp_path / "reports" / "tiny-plan" / "plan"
+    assert {"plan.html", "plan.md", "plan.json"} <= {p.name for p in report.iterdir()}
+    out = capsys.readouterr().out
+    assert "LoRA rank 4" in out and str(report / "plan.html") in out
+    assert not (tmp_path / "runs").exists()  # nothing trained
