@@ -55,15 +55,16 @@ def _baseline_cache_key(context, parameters) -> str:
 
 @task
 def check_inputs(config) -> dict:
-    """Resolve the model and read the dataset once: a bad reference is a UserError before work.
+    """Load the model's tokenizer and read the dataset once: a model or dataset that cannot be had
+    (missing file, Hub id offline, bad rows) is a UserError before any run or file.
 
     Returns:
         {"fingerprint", "examples", "format"} of the rows the runs will read.
     """
     from planner.dataset import dataset_fingerprint, detect_format, load_rows
-    from planner.sources import resolve_model
+    from trainer.model import load_base_tokenizer
 
-    resolve_model(config.model)
+    load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
     rows = load_rows(config.dataset, limit=config.train.get("dataset_limit"))
     return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows),
             "format": detect_format(rows, source=config.dataset)}

@@ -161,5 +161,7 @@ def test_bad_config_is_a_user_error_before_any_work(run_pipeline, tiny_models, t
         run_pipeline(tiny_models("llama"), dataset=str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserError, match="not found"):
         run_pipeline(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UserError):  # a Hub id on a machine without the Hub
+        run_pipeline("no-such-org/no-such-model")
     assert sum(train_calls.values()) == 0
     assert len(registry_client.search_runs([experiment.experiment_id])) == runs_before
