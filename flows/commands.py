@@ -97,9 +97,6 @@ def run_demo(args) -> int:
           f"({config.train.get('max_steps')} steps each). Training progress follows.\n", flush=True)
     summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
-    promotion = summary.get("promotion") or {}
-    if not (promotion.get("promoted") or promotion.get("reason") in ("already champion",)):
-        print("No new champion from this run (see the reason above).")
     import mlflow
 
     from flows.settings import configure_mlflow
@@ -200,10 +197,10 @@ def format_summary(summary: dict, settings) -> str:
         "",
         f"Capacity plan: {plan['verdict'].upper()} ({plan['adapter_params']:,} adapter parameters at rank "
         f"{summary['config']['rank']})",
-        f"{'run':<14}{'eval loss (nats/tok)':>22}{'steps':>7}{'wall s':>9}",
-        f"{'FullFT' + (' (cached)' if summary['baseline_cached'] else ''):<14}"
+        f"{'run':<16}{'eval loss (nats/tok)':>22}{'steps':>7}{'wall s':>9}",
+        f"{'FullFT' + (' (cached)' if summary['baseline_cached'] else ''):<16}"
         f"{full['final_eval_loss']:>22.4f}{full['steps']:>7}{full['wall_s']:>9.1f}",
-        f"{'LoRA r=' + str(summary['config']['rank']):<14}{lora['final_eval_loss']:>22.4f}"
+        f"{'LoRA r=' + str(summary['config']['rank']):<16}{lora['final_eval_loss']:>22.4f}"
         f"{lora['steps']:>7}{lora['wall_s']:>9.1f}",
         f"regret {comparison['regret_nats']:+.4f} nats/token ({comparison['regret_relative']:+.2%}), "
         f"allowed {comparison['allowed_regret_nats']:.4f}",
