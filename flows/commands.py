@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "pipeline.yaml"
+# Shipped inside the package (package-data), so `lowregret demo` works from a plain pip install too;
+# not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 DEMO_PROMPT = [{"role": "user", "content": "What does the Python function os.path.join do?"}]
 
 
