@@ -7,6 +7,8 @@ only then imports Prefect and MLflow, which read their settings at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
 # Shipped inside the package (package-data), so `lowregret demo` works from a plain pip install too;
@@ -124,16 +126,35 @@ def run_sweep(args) -> int:
     from flows.sweep import make_task_runner, sweep
 
     runner = make_task_runner(args.runner, args.workers)
-    summary = sweep.with_options(task_runner=runner)(config, workdir=str(settings.home.parent))
+    with _shared_ephemeral_server(settings, args.runner):
+        summary = sweep.with_options(task_runner=runner)(config, workdir=str(settings.home.parent))
     for group in summary["fit"]["groups"]:
         optimum = group["optimum_lr"]
-        print(f"{group['method']:>5} rank {group['rank']}: best observed LR {group['best_observed_lr']:g} "
+        rank = "" if group["rank"] is None else f" rank {group['rank']}"
+        print(f"{group['method']:>5}{rank}: best observed LR {group['best_observed_lr']:g} "
               f"(loss {group['best_observed_loss']:.4f}); fitted optimum "
               f"{'-' if optimum is None else f'{optimum:g}'} [{group['status']}]")
     for ratio in summary["fit"]["lr_ratios"]:
         print(f"LoRA/FullFT optimal LR ratio at rank {ratio['rank']}: {ratio['ratio']:.1f} (paper: ~10)")
     print(f"Chart: {summary['chart']}")
     return 0
+
+
+@contextlib.contextmanager
+def _shared_ephemeral_server(settings, runner: str):
+    """Without PREFECT_API_URL, each worker process of the process runner would start an ephemeral
+    server of its own (seen: four for a 3-worker sweep): start Prefect's once and export its URL."""
+    if settings.prefect_api_url is not None or runner != "process":
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()  # Prefect's own singleton, stopped at exit
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def _client(args):
