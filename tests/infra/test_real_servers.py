@@ -185,6 +185,18 @@ def test_pipeline_on_the_real_servers_registers_a_champion(real_stack, tmp_path,
     assert [r["state_type"] for r in runs] == ["COMPLETED"]
 
 
+def test_promote_through_the_cli_tags_the_version_on_the_server(real_stack, tmp_path):
+    pytest.importorskip("flows.registry", reason="flows/registry.py is not on this branch yet")
+    done = _lowregret(["promote", PIPELINE_NAME, "1", "--reason", "canary passed",
+                       "--workdir", str(tmp_path / "work")], _client_env(real_stack, tmp_path), timeout_s=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    quoted = urllib.parse.quote(PIPELINE_NAME)
+    version = _get_json(f"{real_stack.mlflow_url}/api/2.0/mlflow/model-versions/get?name={quoted}&version=1")
+    tags = {tag["key"]: tag["value"] for tag in version["model_version"].get("tags", [])}
+    assert tags.get("promoted_reason") == "canary passed"
+    assert _champion(real_stack)["version"] == "1"
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "flows/settings.py ensure_experiment() creates experiments with artifact_location = the local "
     ".lowregret/mlartifacts even when MLFLOW_TRACKING_URI is a server, so adapters land on the training "
