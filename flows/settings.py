@@ -121,11 +121,18 @@ def configure_mlflow(settings: FlowSettings) -> None:
 
 
 def ensure_experiment(name: str, settings: FlowSettings) -> str:
-    """The id of experiment `name`, created with its artifacts under `settings.artifact_root`."""
+    """The id of experiment `name`, creating it if needed.
+
+    With a local store (SQLite or files) its artifacts go under `settings.artifact_root`; with a
+    tracking server the server chooses (its artifact store, e.g. S3), so adapters never stay on
+    the training machine's disk.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    return client.create_experiment(name, artifact_location=f"{settings.artifact_root}/{name}")
+    local_store = settings.tracking_uri.startswith(("sqlite:", "file:", "/"))
+    location = f"{settings.artifact_root}/{name}" if local_store else None
+    return client.create_experiment(name, artifact_location=location)

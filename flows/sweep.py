@@ -41,7 +41,9 @@ def make_task_runner(kind: str = "process", workers: int | None = None):
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
             raise UserError("--runner dask needs prefect-dask: `pip install prefect-dask`.") from exc
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers} if workers else None)
+        # A local cluster: its dashboard would otherwise listen on every interface (0.0.0.0:8787).
+        cluster_kwargs = {"dashboard_address": None} | ({"n_workers": workers} if workers else {})
+        return DaskTaskRunner(cluster_kwargs=cluster_kwargs)
     if kind == "ray":
         try:
             from prefect_ray import RayTaskRunner

@@ -197,10 +197,6 @@ def test_promote_through_the_cli_tags_the_version_on_the_server(real_stack, tmp_
     assert _champion(real_stack)["version"] == "1"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flows/settings.py ensure_experiment() creates experiments with artifact_location = the local "
-    ".lowregret/mlartifacts even when MLFLOW_TRACKING_URI is a server, so adapters land on the training "
-    "machine's disk, not in the server's artifact store (S3). Remove this marker with that fix."))
 def test_pipeline_artifacts_go_to_the_mlflow_servers_artifact_store(real_stack):
     pytest.importorskip("flows.pipeline", reason="the pipeline flow (flows/pipeline.py) is not on this branch yet")
     champion = _champion(real_stack)  # registered by the test above
