@@ -73,11 +73,20 @@ def read_adapter_config(path: str | Path) -> dict:
         raise UserError(f"{config_path} is not valid JSON ({exc}): re-save the adapter.") from exc
 
 
-def resolve_source(source: str) -> tuple[Path, str | None]:
-    """A local adapter directory for `source`, and the registry version it came from.
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A local adapter directory, and what the registry said about it (None for a plain directory)."""
+
+    path: Path
+    version: str | None = None
+    base_model: str | None = None
+
+
+def resolve_source(source: str) -> ResolvedSource:
+    """The local adapter directory for `source` (a registry reference is downloaded once).
 
     Raises:
-        UserError: the directory is not a peft adapter, or the registry reference is unknown.
+        UserError: the directory does not exist, or the registry reference is unknown.
     """
     if is_registry_ref(source):
         from serving.registry import download_adapter  # MLflow imported only when needed
@@ -88,7 +97,7 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
             f"Adapter source {source!r} is neither a directory nor a registry reference "
             "NAME@ALIAS / NAME@VERSION: check the path or the registered model name."
         )
-    return Path(source), None
+    return ResolvedSource(Path(source))
 
 
 def describe_adapter(name: str, source: str) -> AdapterEntry:
@@ -98,7 +107,8 @@ def describe_adapter(name: str, source: str) -> AdapterEntry:
             f"Adapter name {name!r} is not allowed: use 1-128 characters from letters, digits and "
             "._:@- starting with a letter or digit (and not '__base__')."
         )
-    path, version = resolve_source(source)
+    resolved = resolve_source(source)
+    path = resolved.path
     config = read_adapter_config(path)
     if config.get("peft_type") != "LORA":
         raise UserError(
@@ -114,8 +124,8 @@ def describe_adapter(name: str, source: str) -> AdapterEntry:
         source=source,
         path=str(path),
         rank=int(config.get("r", 0)),
-        base_model=config.get("base_model_name_or_path"),
-        version=version,
+        base_model=resolved.base_model or config.get("base_model_name_or_path"),
+        version=resolved.version,
     )
 
 
