@@ -90,6 +90,11 @@ def register(subparsers) -> None:
         "(without it, adapter admin is open on loopback only); env LOWREGRET_ADMIN_TOKEN",
     )
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's; 1 is often fastest on a shared CPU)",
+    )
     serve.set_defaults(func=run_serve)
 
     export = subparsers.add_parser(
@@ -125,6 +130,7 @@ def _check_limits(args) -> None:
         ("--max-new-tokens-limit", args.max_new_tokens_limit, 1),
         ("--max-batch-size", args.max_batch_size, 1),
         ("--port", args.port, 0),
+        ("--threads", 1 if args.threads is None else args.threads, 1),
     ):
         if value < low:
             raise UserError(f"{flag} must be at least {low} (got {value}).")
@@ -151,6 +157,10 @@ def run_serve(args) -> int:
     from serving.server import ServerLimits, start_server
 
     entries = [describe_adapter(name, source) for name, source in specs]  # fail before the model loads
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_base_model(args.base, args.device)
     engine = Engine(
         model,
