@@ -111,6 +111,7 @@ class Engine:
         while True:
             job = self._queue.get()
             if job is None:
+                self._fail_queued(RuntimeError("the server is stopping"))
                 return
             jobs = [job]
             deadline = time.monotonic() + self.batch_window_s
@@ -128,6 +129,15 @@ class Engine:
                 jobs.append(more)
             for group in self._groups(jobs):
                 self._run_group(group)
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.future.set_exception(exc)
 
     def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Split jobs so each group names at most max_adapters adapters (the base is free)."""

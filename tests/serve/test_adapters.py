@@ -124,3 +124,22 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_and_the_base_is_untouc
         assert client.complete("bad")[0] == 404
     finally:
         running.stop()
+
+
+def test_admin_endpoints_need_the_token_when_one_is_set(base_dir, adapters):
+    running = start(base_dir, {}, admin_token="s3cret")
+    try:
+        client = Client(running.url)
+        body = {"name": "docs", "source": str(adapters["docs"])}
+        status, answer = client.call("POST", "/v1/adapters", body)
+        assert status == 401 and "Bearer" in answer["error"]["message"]
+        status, _ = client.call("POST", "/v1/adapters", body, {"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, _ = client.call("POST", "/v1/adapters", body, {"Authorization": "Bearer s3cret"})
+        assert status == 201
+        assert client.call("DELETE", "/v1/adapters/docs")[0] == 401
+        assert (
+            client.call("DELETE", "/v1/adapters/docs", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        )
+    finally:
+        running.stop()

@@ -55,21 +55,29 @@ def test_adapters_answer_differently_and_as_peft_does_offline(client, expected):
 
 
 def test_concurrent_requests_share_mixed_batches_and_each_gets_its_answer(server, client, expected):
+    """Greedy rows stay exact next to rows of other adapters and next to a sampled row."""
     models = ["paris", "docs", "tiny-base"] * 2
     results: dict[int, str] = {}
-    barrier = threading.Barrier(len(models))
+    barrier = threading.Barrier(len(models) + 1)
 
     def ask(i, model):
         barrier.wait()
         results[i] = greedy(client, model)["choices"][0]["text"]
 
+    def ask_sampled():
+        barrier.wait()
+        status, body = client.complete("paris", max_tokens=N_TOKENS, temperature=1.0, top_p=0.95)
+        results["sampled"] = status
+
     mixed_before = server.server.engine.stats.mixed_batches
     threads = [threading.Thread(target=ask, args=(i, m)) for i, m in enumerate(models)]
+    threads.append(threading.Thread(target=ask_sampled))
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert {i: results.get(i) for i in range(len(models))} == {i: expected[m] for i, m in enumerate(models)}
+    assert results["sampled"] == 200
     assert server.server.engine.stats.mixed_batches > mixed_before, "no batch mixed two adapters"
 
 
@@ -132,6 +140,28 @@ def test_streaming_sends_the_same_text_in_pieces(client, expected):
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected["paris"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == N_TOKENS
+
+
+def test_streaming_never_leaks_a_stop_string(client, expected):
+    """A multi-token stop string: its first piece (".") must be held back until " The" settles it."""
+    full = expected["paris"]
+    assert ". The" in full, full
+    payload = {
+        "model": "paris",
+        "prompt": PROMPT,
+        "max_tokens": N_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stop": ". The",
+    }
+    status, data, _ = client.raw(
+        "POST", "/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    chunks = [
+        json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n") if e and e != "data: [DONE]"
+    ]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[: full.index(". The")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_models_lists_base_and_adapters(client):
