@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from planner.errors import UserError
 
@@ -71,13 +73,44 @@ def resolve_model(ref: str) -> ModelSource:
     return ModelSource(ref=ref, path=ref, local=False)
 
 
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hub's host name resolves (no request is sent).
+
+    With no network, huggingface_hub retries each file with back-off for ~20 s before giving up;
+    a failed DNS look-up tells us the same at once. `HF_HUB_OFFLINE=1` always means no.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def load_tokenizer(ref: str):
-    """The model's tokenizer (transformers imported lazily)."""
+    """The model's tokenizer (transformers imported lazily).
+
+    A Hub id is read from the local Hugging Face cache when it is there, and fetched only when
+    the Hub can be reached.
+    """
     from transformers import AutoTokenizer
 
     source = resolve_model(ref)
+    kwargs = source.pretrained_kwargs()
     try:
-        return AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs())
+        if not source.local:
+            try:
+                return AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kwargs)
+            except OSError:
+                if not hub_reachable():
+                    raise OSError(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached") from None
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
     except OSError as exc:
         raise UserError(
             f"Could not load a tokenizer for {ref!r}: {exc}. Pass a local model directory, a "

@@ -47,3 +47,16 @@ def test_tiny_tokenizer_round_trips_chat():
     assert text.startswith("<|im_start|>user\nhi<|im_end|>")
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text
+
+
+def test_hub_id_tokenizer_fails_fast_offline(monkeypatch):
+    import time
+
+    from planner.sources import hub_reachable, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_reachable()
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="Could not load a tokenizer"):
+        load_tokenizer("no-such-org/no-such-model")
+    assert time.perf_counter() - start < 10

@@ -1,0 +1,121 @@
+"""Hyper-parameter advice for LoRA: learning rate, alpha and a batch-size warning.
+
+- LoRA's optimal LR is ~10× FullFT's, for SFT and RL ("LoRA Without Regret", Thinking Machines
+  2025; tinker-cookbook `hyperparam_utils.get_lora_lr_over_full_finetune_lr` returns 10).
+  Runs under ~100 steps: ~15× (the blog's anecdotal observation).
+- Without a FullFT LR, tinker-cookbook's `get_lr`: 5e-5 × 10 × (2000 / hidden_size)^P, with P fitted
+  per family (0.781 Llama, 0.0775 Qwen). Other families are not guessed.
+- α = 32 with the 1/r scaling makes the optimal LR nearly rank-independent (blog; peft default init).
+- Batch size: LoRA pays a loss penalty that grows with the batch and does not shrink with rank;
+  at 32 sequences it is small (blog); TRL advises an effective batch < 32; keep it <= 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from planner.errors import UserError
+from planner.shapes import ModelShape
+
+LORA_OVER_FULLFT_LR = 10.0  # blog; tinker-cookbook get_lora_lr_over_full_finetune_lr
+SHORT_RUN_LORA_OVER_FULLFT_LR = 15.0  # blog, anecdotal: runs under ~100 steps
+SHORT_RUN_STEPS = 100
+TINKER_BASE_FULLFT_LR = 5e-5  # tinker-cookbook hyperparam_utils.get_lr
+TINKER_REFERENCE_HIDDEN = 2000  # ... (2000 / hidden_size) ** exponent
+# tinker-cookbook hyperparam_utils.get_lr: exponents fitted on Llama-3 and Qwen3 LR sweeps.
+LR_EXPONENT_BY_FAMILY: dict[str, float] = {"llama": 0.781, "qwen": 0.0775}
+LORA_ALPHA = 32  # blog + peft's default init: W' = W + (α/r)·B·A
+BATCH_SMALL_PENALTY_ABOVE = 32  # blog: small gap at 32; TRL: effective batch < 32
+BATCH_STRONG_WARNING_ABOVE = 128  # seed notes: keep it <= 128
+
+
+@dataclass(frozen=True)
+class Advice:
+    """LoRA hyper-parameters and warnings.
+
+    Attributes:
+        lora_lr: the suggested LoRA learning rate (constant schedule, no warmup, as in the blog).
+        lr_rule: how it was computed, in words.
+        lr_multiplier: LoRA LR / FullFT LR used (10, or 15 for short runs).
+        anecdotal: True when the 15× short-run multiplier was used.
+        batch_level: `ok`, `small-penalty` or `strong-warning`.
+        messages: readable advice, one sentence each.
+    """
+
+    lora_lr: float
+    lr_rule: str
+    lr_multiplier: float
+    fullft_lr: float | None
+    family: str | None
+    anecdotal: bool
+    alpha: int
+    effective_batch: int
+    batch_level: str
+    batch_thresholds: tuple[int, int]
+    messages: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_family(model_type: str) -> str | None:
+    """`llama` or `qwen` for the families tinker-cookbook fitted LR exponents on, else None."""
+    model_type = model_type.lower()
+    return next((f for f in LR_EXPONENT_BY_FAMILY if model_type.startswith(f)), None)
+
+
+def batch_level(effective_batch: int) -> str:
+    if effective_batch > BATCH_STRONG_WARNING_ABOVE:
+        return "strong-warning"
+    if effective_batch > BATCH_SMALL_PENALTY_ABOVE:
+        return "small-penalty"
+    return "ok"
+
+
+def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = None, steps: int | None = None) -> Advice:
+    """Suggest the LoRA LR, α and warn about the batch size.
+
+    Raises:
+        UserError: no FullFT LR given and the model family has no fitted exponent.
+    """
+    short = steps is not None and steps < SHORT_RUN_STEPS
+    multiplier = SHORT_RUN_LORA_OVER_FULLFT_LR if short else LORA_OVER_FULLFT_LR
+    family = model_family(shape.model_type)
+    messages = []
+    if fullft_lr is not None:
+        if fullft_lr <= 0:
+            raise UserError(f"--fullft-lr must be positive, got {fullft_lr}.")
+        lora_lr = fullft_lr * multiplier
+        rule = f"{multiplier:g} × the FullFT LR {fullft_lr:g}"
+    else:
+        if family is None:
+            raise UserError(
+                f"No fitted LR rule for model_type {shape.model_type!r} (tinker-cookbook fits only "
+                "Llama and Qwen): pass the FullFT learning rate you would use with --fullft-lr and "
+                "the planner multiplies it by 10."
+            )
+        exponent = LR_EXPONENT_BY_FAMILY[family]
+        base = TINKER_BASE_FULLFT_LR * (TINKER_REFERENCE_HIDDEN / shape.hidden_size) ** exponent
+        lora_lr = base * multiplier
+        rule = (f"tinker-cookbook: 5e-5 × {multiplier:g} × (2000/{shape.hidden_size})^{exponent} "
+                f"({family} family from model_type {shape.model_type!r})")
+    messages.append(f"LoRA LR {lora_lr:.3g} = {rule}; constant schedule, no warmup.")
+    if fullft_lr is None and family not in shape.name.lower():
+        messages.append(f"tinker-cookbook fitted the exponent on {family} checkpoints by name; {shape.name} only "
+                        "shares the architecture, so treat the LR as a starting point or pass --fullft-lr.")
+    if short:
+        messages.append(f"The run has {steps} steps (< {SHORT_RUN_STEPS}): the 15× multiplier is anecdotal (blog).")
+    elif steps is None:
+        messages.append(f"Number of steps unknown: 10× assumed; runs under {SHORT_RUN_STEPS} steps may prefer ~15×.")
+    messages.append(f"alpha = {LORA_ALPHA} (with the 1/r scaling the best LR barely moves with rank).")
+    level = batch_level(effective_batch)
+    if level == "strong-warning":
+        messages.append(f"Effective batch {effective_batch} > {BATCH_STRONG_WARNING_ABOVE}: LoRA's loss penalty "
+                        "grows with batch size and rank does not remove it; use a smaller batch.")
+    elif level == "small-penalty":
+        messages.append(f"Effective batch {effective_batch} > {BATCH_SMALL_PENALTY_ABOVE}: expect a small LoRA "
+                        f"penalty that grows with batch size (strong above {BATCH_STRONG_WARNING_ABOVE}).")
+    else:
+        messages.append(f"Effective batch {effective_batch} <= {BATCH_SMALL_PENALTY_ABOVE}: LoRA's batch penalty is small.")
+    return Advice(lora_lr, rule, multiplier, fullft_lr, family, short, LORA_ALPHA, effective_batch, level,
+                  (BATCH_SMALL_PENALTY_ABOVE, BATCH_STRONG_WARNING_ABOVE), tuple(messages))

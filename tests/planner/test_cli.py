@@ -1,0 +1,63 @@
+"""`lowregret plan` in-process through the dispatcher, and once as a real subprocess."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.cli import main
+
+
+def test_json_prints_one_object(capsys):
+    assert main(["plan", "--model", "meta-llama/Llama-3.1-8B", "--rank", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["adapter_params"] == 2_621_440
+
+
+def test_summary_and_report(capsys, tmp_path):
+    code = main(["plan", "--model", "Qwen/Qwen3-30B-A3B", "--rank", "16", "--targets", "attention", "--gpu", "A100-40GB",
+                 "--batch-size", "64", "--steps", "50", "--fullft-lr", "1e-5", "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "LoRA LR 0.00015 = 15 × the FullFT LR 1e-05" in out
+    assert "Effective batch 64 > 32" in out
+    assert (tmp_path / "r" / "plan.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "NoSuchModel", "--rank", "8"], "Unknown model"),
+        (["--model", "Qwen3-8B", "--rank", "0"], "--rank must be a positive integer"),
+        (["--model", "Qwen3-8B", "--rank", "8", "--seq-len", "-5"], "--seq-len must be a positive integer"),
+        (["--model", "Qwen3-8B", "--rank", "8", "--gpu", "TPU"], "Unknown GPU"),
+        (["--model", "Mixtral-8x7B", "--rank", "8"], "--fullft-lr"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    assert main(["plan", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_malformed_config_is_user_error(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{oops")
+    assert main(["plan", "--model", str(tmp_path / "config.json"), "--rank", "4"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_subprocess_is_fast_and_clean():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "plan", "--model", "Qwen3-235B-A22B", "--rank", "16",
+                           "--json"], capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["expert_rank"] == 2
+    assert wall_s < 2.0  # answers in ~0.3 s alone; slack for a shared 2-core machine
+    bad = subprocess.run([sys.executable, "-m", "flows.cli", "plan", "--model", "nope", "--rank", "1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == ""

@@ -1,0 +1,346 @@
+"""planner.dataset: loading every source type, format checks, label masks, split, fingerprint."""
+
+import csv
+import json
+
+import pytest
+
+from planner.dataset import (
+    IGNORE_INDEX,
+    dataset_fingerprint,
+    detect_format,
+    load_rows,
+    split_rows,
+    tokenize_example,
+)
+from planner.errors import UserError
+from tests.tiny import build_tokenizer
+
+CHAT = [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+]
+PC = [{"prompt": "The capital of France is", "completion": " Paris."}, {"prompt": "a", "completion": " b"}]
+
+
+def _trained_runs(tokenizer, example) -> list[str]:
+    """Decoded text of each maximal run of trained (label != -100) tokens."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token  # labels are the ids themselves, unshifted
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+# --- load_rows ---------------------------------------------------------------------------------
+
+
+def _write(path, rows, kind):
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "json-lines":  # what datasets' to_json writes under a .json name
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif kind == "csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.mark.parametrize(
+    "kind,suffix",
+    [
+        ("jsonl", ".jsonl"),
+        ("json", ".json"),
+        ("json-lines", ".json"),
+        ("csv", ".csv"),
+        ("parquet", ".parquet"),
+    ],
+)
+@pytest.mark.parametrize("rows", [CHAT, PC], ids=["chat", "prompt_completion"])
+def test_load_each_file_type_round_trips(tmp_path, kind, suffix, rows):
+    path = tmp_path / f"data{suffix}"
+    _write(path, rows, kind)
+    assert load_rows(str(path)) == rows
+    assert load_rows(str(path), limit=1) == rows[:1]
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["Dataset", "DatasetDict"])
+def test_load_save_to_disk_directory(tmp_path, as_dict):
+    import datasets
+
+    ds = datasets.Dataset.from_list(PC)
+    if as_dict:
+        ds = datasets.DatasetDict({"train": ds, "test": ds.select([0])})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert load_rows(str(tmp_path / "saved")) == PC
+    assert load_rows(str(tmp_path / "saved"), limit=1) == PC[:1]
+
+
+def test_save_to_disk_without_train_split(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(PC)}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(UserError, match="no `train` split"):
+        load_rows(str(tmp_path / "d"))
+
+
+def test_hub_id_offline_is_user_error():
+    # conftest sets HF_DATASETS_OFFLINE=1: the id cannot be reached, and the message says what to do.
+    with pytest.raises(UserError, match=r"could not be reached.*local \.jsonl"):
+        load_rows("no-such-org/no-such-dataset:train")
+
+
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        ("missing.jsonl", "not found"),
+        ("./missing", "not found"),
+        ("just words", "Cannot tell"),
+        ("builtin:nope", "builtin:facts, builtin:pydoc"),
+        ("builtin:facts?bogus=1", "n_facts .*choices .*seed"),
+        ("builtin:facts?n_facts=x", "non-negative integer"),
+        ("builtin:facts?seed=1&seed=2", "twice"),
+        ("builtin:facts?choices=1", "choices"),
+        ("builtin:pydoc?limit=0", "limit >= 1"),
+    ],
+)
+def test_bad_sources_are_user_errors(source, match):
+    with pytest.raises(UserError, match=match):
+        load_rows(source)
+
+
+def test_bad_files_are_user_errors(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{not json}\n')
+    with pytest.raises(UserError, match="line 2"):
+        load_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="JSON object"):
+        load_rows(str(tmp_path / "list.jsonl"))
+    (tmp_path / "scalar.json").write_text("3")
+    with pytest.raises(UserError, match="list of objects"):
+        load_rows(str(tmp_path / "scalar.json"))
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(UserError, match="Unsupported dataset file type"):
+        load_rows(str(tmp_path / "data.txt"))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="Parquet"):
+        load_rows(str(tmp_path / "bad.parquet"))
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(UserError, match="save_to_disk"):
+        load_rows(str(tmp_path / "plain_dir"))
+    with pytest.raises(UserError, match="limit"):
+        load_rows(str(tmp_path / "bad.jsonl"), limit=0)
+
+
+def test_builtin_via_load_rows_honours_both_limits():
+    assert len(load_rows("builtin:facts?n_facts=10&choices=4")) == 10
+    assert len(load_rows("builtin:facts?n_facts=10&choices=4", limit=3)) == 3
+    assert len(load_rows("builtin:pydoc?limit=5")) == 5
+
+
+# --- detect_format -----------------------------------------------------------------------------
+
+
+def test_detect_format_both_forms():
+    assert detect_format(CHAT) == "chat"
+    assert detect_format(PC) == "prompt_completion"
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([], "no examples"),
+        ([{"text": "x"}], r"columns \['text'\].*`messages`.*`prompt` and `completion`"),
+        ([{"prompt": "a"}], r"`prompt` and `completion`"),
+        ([{"prompt": "a", "completion": "b", "messages": []}], "both"),
+        ([PC[0], {"prompt": "a", "completion": 3}], r"row 1: `completion` must be a string"),
+        ([{"prompt": "a", "completion": ""}], "row 0: the completion is empty"),
+        ([CHAT[0], {"messages": "hi"}], "row 1: `messages` must be a non-empty list"),
+        ([{"messages": [{"role": "user"}]}], r"row 0, message 0: expected"),
+        ([CHAT[0], {"messages": [{"role": "user", "content": "hi"}]}], "row 1: no assistant turn"),
+        (["plain string"], "row 0: expected an object"),
+    ],
+)
+def test_detect_format_rejects_bad_rows(rows, match):
+    with pytest.raises(UserError, match=match):
+        detect_format(rows)
+
+
+def test_detect_format_names_the_source():
+    with pytest.raises(UserError, match="'data.jsonl', row 0"):
+        detect_format([{"prompt": "a", "completion": None}], source="data.jsonl")
+
+
+# --- tokenize_example --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_chat_mask_is_exactly_the_assistant_turn_and_end_token(tok):
+    ex = tokenize_example(tok, CHAT[0], "chat", 512)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(CHAT[0]["messages"], tokenize=False)
+    assert _trained_runs(tok, ex) == ["hello there<|im_end|>"]
+    assert len(ex.labels) == len(ex.input_ids) and not ex.truncated
+    # The trained run sits right after the generation prompt: nothing of the prompt is trained.
+    prompt = tok.apply_chat_template(CHAT[0]["messages"][:1], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert set(ex.labels[:n_prompt]) == {IGNORE_INDEX}
+    assert ex.labels[n_prompt] != IGNORE_INDEX
+
+
+def test_multi_turn_chat_trains_every_assistant_turn_only(tok):
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "and now?"},
+            {"role": "assistant", "content": "the answer is json"},
+        ]
+    }
+    ex = tokenize_example(tok, row, "chat", 512)
+    assert _trained_runs(tok, ex) == ["hello there<|im_end|>", "the answer is json<|im_end|>"]
+    # The "\n" after each <|im_end|> and the next turn's header are not trained.
+    assert ex.labels[-1] == IGNORE_INDEX and tok.decode(ex.input_ids[-1:]) == "\n"
+
+
+def test_conversation_opening_with_the_assistant_trains_only_its_turn(tok):
+    row = {
+        "messages": [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "hi"}]
+    }
+    ex = tokenize_example(tok, row, "chat", 512)
+    assert _trained_runs(tok, ex) == ["How can I help?<|im_end|>"]
+    first = next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX)
+    assert tok.decode(ex.input_ids[:first]) == "<|im_start|>assistant\n"
+    empty_opening = {"messages": [{"role": "assistant", "content": ""}, *CHAT[0]["messages"]]}
+    assert _trained_runs(tok, tokenize_example(tok, empty_opening, "chat", 512)) == ["hello there<|im_end|>"]
+
+
+def test_prompt_completion_trains_completion_and_eos(tok):
+    ex = tokenize_example(tok, PC[0], "prompt_completion", 512)
+    prompt_ids = tok(PC[0]["prompt"], add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[: len(prompt_ids)] == prompt_ids
+    assert ex.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert _trained_runs(tok, ex) == [" Paris.<|im_end|>"]
+    assert ex.input_ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("fmt,row", [("chat", CHAT[0]), ("prompt_completion", PC[0])])
+def test_truncation_keeps_the_first_tokens_and_flags_it(tok, fmt, row):
+    full = tokenize_example(tok, row, fmt, 10_000)
+    cut = tokenize_example(tok, row, fmt, len(full.input_ids) - 2)
+    assert cut.truncated and not full.truncated
+    assert cut.input_ids == full.input_ids[:-2] and cut.labels == full.labels[:-2]
+    exact = tokenize_example(tok, row, fmt, len(full.input_ids))
+    assert not exact.truncated and exact == full
+
+
+@pytest.mark.parametrize("fmt,row", [("chat", CHAT[0]), ("prompt_completion", PC[0])])
+def test_prompt_filling_max_length_is_user_error(tok, fmt, row):
+    full = tokenize_example(tok, row, fmt, 10_000)
+    n_prompt = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
+    # One completion token fits: fine. None fits: error naming the row and the fix.
+    assert tokenize_example(tok, row, fmt, n_prompt + 1).labels[-1] != IGNORE_INDEX
+    with pytest.raises(UserError, match=rf"Row 7: the prompt alone is {n_prompt} tokens.*Raise max_length"):
+        tokenize_example(tok, row, fmt, n_prompt, row_index=7)
+
+
+def test_tokenizer_without_chat_template_is_user_error(tok):
+    bare = build_tokenizer.__wrapped__()  # a fresh copy: the cached one is shared
+    bare.chat_template = None
+    with pytest.raises(UserError, match="no chat template.*prompt/completion"):
+        tokenize_example(bare, CHAT[0], "chat", 512)
+    assert tokenize_example(bare, PC[0], "prompt_completion", 512).input_ids  # still fine
+
+
+def test_template_that_rewrites_history_is_user_error(tok):
+    # A template that renders only the last message breaks the prefix property.
+    odd = build_tokenizer.__wrapped__()
+    odd.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    with pytest.raises(UserError, match="renders the conversation up to assistant message 1 differently"):
+        tokenize_example(odd, CHAT[0], "chat", 512)
+
+
+PLAIN_TEMPLATE = (  # no special tokens at all: nothing closes a turn
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def test_template_without_end_token_trains_the_content_only():
+    plain = build_tokenizer.__wrapped__()
+    plain.chat_template = PLAIN_TEMPLATE
+    ex = tokenize_example(plain, CHAT[0], "chat", 512)
+    assert plain.decode(ex.input_ids) == "user: hi\nassistant: hello there\n"
+    assert _trained_runs(plain, ex) == ["hello there"]
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    with pytest.raises(UserError, match="Row 3: the assistant turns are empty"):
+        tokenize_example(plain, empty, "chat", 512, row_index=3)
+
+
+def test_bad_max_length_and_bad_row(tok):
+    with pytest.raises(UserError, match="max_length"):
+        tokenize_example(tok, PC[0], "prompt_completion", 0)
+    with pytest.raises(UserError, match="no assistant turn"):
+        tokenize_example(tok, {"messages": [{"role": "user", "content": "x"}]}, "chat", 512)
+
+
+# --- split_rows and fingerprint ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,fraction,n_eval",
+    [(100, 0.1, 10), (100, 0.0, 0), (10, 0.25, 2), (2, 0.01, 1), (3, 0.9, 2), (1, 0.5, 0), (0, 0.5, 0)],
+)
+def test_split_sizes(n, fraction, n_eval):
+    rows = [{"i": i} for i in range(n)]
+    train, held_out = split_rows(rows, fraction, seed=0)
+    assert len(held_out) == n_eval and len(train) == n - n_eval
+    assert sorted(r["i"] for r in train + held_out) == list(range(n))
+    assert [r["i"] for r in train] == sorted(r["i"] for r in train)  # original order kept
+
+
+def test_split_is_deterministic_and_seed_dependent():
+    rows = [{"i": i} for i in range(50)]
+    assert split_rows(rows, 0.2, 1) == split_rows(list(rows), 0.2, 1)
+    assert split_rows(rows, 0.2, 1)[1] != split_rows(rows, 0.2, 2)[1]
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, True, "0.1"])
+def test_split_rejects_bad_fraction(fraction):
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        split_rows([{"i": 1}, {"i": 2}], fraction, 0)
+
+
+def test_fingerprint_is_stable_and_content_sensitive():
+    fp = dataset_fingerprint(PC)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    # Key order does not matter; content and row order do.
+    assert dataset_fingerprint([{"completion": r["completion"], "prompt": r["prompt"]} for r in PC]) == fp
+    assert dataset_fingerprint(PC[::-1]) != fp
+    assert dataset_fingerprint([PC[0], {**PC[1], "completion": " c"}]) != fp
+    # Pinned value: sha256 of the canonical JSON, computed independently here.
+    import hashlib
+
+    canonical = (
+        '[{"completion":" Paris.","prompt":"The capital of France is"},{"completion":" b","prompt":"a"}]'
+    )
+    assert fp == hashlib.sha256(canonical.encode()).hexdigest()[:16]
