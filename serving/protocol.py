@@ -191,10 +191,17 @@ def completion_body(
     }
 
 
-def chunk_body(kind: str, request_id: str, model: str, text: str | None, finish_reason: str | None) -> dict:
-    """One server-sent event of a streamed response."""
+def chunk_body(
+    kind: str,
+    request_id: str,
+    model: str,
+    text: str | None,
+    finish_reason: str | None,
+    role: str | None = None,
+) -> dict:
+    """One server-sent event of a streamed response (a chat stream opens with the role alone)."""
     if kind == "chat":
-        delta = {} if text is None else {"content": text}
+        delta = {"role": role} if role else ({} if text is None else {"content": text})
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:

@@ -326,10 +326,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         if kind == "chat":
-            send(
-                chunk_body(kind, request_id, model, None, None)
-                | {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-            )
+            send(chunk_body(kind, request_id, model, None, None, role="assistant"))
         deadline = time.monotonic() + self.server.limits.request_timeout_s
         while not (future.done() and pieces.empty()) and time.monotonic() < deadline:
             try:

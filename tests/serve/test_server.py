@@ -261,3 +261,26 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(
     error = json.loads(data)["error"]
     assert words in error["message"] and error["type"]
     assert greedy(client, "docs")["choices"][0]["text"] == expected["docs"]
+
+
+def test_chat_streaming_opens_with_the_role_then_sends_the_same_content(client):
+    request = {
+        "model": "docs",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    status, whole = client.call("POST", "/v1/chat/completions", request)
+    assert status == 200
+    payload = json.dumps({**request, "stream": True}).encode()
+    status, data, _ = client.raw(
+        "POST", "/v1/chat/completions", payload, {"Content-Type": "application/json"}
+    )
+    chunks = [
+        json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n") if e and e != "data: [DONE]"
+    ]
+    assert status == 200 and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
