@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 from pathlib import Path
@@ -44,16 +45,25 @@ def train_adapter(
     return out
 
 
-@pytest.fixture(scope="session", autouse=True)
+@contextlib.contextmanager
 def one_torch_thread():
     """Two cores shared by many processes: one intra-op thread runs these tiny models ~30x faster
-    than two threads spinning against each other (measured: 0.5 s vs 0.015 s per training step)."""
+    than two threads spinning against each other (measured: 0.5 s vs 0.015 s per training step).
+    Restored afterwards, so tests of other packages keep torch's default."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread_per_module():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +74,8 @@ def base_dir(tiny_models):
 @pytest.fixture(scope="session")
 def adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: train_adapter(base_dir, root / name, text) for name, text in TEXTS.items()}
+    with one_torch_thread():  # session fixtures run before the module-scoped thread setting
+        return {name: train_adapter(base_dir, root / name, text) for name, text in TEXTS.items()}
 
 
 def offline_generate(
