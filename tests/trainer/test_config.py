@@ -1,0 +1,98 @@
+"""TrainConfig: defaults, validation before any work, YAML presets and overrides."""
+
+from pathlib import Path
+
+import pytest
+
+from planner.errors import UserError
+from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, TrainConfig, load_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
+
+
+def test_defaults_are_valid_and_lr_follows_method():
+    assert TrainConfig().lr == DEFAULT_LORA_LR
+    assert TrainConfig(method="full").lr == DEFAULT_FULL_LR == DEFAULT_LORA_LR / 10
+    assert TrainConfig(method="full").output_dir == "runs/full"
+    assert TrainConfig(rank=8).output_dir == "runs/lora-r8"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "qlora"}, "method"),
+        ({"rank": 0}, "rank"),
+        ({"rank": -4}, "rank"),
+        ({"alpha": 0}, "alpha"),
+        ({"targets": "q_proj,,v_proj"}, "targets"),
+        ({"lr": 2.0}, "lr"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"eval_fraction": 0.0}, "eval_fraction"),
+        ({"warmup_steps": 100}, "warmup_steps"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"expert_rank_divisor": "half"}, "expert_rank_divisor"),
+        ({"eval_points": 1}, "eval_points"),
+        ({"resume": "auto", "overwrite": True}, "contradict"),
+        ({"rank": 2.5}, "whole number"),
+        ({"packing": "yes"}, "true or false"),
+        ({"lr": "fast"}, "number"),
+    ],
+)
+def test_bad_values_are_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_full_ignores_rank():
+    assert TrainConfig(method="full", rank=0).method == "full"
+
+
+def test_overrides_are_typed_yaml_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: lora\nlr: 1e-4\nrank: 8\n")  # YAML reads 1e-4 as a string
+    config = load_config(path, ["rank=32", "packing=true", "eval_dataset=null", "max_grad_norm=1"])
+    assert (config.lr, config.rank, config.packing, config.eval_dataset) == (1e-4, 32, True, None)
+    assert config.max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize("override", ["lr", "=3", "nope=1"])
+def test_bad_overrides_are_user_errors(override):
+    with pytest.raises(UserError):
+        load_config(None, [override])
+
+
+def test_missing_config_file_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_hash_ignores_where_output_goes_but_not_what_is_trained():
+    base = TrainConfig()
+    assert base.hash("d") == TrainConfig(output_dir="elsewhere", checkpoint_every=7).hash("d")
+    assert base.hash("d") != TrainConfig(rank=8).hash("d")
+    assert base.hash("d") != base.hash("other data")
+
+
+def test_there_are_presets():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_preset_loads(path):
+    config = load_config(path)
+    assert config.method in ("lora", "full")
+    assert config.output_dir
+
+
+def test_cli_config_and_result_import_no_heavy_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trainer, trainer.cli, trainer.config, trainer.result\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'peft', 'prefect', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == ""

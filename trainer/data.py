@@ -1,0 +1,190 @@
+"""Training data: rows → tokenized sequences → deterministic batches.
+
+Rows are read, formatted and masked by `planner.dataset` (loss on completion tokens only). Here we
+shift labels into next-token targets per example, optionally pack, and cut the data stream into
+steps. The order is a function of the seed alone, so LoRA and FullFT runs with one seed see the
+same examples in the same order, and a resumed run continues exactly where the killed one was.
+
+Packing: whole examples are placed greedily, in a seeded order, into rows of at most `max_length`
+tokens. Each example's `position_ids` restart at 0 and no attention mask is passed, which makes
+transformers build a block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`):
+a token attends only to earlier tokens of its own example. Targets are shifted inside each
+example before packing, so no prediction crosses an example boundary. The held-out set is never
+packed, so its loss does not depend on `packing`.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+
+from planner.errors import UserError
+
+IGNORE = -100  # label of tokens without loss (prompt, padding), as in transformers and torch
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One training row: tokens, next-token targets (IGNORE = no loss) and positions."""
+
+    input_ids: list[int]
+    targets: list[int]
+    position_ids: list[int]
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and held-out sequences plus what the run summary reports about them."""
+
+    train: list[Sequence]
+    eval: list[Sequence]
+    format: str
+    fingerprint: str
+    stats: dict = field(default_factory=dict)
+
+
+def _to_sequence(example) -> Sequence:
+    ids = list(example.input_ids)
+    targets = list(example.labels[1:]) + [IGNORE]  # targets[t] = labels[t + 1]: the next token
+    return Sequence(ids, targets, list(range(len(ids))))
+
+
+def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence]:
+    """Greedily concatenate whole sequences (in a seeded order) into rows of <= max_length tokens."""
+    order = list(range(len(sequences)))
+    random.Random(seed).shuffle(order)
+    rows: list[Sequence] = []
+    ids: list[int] = []
+    targets: list[int] = []
+    positions: list[int] = []
+    for i in order:
+        seq = sequences[i]
+        if ids and len(ids) + len(seq.input_ids) > max_length:
+            rows.append(Sequence(ids, targets, positions))
+            ids, targets, positions = [], [], []
+        ids += seq.input_ids
+        targets += seq.targets
+        positions += seq.position_ids
+    if ids:
+        rows.append(Sequence(ids, targets, positions))
+    return rows
+
+
+def prepare_data(config, tokenizer) -> PreparedData:
+    """Load, split, tokenize and (optionally) pack the data of `config` (a TrainConfig).
+
+    Raises:
+        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner.dataset).
+    """
+    from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows, tokenize_example
+
+    rows = load_rows(config.dataset, limit=config.dataset_limit)
+    if not rows:
+        raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
+    fmt = detect_format(rows, source=config.dataset)
+    if config.eval_dataset is None:
+        train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
+        eval_fmt = fmt
+    else:
+        train_rows = rows
+        eval_rows = load_rows(config.eval_dataset)
+        if not eval_rows:
+            raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
+        eval_fmt = detect_format(eval_rows, source=config.eval_dataset)
+    if not train_rows or not eval_rows:
+        raise UserError(
+            f"{len(rows)} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
+            "give more rows or an eval_dataset of its own."
+        )
+    if config.eval_max_examples is not None:
+        eval_rows = eval_rows[: config.eval_max_examples]
+
+    # Error messages name a row by its index in the file it came from.
+    row_index = {id(r): i for i, r in enumerate(rows)}
+    if config.eval_dataset is not None:
+        row_index.update({id(r): i for i, r in enumerate(eval_rows)})
+    train_examples = [tokenize_example(tokenizer, r, fmt, config.max_length, row_index=row_index[id(r)])
+                      for r in train_rows]
+    eval_examples = [tokenize_example(tokenizer, r, eval_fmt, config.max_length, row_index=row_index[id(r)])
+                     for r in eval_rows]
+    # An example whose completion was cut away entirely has nothing to learn or score: drop it.
+    train = [s for s in map(_to_sequence, train_examples) if s.loss_tokens]
+    evals = [s for s in map(_to_sequence, eval_examples) if s.loss_tokens]
+    if not train or not evals:
+        raise UserError(
+            f"No {'training' if not train else 'held-out'} example keeps a completion token within "
+            f"max_length={config.max_length}: raise max_length or shorten the prompts."
+        )
+    stats = {
+        "format": fmt,
+        "train_examples": len(train),
+        "dropped_without_completion": len(train_examples) + len(eval_examples) - len(train) - len(evals),
+        "eval_examples": len(evals),
+        "train_truncated": sum(e.truncated for e in train_examples),
+        "eval_truncated": sum(e.truncated for e in eval_examples),
+        "train_tokens": sum(len(s.input_ids) for s in train),
+        "train_completion_tokens": sum(s.loss_tokens for s in train),
+        "eval_completion_tokens": sum(s.loss_tokens for s in evals),
+    }
+    if config.packing:
+        train = pack(train, config.max_length, config.seed)
+        stats["packed_rows"] = len(train)
+    fingerprint = dataset_fingerprint(train_rows) + (
+        "" if config.eval_dataset is None else "+" + dataset_fingerprint(eval_rows)
+    )
+    return PreparedData(train, evals, fmt, fingerprint, stats)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def step_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the examples in optimizer step `step` (0-based): the next `global_batch` items of
+    an endless stream of seeded permutations of range(n), reshuffled each epoch."""
+    start = step * global_batch
+    return [_epoch_order(n, seed, k // n)[k % n] for k in range(start, start + global_batch)]
+
+
+def micro_batches(indices: list[int], batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:
+    """This process's micro-batches of one step, in accumulation order.
+
+    The step's examples are cut into chunks of `batch_size`; chunk j goes to process j % P as its
+    accumulation step j // P. So 2 processes x 1 accumulation step and 1 process x 2 accumulation
+    steps put the same examples in each optimizer step.
+    """
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return chunks[process_index::num_processes]
+
+
+def collate(seqs: list[Sequence], pad_id: int, packed: bool):
+    """Right-pad a micro-batch into tensors.
+
+    Unpacked rows get an attention mask (padding masked). Packed rows get position_ids and no mask,
+    so transformers masks attention per example; the padding tail is its own segment with no loss.
+    """
+    import torch
+
+    width = max(len(s.input_ids) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    position_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        targets[row, :n] = torch.tensor(s.targets)
+        attention_mask[row, :n] = 1
+        position_ids[row, :n] = torch.tensor(s.position_ids)
+        position_ids[row, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": input_ids, "position_ids": position_ids}, targets
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, targets

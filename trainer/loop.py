@@ -1,0 +1,341 @@
+"""One training loop for LoRA and FullFT: setup → train → save.
+
+Runs as is on one CPU or GPU, and under `accelerate launch` (DDP, FSDP) with no distributed code of
+its own: accelerate places the model, wraps it for data parallelism, autocasts to bf16 on GPU and
+reduces the logged numbers. Read it top to bottom; the helpers it calls are in data.py, model.py
+and checkpoint.py.
+
+Loss: nats per completion token. Each optimizer step's loss is the sum of the token losses of all
+its micro-batches on all processes divided by the step's completion-token count, which every
+process knows in advance from the step's example indices. A micro-batch's backward therefore uses
+loss_sum / step_tokens × processes (DDP averages gradients over processes), which makes the
+gradient independent of how the step is split into micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from planner.errors import UserError
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig
+from trainer.data import collate, micro_batches, prepare_data, step_indices
+from trainer.model import (
+    apply_lora,
+    count_trainable,
+    load_base_model,
+    load_base_tokenizer,
+    resolve_targets,
+    save_trained,
+)
+from trainer.result import TrainResult
+
+
+def eval_steps(max_steps: int, points: int) -> list[int]:
+    """Log-spaced evaluation steps: 0 (the base model), ..., max_steps (unique, sorted)."""
+    spaced = np.geomspace(1, max_steps, num=points - 1) if points > 1 else []
+    return sorted({0, max_steps, *(int(round(s)) for s in spaced)})
+
+
+def lr_lambda(config: TrainConfig):
+    """Multiplier of the peak LR at a step: linear warm-up, then constant or cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _run_dirs(config: TrainConfig) -> tuple[Path, Path]:
+    final = Path(config.output_dir)
+    return final, final.with_name(final.name + ".partial")
+
+
+def _preflight_dirs(config: TrainConfig) -> Path | None:
+    """Check the output and resume paths before any work; return the checkpoint to resume, if any.
+
+    Raises:
+        UserError: a finished run would be overwritten, a killed run's output would be lost, or the
+            resume path holds no checkpoint.
+    """
+    final, partial = _run_dirs(config)
+    if final.exists() and not config.overwrite:
+        raise UserError(
+            f"{final} already exists (a finished run or another folder). Choose another output_dir, "
+            "or set overwrite=true to replace it."
+        )
+    if config.resume is None:
+        if ckpt.list_checkpoints(partial) and not config.overwrite:
+            raise UserError(
+                f"{partial} holds checkpoints of an unfinished run. Continue it with resume=auto, "
+                "or set overwrite=true to start over."
+            )
+        return None
+    if config.resume == "auto":
+        return ckpt.find_checkpoint(partial)
+    found = ckpt.find_checkpoint(config.resume)
+    if found is None:
+        raise UserError(f"resume={config.resume!r} holds no checkpoint (checkpoints/step-N/state.json).")
+    return found
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "process_max_rss"
+
+
+def _evaluate(model, seqs, batch_size, pad_id, accelerator) -> float:
+    """Held-out loss (nats per completion token), examples sharded over processes."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(seqs), accelerator.num_processes))
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            inputs, targets = collate([seqs[j] for j in mine[i : i + batch_size]], pad_id, packed=False)
+            total += nll_sum(model, inputs, targets, accelerator.device).double()
+            tokens += (targets != -100).sum()
+    model.train()
+    total, tokens = accelerator.reduce(torch.stack([total, tokens]), reduction="sum")
+    return (total / tokens).item()
+
+
+def nll_sum(model, inputs: dict, targets_B_T: torch.Tensor, device) -> torch.Tensor:
+    """Summed next-token NLL (nats) over the tokens whose target is not -100, in fp32.
+
+    use_cache=False: no KV cache is needed, and transformers detects packed rows (position_ids
+    restarting at 0) only when there is none.
+    """
+    logits_B_T_V = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits_B_T_V.float().flatten(0, 1), targets_B_T.to(device).flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def train(config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json.
+
+    Raises:
+        UserError: bad input (data, targets, rank, output/resume paths), always before the first step
+            and before anything is written.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    started = time.perf_counter()
+    # ---- setup: checks, data, model (nothing written until all of it succeeded) ----------------
+    resume_from = _preflight_dirs(config)
+    final_dir, run_dir = _run_dirs(config)
+    use_cuda = torch.cuda.is_available()
+    mixed_precision = {"auto": "bf16" if use_cuda else "no"}.get(config.mixed_precision, config.mixed_precision)
+    # cpu=True without CUDA: under torchrun / accelerate launch, accelerate then runs DDP over gloo.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
+    if accelerator.distributed_type == DistributedType.FSDP and (config.checkpoint_every or resume_from):
+        raise UserError(
+            "Checkpoints and resume save unsharded trainable weights and are not supported under FSDP yet: "
+            "set checkpoint_every=0 (and no resume) for FSDP runs, or use DDP."
+        )
+    set_seed(config.seed)
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()  # peak of this run, not of earlier work in the process
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
+
+    def say(message: str) -> None:  # main process only; tqdm.write keeps the progress bar intact
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    tokenizer = load_base_tokenizer(config.model)
+    data = prepare_data(config, tokenizer)
+    stats = data.stats
+    say(
+        f"data: {stats['train_examples']} train / {stats['eval_examples']} held-out examples ({data.format}), "
+        f"{stats['train_truncated'] + stats['eval_truncated']} truncated to max_length={config.max_length}"
+        + (f", packed into {stats['packed_rows']} rows" if config.packing else "")
+    )
+    global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    if len(data.train) < global_batch:
+        say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
+    config_hash = config.hash(data.fingerprint)
+
+    base_dtype = config.base_dtype
+    if base_dtype == "auto":
+        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
+    model = load_base_model(config.model, base_dtype)
+    if config.method == "lora":
+        plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor,
+                               config.target_unembedding)
+        model = apply_lora(model, config.rank, config.alpha, plan)
+        what = f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
+    else:
+        what = "full fine-tuning"
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable_params = count_trainable(model)
+    say(f"trainable parameters: {trainable_params:,} ({what})")
+
+    resume_state = None
+    if resume_from is not None:
+        resume_state = ckpt.read_state(resume_from)
+        if resume_state["config_hash"] != config_hash or resume_state["global_batch"] != global_batch:
+            raise UserError(
+                f"Cannot resume from {resume_from}: it was written by another configuration "
+                f"(hash {resume_state['config_hash']}, global batch {resume_state['global_batch']}; "
+                f"now {config_hash}, {global_batch}). Resume with the same config, data and process count, "
+                "or start a fresh run in another output_dir."
+            )
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay, fused=True if use_cuda else None,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    unwrapped = accelerator.unwrap_model(model)
+
+    curves: dict[str, list] = {"train": [], "eval": []}
+    start_step, tokens_total = 0, 0
+    if resume_state is not None:
+        ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        start_step, tokens_total = resume_state["step"], resume_state["tokens"]
+        curves = resume_state["curves"]
+        say(f"resumed from {resume_from} at step {start_step}")
+
+    # ---- from here on we write: the partial run directory, renamed to output_dir at the end -----
+    if accelerator.is_main_process:
+        if resume_state is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # a stale partial run: allowed by overwrite=true or empty of checkpoints
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    accelerator.wait_for_everyone()
+
+    # ---- train --------------------------------------------------------------------------------
+    pad_id = tokenizer.pad_token_id
+    evals_at = set(eval_steps(config.max_steps, config.eval_points))
+    if start_step == 0:
+        curves["eval"].append([0, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator)])
+        say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
+    model.train()
+    step_time, step_tokens_run = 0.0, 0
+    bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+               disable=not (progress and accelerator.is_main_process), desc=f"train {config.method}")
+    for step in bar:
+        t0 = time.perf_counter()
+        indices = step_indices(len(data.train), step, global_batch, config.seed)
+        loss_tokens = sum(data.train[i].loss_tokens for i in indices)
+        mine = micro_batches(indices, config.batch_size, accelerator.num_processes, accelerator.process_index)
+        nll_step = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        input_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for k, batch in enumerate(mine):
+            inputs, targets = collate([data.train[i] for i in batch], pad_id, packed=config.packing)
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = accelerator.no_sync(model) if k < len(mine) - 1 else contextlib.nullcontext()
+            with sync:
+                nll = nll_sum(model, inputs, targets, accelerator.device)
+                accelerator.backward(nll / loss_tokens * accelerator.num_processes)
+            nll_step += nll.detach().double()
+            input_tokens += sum(len(data.train[i].input_ids) for i in batch)
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        nll_step, input_tokens = accelerator.reduce(torch.stack([nll_step, input_tokens]), reduction="sum")
+        train_loss = nll_step.item() / loss_tokens
+        step_time += time.perf_counter() - t0
+        step_tokens_run += int(input_tokens.item())
+        tokens_total += int(input_tokens.item())
+        curves["train"].append([step + 1, train_loss])
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_tokens_run / step_time:,.0f}")
+        if step + 1 in evals_at:
+            curves["eval"].append([step + 1, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator)])
+            say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
+            if accelerator.is_main_process:
+                ckpt.save_checkpoint(
+                    run_dir, step + 1, unwrapped, optimizer, scheduler,
+                    {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
+                     "examples_seen": (step + 1) * global_batch, "curves": curves},
+                    keep=config.keep_checkpoints,
+                )
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # ---- save ---------------------------------------------------------------------------------
+    wall_s = time.perf_counter() - started
+    peak_bytes, peak_kind = _peak_memory(accelerator.device)
+    sub = "adapter" if config.method == "lora" else "model"
+    result = TrainResult(
+        method=config.method,
+        output_dir=str(final_dir),
+        model_dir=str(final_dir / sub),
+        curves_path=str(final_dir / "curves.json"),
+        summary_path=str(final_dir / "summary.json"),
+        final_train_loss=curves["train"][-1][1],
+        final_eval_loss=curves["eval"][-1][1],
+        steps=config.max_steps,
+        tokens=tokens_total,
+        wall_s=round(wall_s, 3),
+        tokens_per_s=round(step_tokens_run / step_time, 1) if step_time else 0.0,
+        peak_memory_bytes=int(peak_bytes),
+        trainable_params=trainable_params,
+        config_hash=config_hash,
+        peak_memory_kind=peak_kind,
+    )
+    # Gathers FSDP shards (a collective: every process calls it); peft keeps only the adapter's keys.
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_trained(unwrapped, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
+                     state_dict=state_dict)
+        (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
+        summary = {
+            **result.to_dict(),
+            "config": config.to_dict(),
+            "data": data.stats,
+            "resumed_from_step": start_step or None,
+            "processes": accelerator.num_processes,
+            "global_batch": global_batch,
+            "device": str(accelerator.device),
+            "mixed_precision": mixed_precision,
+            "versions": _versions(),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if final_dir.exists():  # only reachable with overwrite=true (checked in preflight)
+            shutil.rmtree(final_dir)
+        os.replace(run_dir, final_dir)
+    accelerator.wait_for_everyone()
+    say(
+        f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
+        f"{result.wall_s:.1f} s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB ({peak_kind}); "
+        f"final train loss {result.final_train_loss:.4f}, eval loss {result.final_eval_loss:.4f} → {final_dir}"
+    )
+    return result
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "python": sys.version.split()[0]}

