@@ -52,6 +52,7 @@ class AdapterEntry:
     rank: int
     base_model: str | None
     version: str | None = None
+    mixable: bool = True
 
 
 def is_registry_ref(source: str) -> bool:
@@ -126,6 +127,9 @@ def describe_adapter(name: str, source: str) -> AdapterEntry:
         rank=int(config.get("r", 0)),
         base_model=resolved.base_model or config.get("base_model_name_or_path"),
         version=resolved.version,
+        # peft's ParamWrapper (MoE expert LoRA) refuses adapter_names: "does not support mixed
+        # adapter batches yet" (peft 0.21), and that holds for every row once it is in the model.
+        mixable=not config.get("target_parameters"),
     )
 
 
@@ -151,15 +155,18 @@ def check_fits(base_model, entry: AdapterEntry) -> None:
             match = re.match(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$", key)
             if not match:
                 continue
+            # peft nests a second wrapper of the same module (MoE expert target_parameters) as
+            # `<module>.base_layer`: the base module is the path without those suffixes.
+            module_path = re.sub(r"(\.base_layer)+$", "", match["module"])
             try:
-                module = base_model.get_submodule(match["module"])
+                module = base_model.get_submodule(module_path)
             except AttributeError:
-                raise fail(f"the base has no module {match['module']!r}") from None
+                raise fail(f"the base has no module {module_path!r}") from None
             d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
             shape = handle.get_slice(key).get_shape()
             expected_dim, got_dim = (d_in, shape[1]) if match["ab"] == "A" else (d_out, shape[0])
             if expected_dim is not None and expected_dim != got_dim:
-                raise fail(f"{key} has shape {tuple(shape)} but {match['module']} is {d_out}x{d_in}")
+                raise fail(f"{key} has shape {tuple(shape)} but {module_path} is {d_out}x{d_in}")
 
 
 class AdapterPool:
@@ -186,6 +193,10 @@ class AdapterPool:
     def entries(self) -> list[AdapterEntry]:
         with self.lock:
             return list(self._entries.values())
+
+    def resident_mixable(self) -> bool:
+        """Whether peft can mix adapters in a batch with the adapters now in the model."""
+        return all(self._entries[name].mixable for name in self._resident)
 
     def is_resident(self, name: str) -> bool:
         return name in self._resident
@@ -272,7 +283,22 @@ class AdapterPool:
     def _unload(self, name: str) -> None:
         self.model.delete_adapter(self._peft_names[name])
         del self._resident[name]
+        if not self._entries[name].mixable and self.resident_mixable():
+            self._rewrap()
         self._keep_active_adapter_valid()
+
+    def _rewrap(self) -> None:
+        """Strip every LoRA layer and load the resident adapters again.
+
+        delete_adapter leaves peft's (now empty) expert ParamWrapper layers in the model, and they
+        refuse `adapter_names` even when no adapter of theirs is left: without this, one MoE expert
+        adapter would end mixed batching for good.
+        """
+        resident = list(self._resident)
+        self.model = self._base = self.model.unload()
+        self._resident.clear()
+        for name in resident:
+            self._load(name, pinned=set(resident))
 
     def _keep_active_adapter_valid(self) -> None:
         """peft leaves PeftModel.active_adapter naming a deleted adapter once the last one is gone, and

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from serving.adapters import AdapterNotFound, AdapterPool
-from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, GenerationResult, generate_batch
+from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,20 @@ class Engine:
                 requests = [
                     replace(j.request, adapter=peft_names.get(j.request.adapter, BASE_ADAPTER)) for j in live
                 ]
-                results: list[GenerationResult] = generate_batch(self.pool.model, self.codec, requests)
+                mixed_call = self.pool.resident_mixable()
+                if mixed_call:
+                    results = generate_batch(self.pool.model, self.codec, requests)
+                else:  # one generate call per adapter in this group
+                    by_adapter: dict[str, list[int]] = {}
+                    for row, request in enumerate(requests):
+                        by_adapter.setdefault(request.adapter, []).append(row)
+                    results = [None] * len(requests)
+                    for rows in by_adapter.values():
+                        part = generate_batch(
+                            self.pool.model, self.codec, [requests[r] for r in rows], mixed=False
+                        )
+                        for row, result in zip(rows, part, strict=True):
+                            results[row] = result
             except Exception as exc:  # one failed batch must not kill the thread
                 log.exception("generation failed for a batch of %d", len(live))
                 for job in live:
@@ -171,7 +184,7 @@ class Engine:
         self.stats.batches += 1
         self.stats.rows += len(live)
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
-        if len({j.request.adapter for j in live}) > 1:
+        if len({j.request.adapter for j in live}) > 1 and mixed_call:
             self.stats.mixed_batches += 1
         for job, result in zip(live, results, strict=True):
             job.future.set_result(result)

@@ -181,12 +181,18 @@ def _make_row_stopper(
     return RowStopper()
 
 
-def generate_batch(model, codec: Codec, requests: list[GenerationRequest]) -> list[GenerationResult]:
+def generate_batch(
+    model, codec: Codec, requests: list[GenerationRequest], mixed: bool = True
+) -> list[GenerationResult]:
     """Continue every prompt in one left-padded `generate` call, each row with its own adapter.
 
-    `model` is a peft `PeftModel` when any adapter is loaded (rows then go through
-    `adapter_names`), or the bare transformers model when every row is BASE_ADAPTER.
+    `model` is a peft `PeftModel` when any adapter is loaded, or the bare transformers model when
+    none is. With `mixed`, rows pick their adapter through `adapter_names`; without it (peft
+    cannot mix a model holding MoE expert LoRA, `target_parameters`), every row must name the same
+    adapter, which is made the active one.
     """
+    import contextlib
+
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -227,12 +233,21 @@ def generate_batch(model, codec: Codec, requests: list[GenerationRequest]) -> li
             top_k=0,
             logits_processor=LogitsProcessorList([_make_row_sampler(requests)]),
         )
-    if getattr(model, "peft_config", None):
+    adapters = {r.adapter for r in requests}
+    context = contextlib.nullcontext()
+    if not getattr(model, "peft_config", None):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()  # every adapter removed: the emptied LoRA layers pass through
+    elif mixed:
         # Always explicit: without adapter_names a PeftModel would apply its active adapter to base rows.
         kwargs["adapter_names"] = [r.adapter for r in requests]
-    elif hasattr(model, "get_base_model"):
-        model = model.get_base_model()  # every adapter removed: the emptied LoRA layers pass through
-    with torch.inference_mode():
+    elif len(adapters) != 1:
+        raise ValueError(f"an unmixed batch must use one adapter, got {sorted(adapters)}")
+    elif BASE_ADAPTER in adapters:
+        context = model.disable_adapter()
+    else:
+        model.set_adapter(adapters.pop())
+    with torch.inference_mode(), context:
         output_BT = model.generate(**kwargs)
 
     results = []
