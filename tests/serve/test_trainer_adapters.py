@@ -103,3 +103,15 @@ def test_trainer_moe_adapters_serve_correctly_with_and_without_mixing(moe_runs, 
         assert engine.stats.mixed_batches > 0
     finally:
         running.stop()
+
+
+def test_export_takes_the_attention_adapter_and_refuses_the_expert_one(moe_runs, tmp_path):
+    from planner.errors import UserError
+    from serving.export import export_vllm
+
+    base, runs = moe_runs
+    result = export_vllm(runs["attn"], tmp_path / "attn")
+    assert result.name == "attn" and result.base == str(base) and result.max_lora_rank == 8
+    with pytest.raises(UserError, match="target_parameters"):
+        export_vllm(runs["experts"], tmp_path / "experts")
+    assert not (tmp_path / "experts").exists()
