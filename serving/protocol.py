@@ -24,13 +24,10 @@ class ApiError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
         return {
             "error": {
                 "message": self.message,
-                "type": kind.get(
-                    self.status, "server_error" if self.status >= 500 else "invalid_request_error"
-                ),
+                "type": "server_error" if self.status >= 500 else "invalid_request_error",
                 "param": self.param,
                 "code": self.code,
             }
