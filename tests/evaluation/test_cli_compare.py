@@ -1,0 +1,90 @@
+"""`lowregret compare` end to end through the dispatcher, on run directories written here."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+
+
+def write_run(root, name, method, final, eval_points):
+    run = root / name
+    run.mkdir()
+    config = {"model": "m", "dataset": "builtin:pydoc", "eval_fraction": 0.1, "seed": 0, "max_length": 256}
+    summary = {"method": method, "final_eval_loss": final, "config": {**config, "method": method}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    train = [[s, 2.5 - 0.1 * s**0.5] for s in range(1, 101)]
+    (run / "curves.json").write_text(json.dumps({"train": train, "eval": eval_points}))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    lora = write_run(tmp_path, "lora-r16", "lora", 1.215, [[0, 2.4], [10, 1.9], [100, 1.215]])
+    full = write_run(tmp_path, "full", "full", 1.200, [[0, 2.4], [10, 1.8], [100, 1.200]])
+    return lora, full
+
+
+def test_compare_table_and_verdict(runs, capsys):
+    lora, full = runs
+    assert main(["compare", "--lora", str(lora), "--full", str(full)]) == 0
+    out = capsys.readouterr().out
+    assert "      10    1.9000    1.8000    +0.1000     +5.56%" in out
+    assert "   final    1.2150    1.2000    +0.0150     +1.25%" in out
+    assert "base model loss: 2.4000" in out
+    # (2.4 - 1.215) / (2.4 - 1.2) = 0.9875
+    assert "LoRA recovered 98.8% of FullFT's improvement" in out
+    # default allowed regret: max(1% of 1.2, 0.01) = 0.012 < 0.015
+    assert "= 0.0120 nats/token" in out
+    assert "FAIL: LoRA trails FullFT by +0.0150" in out
+
+
+def test_compare_json_threshold_and_exit_code(runs, capsys):
+    lora, full = runs
+    args = ["compare", "--lora", str(lora), "--full", str(full), "--json"]
+    assert main(args + ["--threshold", "0.02"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["passed"] is True
+    assert record["allowed_regret_nats"] == pytest.approx(0.024)
+    assert record["regret_nats"] == pytest.approx(0.015)
+    assert [p["step"] for p in record["matched"]] == [10, 100]
+    assert main(args + ["--threshold", "0.001", "--threshold-abs", "0.001", "--exit-code"]) == 1
+    assert json.loads(capsys.readouterr().out)["passed"] is False
+
+
+def test_compare_writes_chart(runs, tmp_path, capsys):
+    lora, full = runs
+    chart = tmp_path / "charts" / "regret.png"
+    assert main(["compare", "--lora", str(lora), "--full", str(full), "--chart", str(chart)]) == 0
+    assert chart.stat().st_size > 10_000
+    assert f"chart: {chart}" in capsys.readouterr().out
+
+
+def test_missing_run_dir_is_a_clean_error(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "compare",
+            "--lora",
+            str(tmp_path / "nope"),
+            "--full",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "lowregret compare: error:" in out.stderr and "not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_run_dir_without_summary(runs, tmp_path, capsys):
+    lora, _ = runs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compare", "--lora", str(lora), "--full", str(empty)]) == 2
+    assert "no summary.json" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""curves.json parsing and the learning-curve chart."""
+
+import pytest
+
+from evaluation.curves import load_curves, parse_curves, plot_curves
+from planner.errors import UserError
+
+
+def test_parse_sorts_and_defaults_missing_kind():
+    c = parse_curves({"eval": [[20, 1.0], [10, 1.5]]})
+    assert c == {"train": [], "eval": [(10, 1.5), (20, 1.0)]}
+
+
+@pytest.mark.parametrize(
+    "record", [[], {"eval": [[1, 2, 3]]}, {"train": [["a", 1.0]]}, {"eval": [[1, True]]}]
+)
+def test_parse_rejects_bad_records(record):
+    with pytest.raises(UserError):
+        parse_curves(record)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_curves(tmp_path / "curves.json")
+
+
+def test_plot_writes_a_real_png(tmp_path):
+    import matplotlib.image
+
+    runs = {
+        "LoRA r=16": {
+            "train": [(s, 2.0 / s**0.2) for s in range(1, 200)],
+            "eval": [(0, 2.1), (10, 1.4), (50, 1.2), (199, 1.1)],
+        },
+        "FullFT": {
+            "train": [(s, 1.9 / s**0.2) for s in range(1, 200)],
+            "eval": [(0, 2.1), (10, 1.3), (50, 1.15), (199, 1.08)],
+        },
+    }
+    path = plot_curves(runs, tmp_path / "sub" / "curves.png", base_loss=2.1)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    # not a blank canvas: many distinct colours were drawn
+    assert len({tuple(px) for px in image.reshape(-1, image.shape[2])[::97].round(2).tolist()}) > 20
