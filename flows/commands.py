@@ -1,0 +1,246 @@
+"""`lowregret pipeline | demo | sweep | promote | rollback | deploy`: the flows' sub-commands.
+
+Nothing heavy at module level: each handler exports the embedded defaults (flows.settings) and
+only then imports Prefect and MLflow, which read their settings at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from pathlib import Path
+
+# Shipped inside the package (package-data), so `lowregret demo` works from a plain pip install too;
+# not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+DEMO_PROMPT = [{"role": "user", "content": "What does the Python function os.path.join do?"}]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pipeline", help="plan, FullFT baseline, LoRA, compare, register and promote")
+    _config_args(p)
+    p.add_argument("--plan-only", action="store_true", help="write the capacity-plan report and stop")
+    p.set_defaults(func=run_pipeline)
+
+    p = subparsers.add_parser("demo", help="the pipeline end to end on SmolLM2 and a built-in dataset (CPU, minutes)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override the demo preset")
+    p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
+    p.set_defaults(func=run_demo, config=str(DEMO_CONFIG), plan_only=False)
+
+    p = subparsers.add_parser("sweep", help="grid over method × rank × LR, fanned out by a Prefect task runner")
+    _config_args(p)
+    p.add_argument("--runner", default="process", choices=("process", "thread", "dask", "ray"),
+                   help="Prefect task runner (default process; dask/ray need prefect-dask/prefect-ray)")
+    p.add_argument("--workers", type=int, help="concurrent runs (default: the runner's own)")
+    p.set_defaults(func=run_sweep)
+
+    p = subparsers.add_parser("promote", help="force a registered version to @champion")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="version number")
+    p.add_argument("--reason", required=True, help="why (kept as the version's promoted_reason tag)")
+    p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
+    p.set_defaults(func=run_promote)
+
+    p = subparsers.add_parser("rollback", help="give @champion back to the previous champion")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--reason", default="rollback", help="why (kept as the demoted version's rolled_back tag)")
+    p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
+    p.set_defaults(func=run_rollback)
+
+    p = subparsers.add_parser("deploy", help="schedule the pipeline (served here, or sent to a work pool)")
+    _config_args(p)
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
+    p.add_argument("--name", default="scheduled", help="deployment name (default scheduled)")
+    p.add_argument("--work-pool", help="register with this work pool instead of serving from this process")
+    p.set_defaults(func=run_deploy)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="pipeline YAML (see configs/); default: the built-in defaults")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. rank=8 train.max_steps=20")
+    p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
+
+
+def _environment(args):
+    from flows.settings import apply_environment, load_settings
+
+    return apply_environment(load_settings(args.workdir))
+
+
+def run_pipeline(args) -> int:
+    settings = _environment(args)
+    from flows.config import load_pipeline_config
+
+    config = load_pipeline_config(args.config, args.overrides)  # UserError here, before any work
+    if args.plan_only:
+        from flows.pipeline import plan_report
+
+        plan = plan_report(config, workdir=str(settings.home.parent))
+        print("\n".join(plan["summary"]))
+        print(f"Report: {plan['files'].get('plan.html', plan['files'])}")
+        return 0
+    from flows.pipeline import pipeline
+
+    summary = pipeline(config, workdir=str(settings.home.parent))
+    print(format_summary(summary, settings))
+    return 0
+
+
+def run_demo(args) -> int:
+    import time
+
+    started = time.perf_counter()
+    settings = _environment(args)
+    from flows.config import load_pipeline_config
+
+    config = load_pipeline_config(args.config, args.overrides)
+    from flows.pipeline import pipeline
+
+    print(f"lowregret demo: {config.model} on {config.dataset}, LoRA r={config.rank} vs FullFT "
+          f"({config.train.get('max_steps')} steps each). Training progress follows.\n", flush=True)
+    summary = pipeline(config, workdir=str(settings.home.parent))
+    print(format_summary(summary, settings))
+    import mlflow
+
+    from flows.settings import configure_mlflow
+
+    configure_mlflow(settings)
+    uri = f"models:/{config.name}@champion"
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        print(f"{uri} cannot be loaded: {exc}")
+        return 1
+    answer = model.predict([DEMO_PROMPT], params={"max_new_tokens": 48})[0]
+    print(f"\nSample from {uri}:\n  user: {DEMO_PROMPT[0]['content']}\n  assistant: {answer.strip()}")
+    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+def run_sweep(args) -> int:
+    settings = _environment(args)
+    from flows.config import load_sweep_config
+
+    config = load_sweep_config(args.config, args.overrides)
+    from flows.sweep import make_task_runner, sweep
+
+    runner = make_task_runner(args.runner, args.workers)
+    with _shared_ephemeral_server(settings, args.runner):
+        summary = sweep.with_options(task_runner=runner)(config, workdir=str(settings.home.parent))
+    for group in summary["fit"]["groups"]:
+        optimum = group["optimum_lr"]
+        rank = "" if group["rank"] is None else f" rank {group['rank']}"
+        print(f"{group['method']:>5}{rank}: best observed LR {group['best_observed_lr']:g} "
+              f"(loss {group['best_observed_loss']:.4f}); fitted optimum "
+              f"{'-' if optimum is None else f'{optimum:g}'} [{group['status']}]")
+    for ratio in summary["fit"]["lr_ratios"]:
+        print(f"LoRA/FullFT optimal LR ratio at rank {ratio['rank']}: {ratio['ratio']:.1f} (paper: ~10)")
+    print(f"Chart: {summary['chart']}")
+    return 0
+
+
+@contextlib.contextmanager
+def _shared_ephemeral_server(settings, runner: str):
+    """Without PREFECT_API_URL, each worker process of the process runner would start an ephemeral
+    server of its own (seen: four for a 3-worker sweep): start Prefect's once and export its URL."""
+    if settings.prefect_api_url is not None or runner != "process":
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()  # Prefect's own singleton, stopped at exit
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def _client(args):
+    from flows.registry import client_for
+    from flows.settings import configure_mlflow
+
+    settings = _environment(args)
+    configure_mlflow(settings)
+    return client_for(settings)
+
+
+def run_promote(args) -> int:
+    from flows import registry
+
+    decision = registry.promote(_client(args), args.name, args.version, args.reason)
+    print(f"{args.name} v{decision.version}: {'champion' if decision.promoted else 'unchanged'} ({decision.reason})")
+    return 0
+
+
+def run_rollback(args) -> int:
+    from flows import registry
+
+    decision = registry.rollback(_client(args), args.name, args.reason)
+    print(f"{args.name}: champion is v{decision.version} again ({decision.reason})")
+    return 0
+
+
+def run_deploy(args) -> int:
+    settings = _environment(args)
+    from flows.config import load_pipeline_config
+
+    config = load_pipeline_config(args.config, args.overrides)
+    _check_cron(args.cron)
+    from flows import deploy
+
+    workdir = str(settings.home.parent)
+    if args.work_pool:
+        deployment_id = deploy.deploy_to_work_pool(config, args.cron, args.name, args.work_pool, workdir)
+        print(f"Deployment lowregret-pipeline/{args.name} ({deployment_id}) on work pool {args.work_pool!r}, "
+              f"cron {args.cron!r}. Start a worker: prefect worker start --pool {args.work_pool}")
+        return 0
+    print(f"Serving lowregret-pipeline/{args.name} on cron {args.cron!r} from this process (Ctrl-C stops).")
+    deploy.serve_pipeline(config, args.cron, args.name, workdir)
+    return 0
+
+
+def _check_cron(cron: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from planner.errors import UserError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise UserError(f'--cron {cron!r} is not a cron expression: five fields, e.g. "0 2 * * *" (02:00 daily).') from None
+
+
+def format_summary(summary: dict, settings) -> str:
+    """The regret table and where to look, for the terminal."""
+    comparison, full, lora = summary["comparison"], summary["baseline"], summary["lora"]
+    plan = summary["plan"]
+    lines = [
+        "",
+        f"Capacity plan: {plan['verdict'].upper()} ({plan['adapter_params']:,} adapter parameters at rank "
+        f"{summary['config']['rank']})",
+        f"{'run':<16}{'eval loss (nats/tok)':>22}{'steps':>7}{'wall s':>9}",
+        f"{'FullFT' + (' (cached)' if summary['baseline_cached'] else ''):<16}"
+        f"{full['final_eval_loss']:>22.4f}{full['steps']:>7}{full['wall_s']:>9.1f}",
+        f"{'LoRA r=' + str(summary['config']['rank']):<16}{lora['final_eval_loss']:>22.4f}"
+        f"{lora['steps']:>7}{lora['wall_s']:>9.1f}",
+        f"regret {comparison['regret_nats']:+.4f} nats/token ({comparison['regret_relative']:+.2%}), "
+        f"allowed {comparison['allowed_regret_nats']:.4f}",
+        comparison["verdict"],
+    ]
+    reg, promo = summary.get("registration"), summary.get("promotion")
+    if reg:
+        lines.append(f"Registered {reg['name']} v{reg['version']}" + ("" if reg["created"] else " (already registered)")
+                     + f"; champion: {'yes' if promo['promoted'] else 'no'} ({promo['reason']})")
+    else:
+        lines.append("Not registered: the regret gate did not pass.")
+    db = settings.tracking_uri
+    lines += [
+        "",
+        f"Plan report: {summary['plan']['files'].get('plan.html', '')}",
+        f"Curves:      {summary['chart']}",
+        f"Summary:     {Path(summary['chart']).parent / 'summary.json'}",
+        f"MLflow UI:   mlflow ui --backend-store-uri {db}",
+    ]
+    return "\n".join(lines)

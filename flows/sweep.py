@@ -1,0 +1,101 @@
+"""The sweep flow: a grid over method × rank × LR, fanned out through a Prefect task runner, fed
+to `evaluation.sweep.fit_lr_sweep` (optimal LR per method and rank, LoRA/FullFT LR ratio).
+
+Runners: `process` (Prefect's ProcessPoolTaskRunner, the default: one process per run), `thread`
+(ThreadPoolTaskRunner: only with one worker, because transformers 5.23 builds models on the meta
+device through process-wide state and concurrent `from_pretrained` calls in threads fail with
+"Cannot copy out of meta tensor"), `dask` and `ray` (prefect-dask / prefect-ray, imported only
+when chosen). Each grid cell is cached like the pipeline's baseline, so widening a sweep
+reruns only the new cells.
+"""
+
+# No `from __future__ import annotations`: Prefect builds the flows' parameter models from these
+# annotations when a deployment loads this file by path, where string annotations do not resolve.
+import dataclasses
+import json
+
+from prefect import flow, task
+
+from flows import tasks
+from flows.config import SweepConfig
+from flows.settings import configure_mlflow, load_settings
+from planner.errors import UserError
+
+RUNNERS = ("thread", "process", "dask", "ray")
+
+
+def make_task_runner(kind: str = "process", workers: int | None = None):
+    """A Prefect task runner by name.
+
+    Raises:
+        UserError: an unknown name, or dask/ray without its Prefect integration installed.
+    """
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "process":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise UserError("--runner dask needs prefect-dask: `pip install prefect-dask`.") from exc
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers} if workers else None)
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise UserError("--runner ray needs prefect-ray: `pip install prefect-ray`.") from exc
+        return RayTaskRunner()
+    raise UserError(f"--runner {kind!r}: choose one of {', '.join(RUNNERS)}.")
+
+
+def _cell_cache_key(context, parameters) -> str:
+    return "sweep-" + tasks.run_key(parameters["train_config"], parameters["data_fingerprint"], parameters["code"])
+
+
+@task(cache_key_fn=_cell_cache_key, persist_result=True, cache_expiration=None)
+def train_cell(train_config, data_fingerprint: str, code: str):
+    """One grid cell (cached by what it trains)."""
+    from trainer import train
+
+    return train(train_config, progress=False)
+
+
+@flow(name="lowregret-sweep")
+def sweep(config: SweepConfig, workdir: str | None = None) -> dict:
+    """Train every (method, rank, LR) cell concurrently; fit the LR optimum per group."""
+    settings = load_settings(workdir)
+    configure_mlflow(settings)
+    base = config.base
+    data = tasks.check_inputs(base)
+    code = tasks.code_version()
+    runs, reports = settings.runs_dir / base.name / "sweep", settings.reports_dir / base.name / "sweep"
+    cells, futures = [], []
+    for method, rank, lr in config.grid():
+        train_config = base.train_config(method, rank=rank or base.rank, lr=lr)
+        key = tasks.run_key(train_config, data["fingerprint"], code)
+        label = f"{method}-r{rank}-lr{lr:g}" if rank else f"{method}-lr{lr:g}"
+        train_config = base.train_config(method, rank=rank or base.rank, lr=lr,
+                                         output_dir=str(runs / f"{label}-{key}"), overwrite=True)
+        cells.append((method, rank, lr, label))
+        futures.append(train_cell.submit(train_config, data["fingerprint"], code))
+    results = [future.result() for future in futures]
+
+    fit = tasks.fit_sweep([((rank, lr), result) for (_, rank, lr, _), result in zip(cells, results, strict=True)])
+    chart = tasks.plot_runs({label: r.curves_path for (*_, label), r in zip(cells, results, strict=True)},
+                            str(reports / "curves.png"))
+    parent = tasks.start_tracking(settings, base.experiment, "sweep", {"grid": json.dumps(config.grid())},
+                                  tags={"code_version": code})
+    for (method, rank, lr, label), result in zip(cells, results, strict=True):
+        child = tasks.start_tracking(settings, base.experiment, label,
+                                     {"method": method, "rank": rank, "lr": lr}, parent)
+        tasks.log_training(settings, child, result)
+        tasks.end_tracking(settings, child)
+    summary = {"grid": [dict(zip(("method", "rank", "lr", "label"), c, strict=True)) for c in cells],
+               "results": [r.to_dict() for r in results], "fit": dataclasses.asdict(fit), "chart": chart}
+    summary_path = tasks.write_json(str(reports / "sweep.json"), summary)
+    tasks.log_files(settings, parent, [summary_path, chart])
+    tasks.end_tracking(settings, parent)
+    return summary

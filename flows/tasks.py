@@ -1,0 +1,266 @@
+"""Prefect tasks: short wrappers over planner, trainer, evaluation and the MLflow registry.
+
+Only the I/O tasks (MLflow tracking and registry writes) retry; training and evaluation are
+deterministic and would fail the same way twice. The FullFT baseline is cached: its key is the
+base model + its hyper-parameters + the dataset fingerprint (`TrainConfig.hash`) + the code
+version (package version and a hash of trainer/'s sources), and its result is persisted, so a
+scheduled re-run in a new process reuses it. `refresh_baseline` bypasses the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import task
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": 2}
+
+
+# ------------------------------------------------------------------------------------ keys
+
+
+@functools.cache
+def code_version() -> str:
+    """`<lowregret version>+<12 hex of trainer/'s sources>`: a trainer change invalidates the cache."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import trainer
+
+    try:
+        package = version("lowregret")
+    except PackageNotFoundError:
+        package = "0+unknown"
+    digest = hashlib.sha256()
+    for path in sorted(Path(trainer.__file__).parent.rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"{package}+{digest.hexdigest()[:12]}"
+
+
+def run_key(train_config, data_fingerprint: str, code: str) -> str:
+    """16 hex chars naming one training run: what is trained, on which data, by which code."""
+    payload = f"{train_config.hash(data_fingerprint)}|{code}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _baseline_cache_key(context, parameters) -> str:
+    return "fullft-" + run_key(parameters["train_config"], parameters["data_fingerprint"], parameters["code"])
+
+
+# ------------------------------------------------------------------------ planner / inputs
+
+
+@task
+def check_inputs(config) -> dict:
+    """Load the model's tokenizer and read the dataset once: a model or dataset that cannot be had
+    (missing file, Hub id offline, bad rows) is a UserError before any run or file.
+
+    Returns:
+        {"fingerprint", "examples", "format"} of the rows the runs will read.
+    """
+    from planner.dataset import dataset_fingerprint, detect_format, load_rows
+    from trainer.model import load_base_tokenizer
+
+    load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
+    rows = load_rows(config.dataset, limit=config.train.get("dataset_limit"))
+    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows),
+            "format": detect_format(rows, source=config.dataset)}
+
+
+@task
+def make_plan(config, out_dir: str) -> dict:
+    """Capacity plan of the LoRA run, written as a report; returns its summary and files."""
+    from planner.plan import build_plan
+    from planner.profile import profile_dataset
+    from planner.report import summary_lines, write_report
+    from trainer.model import load_base_tokenizer
+
+    lora = config.train_config("lora")
+    # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
+    profile = profile_dataset(config.dataset, load_base_tokenizer(config.model), method=config.info_method,
+                              model_ref=config.model)
+    plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
+                      target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                      batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
+                      fullft_lr=config.full_lr, steps=lora.max_steps)
+    files = write_report(plan, out_dir)
+    verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
+    return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
+            "files": {name: str(path) for name, path in files.items()}}
+
+
+# --------------------------------------------------------------------------------- trainer
+
+
+@task(cache_key_fn=_baseline_cache_key, persist_result=True, cache_expiration=None)
+def train_baseline(train_config, data_fingerprint: str, code: str):
+    """The FullFT baseline (cached; see the module docstring)."""
+    from trainer import train
+
+    return train(train_config)
+
+
+@task
+def train_adapter(train_config):
+    """The LoRA run."""
+    from trainer import train
+
+    return train(train_config)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@task
+def compare_runs(lora_dir: str, full_dir: str, threshold: float, threshold_abs: float):
+    """Regret of the LoRA run against the baseline on the same held-out examples."""
+    from evaluation.compare import RegretThreshold
+    from evaluation.compare import compare_runs as compare
+
+    comparison, _, _ = compare(lora_dir, full_dir, threshold=RegretThreshold(threshold, threshold_abs))
+    return comparison
+
+
+@task
+def plot_runs(curves_paths: dict[str, str], path: str, base_loss: float | None = None) -> str:
+    """The learning-curves chart of several runs."""
+    from evaluation.curves import load_curves, plot_curves
+
+    plot_curves({name: load_curves(p) for name, p in curves_paths.items()}, path, base_loss=base_loss)
+    return path
+
+
+@task
+def fit_sweep(results: list) -> object:
+    """Fit the LR sweep (optimum per method and rank, LoRA/FullFT LR ratio)."""
+    from evaluation.sweep import SweepPoint, fit_lr_sweep
+
+    points = [SweepPoint(method=r.method, rank=rank, lr=lr, final_loss=r.final_eval_loss)
+              for (rank, lr), r in results]
+    return fit_lr_sweep(points)
+
+
+# ---------------------------------------------------------------------------------- MLflow
+
+
+@task(**IO_RETRIES)
+def start_tracking(settings, experiment: str, run_name: str, params: dict,
+                   parent_run_id: str | None = None, tags: dict | None = None) -> str:
+    """Create an MLflow run in `experiment` (nested under `parent_run_id` when given) with params."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from flows.settings import ensure_experiment
+
+    client = MlflowClient(settings.tracking_uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(ensure_experiment(experiment, settings), run_name=run_name,
+                            tags={k: str(v) for k, v in all_tags.items()})
+    for key, value in _flatten(params).items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
+@task(**IO_RETRIES)
+def log_training(settings, run_id: str, result, extra_tags: dict | None = None) -> None:
+    """Log a TrainResult into its run: the curves with step=, the final metrics, its files."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    curves = json.loads(Path(result.curves_path).read_text())
+    metrics = [Metric(f"{name}_loss", float(loss), 0, int(step))
+               for name in ("train", "eval") for step, loss in curves.get(name, [])]
+    finals = {"final_train_loss": result.final_train_loss, "final_eval_loss": result.final_eval_loss,
+              "steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
+              "tokens_per_s": result.tokens_per_s, "trainable_params": result.trainable_params,
+              "peak_memory_bytes": result.peak_memory_bytes}
+    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items() if v is not None]
+    for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start:start + 900])
+    for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash,
+                       **(extra_tags or {})}.items():
+        client.set_tag(run_id, key, str(value))
+    client.log_artifact(run_id, result.curves_path)
+    client.log_artifact(run_id, result.summary_path)
+
+
+@task(**IO_RETRIES)
+def log_files(settings, run_id: str, paths: list[str], metrics: dict | None = None,
+              tags: dict | None = None, artifact_path: str | None = None) -> None:
+    """Log files, scalar metrics and tags into a run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    for key, value in (metrics or {}).items():
+        if value is not None:
+            client.log_metric(run_id, key, float(value))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
+    for path in paths:
+        client.log_artifact(run_id, path, artifact_path)
+
+
+@task(**IO_RETRIES)
+def end_tracking(settings, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(settings.tracking_uri).set_terminated(run_id, status)
+
+
+@task(**IO_RETRIES)
+def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, name: str,
+                     fingerprint: str, tags: dict, scratch: str):
+    """Verify, log as pyfunc and register the adapter (or find the version of this fingerprint)."""
+    from flows import registry
+    from flows.settings import configure_mlflow
+
+    configure_mlflow(settings)
+    client = registry.client_for(settings)
+    existing = registry.find_version(client, name, fingerprint)
+    if existing is not None:
+        return registry.Registration(name=name, version=str(existing.version), created=False)
+    model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
+    return registry.register_adapter(client, name, model_uri, fingerprint, tags)
+
+
+@task(**IO_RETRIES)
+def promote_adapter(settings, registration, passed: bool, eval_loss: float):
+    """Move `champion` to the new version if it passed and does not lose to the champion."""
+    from flows import registry
+
+    if not registration.created:
+        return registry.PromotionDecision(registration.name, registration.version, False,
+                                          "identical run already registered; aliases unchanged")
+    return registry.promote_if_better(registry.client_for(settings), registration.name, registration.version,
+                                      passed=passed, eval_loss=eval_loss)
+
+
+@task
+def write_json(path: str, record: dict) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,167 @@
+"""The pipeline flow end to end on a tiny llama: real trainer, evaluation, planner, Prefect (test
+server) and MLflow (SQLite in tmp_path). The tests share one registered model and run in order:
+first run → champion; re-run → cached baseline, nothing new; regretful run → no alias moves;
+failing run → registry untouched."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from flows.config import load_pipeline_config
+from planner.errors import UserError
+
+NAME = "tiny-pipeline"
+pytestmark = pytest.mark.slow
+
+
+def tiny_overrides(model_dir, **extra) -> list[str]:
+    """A pipeline that trains in seconds: 6 steps of 4 × 64 tokens on 64 synthetic facts."""
+    options = {"name": NAME, "model": str(model_dir), "dataset": "builtin:facts?n_facts=64", "rank": 4,
+               "lora_lr": 1e-3, "full_lr": 1e-4, "threshold": 1.0, "info_method": "lzma",
+               "train.max_steps": 6, "train.batch_size": 4, "train.max_length": 64, "train.eval_points": 3,
+               "train.eval_max_examples": 16} | extra
+    return [f"{key}={value}" for key, value in options.items()]
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Counts trainer.train calls by method (the tasks call `trainer.train`)."""
+    import trainer
+    from trainer.loop import train
+
+    calls = collections.Counter()
+
+    def counting(config, *args, **kwargs):
+        calls[config.method] += 1
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", counting, raising=False)
+    return calls
+
+
+@pytest.fixture
+def run_pipeline(prefect_harness, flow_settings):
+    from flows.pipeline import pipeline
+
+    def run(model_dir, **extra):
+        return pipeline(load_pipeline_config(None, tiny_overrides(model_dir, **extra)),
+                        workdir=str(flow_settings.home.parent))
+
+    return run
+
+
+def _versions(client):
+    return sorted(int(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
+
+
+def _aliases(client):
+    return {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()}
+
+
+def test_first_run_registers_and_promotes_a_champion(run_pipeline, tiny_models, train_calls, registry_client):
+    summary = run_pipeline(tiny_models("llama"))
+
+    assert train_calls == {"full": 1, "lora": 1}
+    assert summary["comparison"]["passed"] and not summary["baseline_cached"]
+    assert summary["registration"] == {"name": NAME, "version": "1", "created": True}
+    assert summary["promotion"]["promoted"] and summary["promotion"]["reason"] == "first champion"
+    assert _aliases(registry_client) == {"candidate": "1", "champion": "1"}
+
+    version = registry_client.get_model_version(NAME, "1")
+    tags = version.tags
+    assert tags["base_model"] == str(tiny_models("llama")) and tags["rank"] == "4" and tags["method"] == "lora"
+    assert tags["targets"] == "all" and tags["plan_verdict"] == summary["plan"]["verdict"]
+    assert tags["dataset_fingerprint"] == summary["dataset"]["fingerprint"]
+    assert float(tags["eval_loss"]) == pytest.approx(summary["lora"]["final_eval_loss"])
+    assert float(tags["regret"]) == pytest.approx(summary["comparison"]["regret_nats"])
+    assert float(tags["relative_regret"]) == pytest.approx(summary["comparison"]["regret_relative"])
+    assert tags["run_fingerprint"] == summary["run_fingerprint"]
+
+    # The version's run is the nested "lora" run: its eval curve is logged with step=.
+    run = registry_client.get_run(version.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == summary["mlflow"]["parent_run_id"]
+    history = registry_client.get_metric_history(version.run_id, "eval_loss")
+    curve = json.loads(Path(summary["lora"]["curves_path"]).read_text())["eval"]
+    assert [(m.step, m.value) for m in history] == [(step, pytest.approx(loss)) for step, loss in curve]
+    assert history[0].step == 0 and history[-1].step == 6
+    assert history[-1].value == pytest.approx(summary["lora"]["final_eval_loss"])
+    parent = registry_client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["regret_nats"] == pytest.approx(
+        summary["comparison"]["regret_nats"])
+    artifacts = {f.path for f in registry_client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "curves.png"} <= artifacts
+
+    outputs = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
+        ["The capital of France is"], params={"max_new_tokens": 4})
+    assert len(outputs) == 1 and isinstance(outputs[0], str)
+
+
+def test_rerun_reuses_the_baseline_and_registers_nothing_new(run_pipeline, tiny_models, train_calls,
+                                                             registry_client):
+    summary = run_pipeline(tiny_models("llama"))
+
+    assert train_calls == {"lora": 1}  # the FullFT baseline came from Prefect's cache
+    assert summary["baseline_cached"]
+    assert summary["registration"] == {"name": NAME, "version": "1", "created": False}
+    assert not summary["promotion"]["promoted"]
+    assert _versions(registry_client) == [1]
+    assert _aliases(registry_client) == {"candidate": "1", "champion": "1"}
+
+
+def test_regretful_run_moves_no_alias(run_pipeline, tiny_models, train_calls, registry_client):
+    # A LoRA LR of 1e-7 barely moves the adapter while FullFT learns; zero regret is allowed.
+    summary = run_pipeline(tiny_models("llama"), lora_lr=1e-7, full_lr=1e-3, threshold=0, threshold_abs=0)
+
+    assert not summary["comparison"]["passed"] and summary["comparison"]["regret_nats"] > 0
+    assert summary["registration"] is None and summary["promotion"] is None
+    assert _versions(registry_client) == [1]
+    assert _aliases(registry_client) == {"candidate": "1", "champion": "1"}
+
+
+def test_failing_step_leaves_the_registry_untouched(run_pipeline, tiny_models, monkeypatch, registry_client,
+                                                    flow_settings):
+    import trainer
+    from trainer.loop import train
+
+    def lora_breaks(config, *args, **kwargs):
+        if config.method == "lora":
+            raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", lora_breaks, raising=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_pipeline(tiny_models("llama"), rank=2)
+
+    assert _versions(registry_client) == [1]
+    assert _aliases(registry_client) == {"candidate": "1", "champion": "1"}
+    experiment = registry_client.get_experiment_by_name(f"lowregret/{NAME}")
+    latest = registry_client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'pipeline'",
+                                         order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FAILED"
+
+
+def test_bad_config_is_a_user_error_before_any_work(run_pipeline, tiny_models, train_calls, registry_client,
+                                                    tmp_path):
+    with pytest.raises(UserError, match="rank"):
+        load_pipeline_config(None, tiny_overrides(tiny_models("llama"), rank=0))
+    with pytest.raises(UserError, match="lora_lr"):
+        load_pipeline_config(None, tiny_overrides(tiny_models("llama"), lora_lr="fast"))
+    with pytest.raises(UserError, match="Unknown option"):
+        load_pipeline_config(None, ["rnak=4"])
+    with pytest.raises(UserError, match="set by the pipeline"):
+        load_pipeline_config(None, ["train.method=full"])
+    experiment = registry_client.get_experiment_by_name(f"lowregret/{NAME}")
+    runs_before = len(registry_client.search_runs([experiment.experiment_id]))
+    with pytest.raises(UserError):
+        run_pipeline(tiny_models("llama"), dataset=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="not found"):
+        run_pipeline(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UserError):  # a Hub id on a machine without the Hub
+        run_pipeline("no-such-org/no-such-model")
+    assert sum(train_calls.values()) == 0
+    assert len(registry_client.search_runs([experiment.experiment_id])) == runs_before

@@ -1,0 +1,50 @@
+"""The sweep flow: a LoRA LR grid fanned out through a Prefect task runner into fit_lr_sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from flows.config import SweepConfig, load_sweep_config
+from planner.errors import UserError
+from tests.flows.test_pipeline import tiny_overrides
+
+
+def test_grid_covers_method_rank_lr():
+    config = SweepConfig(methods=["lora", "full"], ranks=[4, 8], lora_lrs=[1e-4, 1e-3], full_lrs=[1e-5])
+    assert config.grid() == [("lora", 4, 1e-4), ("lora", 4, 1e-3), ("lora", 8, 1e-4), ("lora", 8, 1e-3),
+                             ("full", None, 1e-5)]
+    with pytest.raises(UserError, match="methods"):
+        SweepConfig(methods=["qlora"])
+    with pytest.raises(UserError, match="lora_lrs"):
+        SweepConfig(lora_lrs=[0.0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prefect_dask") is not None, reason="prefect-dask is installed")
+def test_dask_runner_without_prefect_dask_is_a_user_error():
+    from flows.sweep import make_task_runner
+
+    with pytest.raises(UserError, match="pip install prefect-dask"):
+        make_task_runner("dask")
+
+
+@pytest.mark.slow
+def test_sweep_fans_out_and_fits_the_lr_optimum(prefect_harness, flow_settings, tiny_models, registry_client):
+    from flows.sweep import make_task_runner, sweep
+
+    base = [f"base.{o}" for o in tiny_overrides(tiny_models("llama"), name="tiny-sweep")]
+    config = load_sweep_config(None, base + ["methods=[lora]", "ranks=[4]", "lora_lrs=[1e-4, 1e-3, 1e-2]"])
+    summary = sweep.with_options(task_runner=make_task_runner("process", 3))(
+        config, workdir=str(flow_settings.home.parent))
+
+    assert [(c["method"], c["rank"], c["lr"]) for c in summary["grid"]] == config.grid()
+    assert [r["steps"] for r in summary["results"]] == [6, 6, 6]
+    (group,) = summary["fit"]["groups"]
+    assert (group["method"], group["rank"], tuple(group["lrs"])) == ("lora", 4, (1e-4, 1e-3, 1e-2))
+    best = min(summary["results"], key=lambda r: r["final_eval_loss"])
+    assert group["best_observed_loss"] == pytest.approx(best["final_eval_loss"])
+    experiment = registry_client.get_experiment_by_name("lowregret/tiny-sweep")
+    runs = registry_client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [
+        "lora-r4-lr0.0001", "lora-r4-lr0.001", "lora-r4-lr0.01", "sweep"]
