@@ -24,6 +24,7 @@ def registry_home(tmp_path_factory):
 def registered(registry_home, base_dir, adapters):
     """v1 = paris (champion), v2 = docs (candidate) of the registered model `capitals`."""
     import mlflow
+
     from flows.settings import configure_mlflow, ensure_experiment, load_settings
 
     settings = load_settings(registry_home)
@@ -74,9 +75,17 @@ def test_champion_and_version_from_the_registry_answer_like_their_adapters(
         running.stop()
 
 
-def test_export_from_the_registry_uses_the_registered_name_and_base(registered, base_dir, tmp_path):
+def test_export_from_the_registry_uses_the_registered_name_and_base(registered, base_dir, tmp_path, capsys):
+    from flows.cli import main
     from serving.export import export_vllm
 
+    assert main(["export", "--vllm", f"capitals@{registered['docs']}", str(tmp_path / "cli")]) == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .splitlines()[-1]
+        .endswith(f"--lora-modules capitals={tmp_path / 'cli'}")
+    )
     result = export_vllm("capitals@champion", tmp_path / "vllm")
     assert result.name == "capitals" and result.base == str(base_dir) and result.max_lora_rank == 8
     assert result.command.startswith(
