@@ -15,7 +15,7 @@ from planner.errors import UserError
 
 # Packages whose cli.register adds sub-commands, in help order. A module that does not exist yet
 # is skipped so a partial install still gives a working CLI.
-_CLI_MODULES = ("planner.cli", "trainer.cli", "evaluation.cli", "flows.commands")
+_CLI_MODULES = ("planner.cli", "trainer.cli", "evaluation.cli", "flows.commands", "serving.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

