@@ -15,6 +15,7 @@ from pathlib import Path
 
 from planner.errors import UserError
 from planner.sources import DEFAULT_MODEL
+from trainer.config import apply_overrides, read_yaml_mapping
 
 # Keys the pipeline sets on each TrainConfig itself; `train:` may not override them.
 _PIPELINE_OWNED = ("model", "dataset", "method", "rank", "lr", "output_dir", "resume", "overwrite")
@@ -145,56 +146,19 @@ def _coerce_numbers(config, ints: tuple[str, ...], floats: tuple[str, ...]) -> N
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a pipeline YAML (or start from defaults) and apply `key=value` / `train.key=value`s."""
-    data = _read_yaml(path)
-    _apply_overrides(data, overrides)
+    data = read_yaml_mapping(path)
+    apply_overrides(data, overrides)
     return _build(PipelineConfig, data)
 
 
 def load_sweep_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Read a sweep YAML: `base:` is a pipeline config, plus methods, ranks, lora_lrs, full_lrs."""
-    data = _read_yaml(path)
-    _apply_overrides(data, overrides)
+    data = read_yaml_mapping(path)
+    apply_overrides(data, overrides)
     base = data.pop("base", {}) or {}
     if not isinstance(base, dict):
         raise UserError("base: must be a mapping holding a pipeline config (model, dataset, train, …).")
     return _build(SweepConfig, data | {"base": _build(PipelineConfig, base)})
-
-
-def _read_yaml(path) -> dict:
-    import yaml
-
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of option: value.")
-    return data
-
-
-def _apply_overrides(data: dict, overrides) -> None:
-    import yaml
-
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"Override {item!r} must look like key=value, e.g. rank=8 or train.max_steps=20.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UserError(f"Override {item!r}: value is not valid YAML ({exc}).") from exc
-        *parents, leaf = key.strip().split(".")
-        target = data
-        for part in parents:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise UserError(f"Override {item!r}: {part} is not a mapping.")
-        target[leaf] = value
 
 
 def _build(cls, data: dict):

@@ -142,28 +142,48 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     Raises:
         UserError: missing file, malformed YAML or override, unknown key, or an invalid value.
     """
+    data = read_yaml_mapping(path)
+    apply_overrides(data, overrides)
+    return TrainConfig.from_dict(data)
+
+
+def read_yaml_mapping(path: str | Path | None) -> dict:
+    """The mapping a YAML config file holds ({} when `path` is None), or a UserError saying why not."""
     import yaml
 
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise UserError(f"{path} must hold a mapping of option: value, not {type(data).__name__}.")
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of option: value, not {type(data).__name__}.")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """Set each `key=value` (value parsed as a YAML scalar) in `data`; `a.b=v` sets data["a"]["b"]."""
+    import yaml
+
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"Override {item!r} must look like key=value, e.g. lr=1e-4.")
+            raise UserError(f"Override {item!r} must look like key=value, e.g. lr=1e-4 or train.max_steps=20.")
         try:
-            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise UserError(f"Override {item!r}: value is not a valid YAML scalar ({exc}).") from exc
-    return TrainConfig.from_dict(data)
+        *parents, leaf = key.strip().split(".")
+        target = data
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise UserError(f"Override {item!r}: {part} is not a mapping.")
+        target[leaf] = value
 
 
 def _coerce_types(config: TrainConfig) -> None:
