@@ -13,8 +13,7 @@ import sys
 
 from planner.errors import UserError
 
-# Packages whose cli.register adds sub-commands, in help order. A module that does not exist yet
-# is skipped so a partial install still gives a working CLI.
+# Packages whose cli.register adds sub-commands, in help order.
 _CLI_MODULES = ("planner.cli", "trainer.cli", "evaluation.cli", "flows.commands", "serving.cli")
 
 
@@ -25,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _CLI_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
