@@ -13,7 +13,9 @@ def test_cli_help_lists_commands():
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
     )
-    assert "lowregret" in out.stdout
+    for command in ("plan", "train", "evaluate", "compare", "lr-sweep", "pipeline", "demo", "sweep",
+                    "promote", "rollback", "deploy", "serve", "export"):
+        assert f"    {command} " in out.stdout, command
 
 
 def test_planner_import_pulls_no_heavy_module():
