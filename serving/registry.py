@@ -34,9 +34,8 @@ def download_adapter(ref: str, cache_dir: str | Path | None = None) -> ResolvedS
         UserError: no registry support installed, or the name / alias / version is unknown.
     """
     try:
-        from flows.settings import load_settings
-
         from flows import registry
+        from flows.settings import load_settings
     except ModuleNotFoundError as exc:
         raise UserError(
             f"{ref!r} is a registry reference, but this install has no flows.registry (MLflow registry "
