@@ -74,19 +74,15 @@ class Result:
 
 
 def model_flops_per_token(cfg, seq_len: int, method: str, rank: int) -> float:
-    """Training FLOPs per token: 6·d_in·d_out per trained matrix, 4·d_in·d_out per frozen one plus
-    6·r·(d_in + d_out) for its adapter (DESIGN.md), causal attention scores 3 passes × 2·2·s·d/2."""
-    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q_out = cfg.num_attention_heads * head_dim
-    kv_out = cfg.num_key_value_heads * head_dim
-    mats = [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h), (h, inter), (h, inter), (inter, h)]
-    per_layer = 0.0
-    for d_in, d_out in mats:
-        per_layer += 6 * d_in * d_out if method == "full" else 4 * d_in * d_out + 6 * rank * (d_in + d_out)
-    attn = 3 * 2 * 2 * seq_len * q_out / 2  # QKᵀ and AV, forward + 2× backward, causal half
-    unembed = (6 if method == "full" else 4) * h * cfg.vocab_size
-    return layers * (per_layer + attn) + unembed
+    """Training FLOPs per token from the planner's FLOP model (planner/flops.py), so the MFU printed
+    here and the planner's run-time estimates use one model."""
+    from planner.flops import estimate_flops
+    from planner.lora import count_lora_params
+    from planner.shapes import shape_from_config
+
+    shape = shape_from_config(cfg.to_dict(), name="benchmark")
+    flops = estimate_flops(shape, count_lora_params(shape, rank, targets="all"), seq_len)
+    return flops.fullft_flops_per_token if method == "full" else flops.lora_flops_per_token
 
 
 def measure_matmul_peak(device: str) -> float:
