@@ -218,6 +218,10 @@ def build_plan(
                 "for all experts with torch parametrize on every forward; its transient memory and FLOPs "
                 "(per step, not per token) are not modelled: check them on a GPU."
             )
+    if dataset is not None and dataset.get("format") == "rl":
+        all_notes.append(
+            "RL: steps = episodes / batch (batch = prompts per step × samples per prompt); the run time counts "
+            "the policy-gradient passes over batch × seq_len tokens per step, not the sampling of the episodes.")
     all_notes.append("Attention-score FLOPs count the full s×s matrix (MFU convention); causal kernels do about half.")
     all_notes.append("Memory: activations per Korthikanti et al. 2022 for a GPT block with memory-efficient "
                      "attention; QLoRA assumes every matrix but the embedding and lm_head is 4-bit.")
