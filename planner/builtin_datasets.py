@@ -1,9 +1,11 @@
-"""Built-in offline datasets, in chat form, addressed as `builtin:<name>?<options>`.
+"""Built-in offline datasets, addressed as `builtin:<name>?<options>`.
 
 - `pydoc`: instruction pairs made from real text that ships with Python (standard-library
   docstrings and the `pydoc_data` topics), for training and demos without the Hub.
 - `facts`: synthetic random facts whose information content is known exactly
   (n_facts · log2(choices) bits), for capacity experiments (DESIGN.md).
+- `arithmetic`: every sum a + b up to `max_operand`, as RL prompts with answers (`prompt`,
+  `answer`) for a verifiable reward (docs/RL.md); not a supervised set.
 
 Only the standard library is used, so loading a built-in needs neither `datasets` nor network.
 """
@@ -289,11 +291,50 @@ def facts_rows(n_facts: int = 1000, choices: int = 16, seed: int = 0) -> list[di
 
 
 # ---------------------------------------------------------------------------------------------
+# arithmetic: sums with a verifiable answer, for RL
+# ---------------------------------------------------------------------------------------------
+
+# The prompt: a short system line, one worked example and the question. Without the example
+# SmolLM2-135M-Instruct answers in a sentence ("The answer is ...") or repeats the question, and
+# a short answer with an exact-match reward is never earned (docs/RL.md, "The built-in task").
+ARITHMETIC_SYSTEM = "Answer with a number."
+ARITHMETIC_EXAMPLE = ("2 + 3", "5")
+ARITHMETIC_MAX_OPERAND = 999
+
+
+def arithmetic_rows(max_operand: int = 9, seed: int = 0) -> list[dict]:
+    """Every sum a + b with 0 <= a, b <= max_operand, in a seeded order, as RL rows.
+
+    A row is {"prompt": [system, worked example, question] chat messages, "answer": "<a + b>"}:
+    scored with the `exact` reward. (max_operand + 1)² rows; the worked example's own sum is left out.
+
+    Raises:
+        UserError: max_operand outside 1..999.
+    """
+    if not 1 <= max_operand <= ARITHMETIC_MAX_OPERAND:
+        raise UserError(f"builtin:arithmetic needs 1 <= max_operand <= {ARITHMETIC_MAX_OPERAND}, got {max_operand}.")
+    example_q, example_a = ARITHMETIC_EXAMPLE
+    rows = []
+    for a in range(max_operand + 1):
+        for b in range(max_operand + 1):
+            question = f"{a} + {b}"
+            if question == example_q:
+                continue
+            prompt = [{"role": "system", "content": ARITHMETIC_SYSTEM},
+                      {"role": "user", "content": example_q}, {"role": "assistant", "content": example_a},
+                      {"role": "user", "content": question}]
+            rows.append({"prompt": prompt, "answer": str(a + b)})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # builtin:<name>?<options>
 # ---------------------------------------------------------------------------------------------
 
 # name -> (row builder, {option: default}); options are non-negative integers.
 BUILTINS: dict[str, tuple[Callable[..., list[dict]], dict]] = {
+    "arithmetic": (arithmetic_rows, {"max_operand": 9, "seed": 0}),
     "facts": (facts_rows, {"n_facts": 1000, "choices": 16, "seed": 0}),
     "pydoc": (pydoc_rows, {"limit": None}),
 }
