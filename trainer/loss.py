@@ -89,7 +89,7 @@ def loss_head(model: nn.Module, *, sharded: bool = False) -> tuple[nn.Linear | N
 
 
 def completion_nll(model: nn.Module, batch, *, head: nn.Linear | None = None,
-                   chunk_tokens: int | None = None) -> BatchNll:
+                   chunk_tokens: int | None = None, weights_B: torch.Tensor | None = None) -> BatchNll:
     """Run `model` on `batch` and return its completion-token NLL (nats), summed and per row.
 
     Args:
@@ -97,6 +97,9 @@ def completion_nll(model: nn.Module, batch, *, head: nn.Linear | None = None,
         batch: a `trainer.data.Batch` on the model's device.
         head: `loss_head(model)[0]`: the output layer, for the chunked path; None for full logits.
         chunk_tokens: completion positions per chunk on the chunked path (None: CHUNK_TOKENS).
+        weights_B: a weight per row (fp32, on the model's device): `nll_sum` is then Σ_rows
+            weight × row NLL, and its gradient follows; `example_nll_B` stays unweighted. RL's
+            policy-gradient loss is this with the advantages as weights (trainer/rl.py).
     """
     chunk_tokens = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     if chunk_tokens <= 0:
@@ -107,7 +110,8 @@ def completion_nll(model: nn.Module, batch, *, head: nn.Linear | None = None,
         logits_B_T_V = model(**batch.inputs, use_cache=False).logits
         nll_B_T = F.cross_entropy(logits_B_T_V.float().flatten(0, 1), targets_B_T.flatten(),
                                   ignore_index=IGNORE_INDEX, reduction="none").view_as(targets_B_T)
-        return BatchNll(nll_B_T.sum(), nll_B_T.detach().double().sum(dim=1), tokens_B)
+        nll_sum = nll_B_T.sum() if weights_B is None else (nll_B_T.sum(dim=1) * weights_B).sum()
+        return BatchNll(nll_sum, nll_B_T.detach().double().sum(dim=1), tokens_B)
 
     captured = {}
 
@@ -128,17 +132,18 @@ def completion_nll(model: nn.Module, batch, *, head: nn.Linear | None = None,
     hidden_B_T_H = captured["hidden"]
     width = hidden_B_T_H.shape[1]
     positions_N = batch.loss_positions_N
+    rows_N = torch.div(positions_N, width, rounding_mode="floor")
     hidden_N_H = hidden_B_T_H.flatten(0, 1).index_select(0, positions_N)
     targets_N = targets_B_T.flatten().index_select(0, positions_N)
+    weights_N = None if weights_B is None else weights_B.float().index_select(0, rows_N)
     weight_V_H = head.weight
     with torch.autocast(hidden_N_H.device.type, enabled=False):  # dtypes are chosen explicitly
         if torch.is_grad_enabled() and (hidden_N_H.requires_grad or weight_V_H.requires_grad):
             nll_sum, nll_N = _ChunkedLinearCrossEntropy.apply(hidden_N_H, weight_V_H, targets_N, chunk_tokens,
-                                                               captured["dtype"])
+                                                               captured["dtype"], weights_N)
         else:
             nll_N = _chunked_nll(hidden_N_H, weight_V_H, targets_N, chunk_tokens, captured["dtype"])
-            nll_sum = nll_N.sum()
-    rows_N = torch.div(positions_N, width, rounding_mode="floor")
+            nll_sum = nll_N.sum() if weights_N is None else (nll_N * weights_N).sum()
     example_nll_B = torch.zeros(targets_B_T.shape[0], dtype=torch.float64, device=nll_N.device)
     example_nll_B.index_add_(0, rows_N, nll_N.detach().double())
     return BatchNll(nll_sum, example_nll_B, tokens_B)
@@ -189,14 +194,15 @@ def _chunked_nll(hidden_N_H, weight_V_H, targets_N, chunk_tokens, compute_dtype)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """(Σ_i −log softmax(h_i Wᵀ)[y_i], the per-position terms); gradients computed in the forward.
+    """(Σ_i w_i · −log softmax(h_i Wᵀ)[y_i], the unweighted per-position terms); gradients computed
+    in the forward. w_i = 1 when `weights_N` is None.
 
     The per-position terms are a non-differentiable second output (for per-example sums); the
     gradient flows through the sum only.
     """
 
     @staticmethod
-    def forward(ctx, hidden_N_H, weight_V_H, targets_N, chunk_tokens, compute_dtype):
+    def forward(ctx, hidden_N_H, weight_V_H, targets_N, chunk_tokens, compute_dtype, weights_N=None):
         weight = weight_V_H.to(compute_dtype)
         grad_hidden_N_H = torch.empty_like(hidden_N_H) if ctx.needs_input_grad[0] else None
         grad_weight_V_H = torch.zeros_like(weight_V_H, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -210,6 +216,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # d nll / d logits = softmax − onehot(y), reusing the logits buffer in place.
             grad_logits_C_V = logits_C_V.sub_(logsumexp_C[:, None]).exp_()
             grad_logits_C_V[rows[: y_C.shape[0]], y_C] -= 1.0
+            if weights_N is not None:
+                grad_logits_C_V.mul_(weights_N[start:end, None])
             grad_logits_C_V = grad_logits_C_V.to(compute_dtype)
             if grad_hidden_N_H is not None:
                 grad_hidden_N_H[start:end] = grad_logits_C_V @ weight
@@ -221,11 +229,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
         ctx.weight_dtype = weight_V_H.dtype
         ctx.mark_non_differentiable(nll_N)
-        return nll_N.sum(), nll_N
+        return (nll_N.sum() if weights_N is None else (nll_N * weights_N).sum()), nll_N
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_per_position):
         grad_hidden_N_H, grad_weight_V_H = ctx.saved_tensors
         grad_hidden = grad_hidden_N_H * grad_sum.to(grad_hidden_N_H.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = (grad_weight_V_H * grad_sum).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None

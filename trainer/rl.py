@@ -8,7 +8,8 @@ the reward, and takes one AdamW step on the policy-gradient loss
     loss = −(1 / N) Σ_i A_i · log π(y_i | x_i),    A_i = r_i − mean(r of i's group)   [÷ std, optional]
 
 where log π(y_i | x_i) sums the log-probabilities of completion i's tokens (up to and including its
-end token) and N = prompts_per_step × group_size. This is REINFORCE with the group mean as the
+end token) and N = prompts_per_step × group_size: `trainer.loss.completion_nll` with the advantages
+as per-row weights, Σ_i A_i · NLL_i / N. This is REINFORCE with the group mean as the
 baseline (GRPO's group-normalised advantage; Shao et al. 2024, DeepSeekMath). The update is
 on-policy (one step per batch of samples), so PPO's importance ratio is 1 and its clipping never
 acts; there is no KL penalty, as in LoRA Without Regret's RL experiments. Groups whose samples all
@@ -34,10 +35,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from planner.dataset import IGNORE_INDEX
 from planner.errors import UserError
 from trainer import checkpoint as ckpt
-from trainer.data import step_indices
+from trainer.data import Sequence, collate, step_indices
 from trainer.loop import _peak_memory, _preflight_dirs, _run_dirs, _versions, eval_steps
+from trainer.loss import completion_nll, loss_head
 from trainer.model import (
     apply_lora,
     count_trainable,
@@ -158,17 +161,22 @@ def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
 
 @dataclass
 class Rollouts:
-    """Sampled completions, laid out as [left-padded prompt | completion] rows."""
+    """Completions of prompts: each row's prompt tokens, completion tokens (up to and including its
+    first end token) and completion text (special tokens dropped)."""
 
-    sequences_B_T: torch.Tensor
-    attention_B_T: torch.Tensor
-    completion_mask_B_C: torch.Tensor
-    """1 on each completion's tokens up to and including its first end token."""
+    prompts: list[tuple[int, ...]]
+    completions: list[list[int]]
     texts: list[str]
 
-    @property
-    def completion_width(self) -> int:
-        return self.completion_mask_B_C.shape[1]
+    def batch(self, rows: list[int], pad_id: int):
+        """The rows as a right-padded `trainer.data.Batch` whose targets are the completion tokens."""
+        seqs = []
+        for row in rows:
+            prompt, completion = list(self.prompts[row]), self.completions[row]
+            ids = prompt + completion
+            targets = [IGNORE_INDEX] * (len(prompt) - 1) + completion + [IGNORE_INDEX]  # targets[t] = ids[t + 1]
+            seqs.append(Sequence(ids, targets, list(range(len(ids)))))
+        return collate(seqs, pad_id, packed=False)
 
 
 def end_token_ids(model, tokenizer) -> list[int]:
@@ -177,11 +185,6 @@ def end_token_ids(model, tokenizer) -> list[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
-
-
-def _positions(attention_B_T: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding), as generate uses."""
-    return (attention_B_T.cumsum(-1) - 1).clamp(min=0)
 
 
 def generate(model, prompts: list[tuple[int, ...]], *, max_new_tokens: int, pad_id: int, end_ids: list[int],
@@ -205,31 +208,12 @@ def generate(model, prompts: list[tuple[int, ...]], *, max_new_tokens: int, pad_
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              generation_config=generation)
-    completion = out[:, width:].cpu()
-    is_end = torch.isin(completion, torch.tensor(end_ids))
-    # Tokens after the first end token are padding: mask = 1 up to and including the first end token.
-    ended_before = (is_end.cumsum(-1) - is_end.long()) > 0
-    mask = (~ended_before).long()
-    texts = [tokenizer.decode(completion[row][mask[row].bool()], skip_special_tokens=True)
-             for row in range(len(prompts))]
-    return Rollouts(torch.cat([input_ids, completion], 1), torch.cat([attention, mask], 1), mask, texts)
-
-
-def completion_logprobs(model, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
-    """Σ log π(token) over each selected row's completion tokens (with gradients), shape (len(rows),).
-
-    Logits are computed only for the completion positions (`logits_to_keep`): the prompt's are not
-    needed, and the vocabulary makes them the largest tensor of the pass.
-    """
-    device = next(model.parameters()).device
-    index = torch.tensor(rows)
-    sequences, attention = rollouts.sequences_B_T[index].to(device), rollouts.attention_B_T[index].to(device)
-    width = rollouts.completion_width
-    logits_B_C_V = model(input_ids=sequences, attention_mask=attention, position_ids=_positions(attention),
-                         logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-    targets_B_C = sequences[:, -width:]
-    logp_B_C = -torch.nn.functional.cross_entropy(logits_B_C_V.float().transpose(1, 2), targets_B_C, reduction="none")
-    return (logp_B_C * rollouts.completion_mask_B_C[index].to(device)).sum(-1)
+    completions = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, token in enumerate(row) if token in end_ids), None)
+        completions.append(row if end is None else row[: end + 1])  # what follows the end token is padding
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    return Rollouts(list(prompts), completions, texts)
 
 
 def group_advantages(rewards_P_G: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -313,6 +297,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
     end_ids = end_token_ids(model, tokenizer)
+    head, _ = loss_head(model)  # the chunked completion NLL where it is exact, else full logits
 
     resume_state = None
     if resume_from is not None:
@@ -373,7 +358,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         rollouts = generate(model, [p.input_ids for p in prompts for _ in range(group)],
                             max_new_tokens=config.max_new_tokens, pad_id=tokenizer.pad_token_id, end_ids=end_ids,
                             greedy=False, tokenizer=tokenizer)
-        sampled = int(rollouts.completion_mask_B_C.sum())
+        sampled = sum(len(c) for c in rollouts.completions)
         counters["sample_s"] += time.perf_counter() - t0
         counters["sample_tokens"] += sampled
         counters["completion_tokens"] += sampled
@@ -381,16 +366,18 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
                                 for i, text in enumerate(rollouts.texts)], dtype=torch.float64)
         advantages = group_advantages(rewards.view(per_step, group), config.scale_rewards).flatten()
 
-        # Policy gradient: only episodes with a nonzero advantage contribute.
+        # Policy gradient: Σ_i A_i · NLL_i / N, i.e. −(1/N) Σ_i A_i log π(y_i); only episodes with a
+        # nonzero advantage contribute.
         t0 = time.perf_counter()
         model.train()
         rows = [i for i in range(episodes_per_step) if advantages[i] != 0]
         for start in range(0, len(rows), config.micro_batch_size):
             chunk = rows[start : start + config.micro_batch_size]
-            logp = completion_logprobs(model, rollouts, chunk)
-            weights = advantages[torch.tensor(chunk)].to(logp.device, torch.float32)
-            (-(weights * logp).sum() / episodes_per_step).backward()
-            counters["train_tokens"] += int(rollouts.attention_B_T[torch.tensor(chunk)].sum())
+            batch = rollouts.batch(chunk, tokenizer.pad_token_id).to(device)
+            weights = advantages[torch.tensor(chunk)].to(device, torch.float32)
+            nll = completion_nll(model, batch, head=head, weights_B=weights)
+            (nll.nll_sum / episodes_per_step).backward()
+            counters["train_tokens"] += sum(len(rollouts.prompts[i]) + len(rollouts.completions[i]) for i in chunk)
         if rows:
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

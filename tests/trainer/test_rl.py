@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from planner.errors import UserError
-from trainer.rl import completion_logprobs, generate, group_advantages, prepare_prompts, train_rl
+from trainer.loss import completion_nll, loss_head
+from trainer.rl import generate, group_advantages, prepare_prompts, train_rl
 from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, load_rl_config
 
 VOWELS = "python:tests.trainer.rl_task:vowel_share"
@@ -50,57 +51,75 @@ def _tiny(tiny_models):
     return load_base_model(str(tiny_models("llama"))).eval(), load_base_tokenizer(str(tiny_models("llama")))
 
 
-def test_completion_logprobs_are_those_of_each_sequence_alone(tiny_models):
-    """Left padding and the logits kept for completions only change nothing: each row's summed
-    log-probability equals a plain forward pass over that row alone."""
+def _nll(model, rollouts, rows, tokenizer, head=None, weights=None):
+    return completion_nll(model, rollouts.batch(rows, tokenizer.pad_token_id), head=head, weights_B=weights)
+
+
+def _sample(model, tokenizer, prompts, seed, max_new_tokens=5):
+    torch.manual_seed(seed)
+    return generate(model, prompts, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
+                    end_ids=[tokenizer.eos_token_id], greedy=False, tokenizer=tokenizer)
+
+
+def test_episode_nll_is_each_sequence_alone(tiny_models):
+    """Sampled left-padded, scored right-padded with the trainer's NLL: each row's NLL equals a plain
+    forward pass over that prompt + completion alone."""
     model, tokenizer = _tiny(tiny_models)
     prompts = [tuple(tokenizer("say one")["input_ids"]), tuple(tokenizer("a much longer prompt here")["input_ids"])]
-    torch.manual_seed(0)
-    rollouts = generate(model, prompts, max_new_tokens=5, pad_id=tokenizer.pad_token_id,
-                        end_ids=[tokenizer.eos_token_id], greedy=False, tokenizer=tokenizer)
+    rollouts = _sample(model, tokenizer, prompts, seed=0)
     with torch.no_grad():
-        batched = completion_logprobs(model, rollouts, [0, 1])
+        batched = _nll(model, rollouts, [0, 1], tokenizer, head=loss_head(model)[0]).example_nll_B
         for row, prompt in enumerate(prompts):
-            n = int(rollouts.completion_mask_B_C[row].sum())
-            completion = rollouts.sequences_B_T[row, -rollouts.completion_width:][:n]
+            completion = torch.tensor(rollouts.completions[row])
             ids = torch.cat([torch.tensor(prompt), completion])[None]
             logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
-            alone = logp.gather(-1, completion[:, None]).sum()
+            alone = -logp.gather(-1, completion[:, None]).sum()
             assert batched[row].item() == pytest.approx(alone.item(), abs=1e-4)
 
 
-def test_completion_mask_stops_after_the_first_end_token(tiny_models):
+def test_completions_stop_at_the_first_end_token(tiny_models):
     model, tokenizer = _tiny(tiny_models)
     eos = tokenizer.eos_token_id
-    torch.manual_seed(1)
-    rollouts = generate(model, [tuple(tokenizer("x")["input_ids"])] * 16, max_new_tokens=6, pad_id=tokenizer.pad_token_id,
-                        end_ids=[eos], greedy=False, tokenizer=tokenizer)
-    completion = rollouts.sequences_B_T[:, -rollouts.completion_width:]
-    for row in range(16):
-        mask = rollouts.completion_mask_B_C[row].tolist()
-        ends = [i for i, t in enumerate(completion[row].tolist()) if t == eos]
-        assert mask == [1 if not ends or i <= ends[0] else 0 for i in range(len(mask))]
+    rollouts = _sample(model, tokenizer, [tuple(tokenizer("x")["input_ids"])] * 16, seed=1, max_new_tokens=6)
+    for completion in rollouts.completions:
+        assert 1 <= len(completion) <= 6
+        assert eos not in completion[:-1]  # an end token only ever closes a completion
 
 
-def test_one_step_raises_the_logprob_of_better_than_average_samples(rl_config, tiny_models):
+def test_weighted_nll_chunked_equals_full_logits(tiny_models):
+    """The advantage-weighted NLL (the policy-gradient loss): same value and gradients on both paths."""
+    model, tokenizer = _tiny(tiny_models)
+    rollouts = _sample(model, tokenizer, [tuple(tokenizer("say one")["input_ids"])] * 6, seed=3)
+    weights = torch.tensor([1.5, -0.5, 0.0, 2.0, -1.0, -2.0])
+    results = []
+    for head in (loss_head(model)[0], None):
+        model.zero_grad()
+        nll = _nll(model, rollouts, list(range(6)), tokenizer, head=head, weights=weights)
+        nll.nll_sum.backward()
+        assert nll.nll_sum.item() == pytest.approx((weights.double() * nll.example_nll_B).sum().item(), abs=1e-4)
+        results.append((nll.nll_sum.item(), [p.grad.clone() for p in model.parameters()]))
+    (chunked, chunked_grads), (full, full_grads) = results
+    assert chunked == pytest.approx(full, abs=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(chunked_grads, full_grads, strict=True))
+
+
+def test_one_step_raises_the_logprob_of_better_than_average_samples(tiny_models):
     """The loss's sign: after one update, Σ advantage × Δ log π > 0."""
     model, tokenizer = _tiny(tiny_models)
     model.train()
-    prompt = tuple(tokenizer("say one")["input_ids"])
-    torch.manual_seed(2)
-    rollouts = generate(model, [prompt] * 8, max_new_tokens=4, pad_id=tokenizer.pad_token_id,
-                        end_ids=[tokenizer.eos_token_id], greedy=False, tokenizer=tokenizer)
+    rollouts = _sample(model, tokenizer, [tuple(tokenizer("say one")["input_ids"])] * 8, seed=2, max_new_tokens=4)
     advantages = group_advantages(torch.arange(8.0)[None], scale=False).flatten()  # any spread will do
     with torch.no_grad():
-        before = completion_logprobs(model, rollouts, list(range(8)))
+        before = -_nll(model, rollouts, list(range(8)), tokenizer).example_nll_B
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    (-(advantages * completion_logprobs(model, rollouts, list(range(8)))).sum() / 8).backward()
+    (_nll(model, rollouts, list(range(8)), tokenizer, head=loss_head(model)[0], weights=advantages).nll_sum / 8).backward()
     optimizer.step()
     with torch.no_grad():
-        after = completion_logprobs(model, rollouts, list(range(8)))
-    assert (advantages * (after - before)).sum() > 0
+        after = -_nll(model, rollouts, list(range(8)), tokenizer).example_nll_B
+    assert (advantages.double() * (after - before)).sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, lr, trainable", [("lora", 3e-2, 2 * 2 * (4 * 64 + 2 * (64 + 32) + 3 * (64 + 128))),
                                                    ("full", 1e-3, None)])
 def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
@@ -132,6 +151,7 @@ def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
     assert rewards == pytest.approx(record["rewards"][-1][1], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(rl_config, monkeypatch, tmp_path):
     """A run stopped right after its step-2 checkpoint and resumed equals the uninterrupted run."""
     from safetensors.torch import load_file
@@ -162,6 +182,7 @@ def test_killed_run_resumes_exactly(rl_config, monkeypatch, tmp_path):
     assert json.loads(Path(resumed.summary_path).read_text())["resumed_from_step"] == 2
 
 
+@pytest.mark.slow
 def test_lora_and_full_see_the_same_prompts_in_the_same_order(rl_config, monkeypatch):
     import trainer.rl as rl
 
