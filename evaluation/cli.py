@@ -100,6 +100,43 @@ def register(subparsers) -> None:
     sw.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sw.set_defaults(func=run_lr_sweep)
 
+    rl = subparsers.add_parser(
+        "rl-compare",
+        help="RL: LoRA-vs-FullFT regret in held-out reward, paired over prompts, with a verdict",
+        description=(
+            "Regret = FullFT's final greedy held-out reward - LoRA's (mean over the same prompts), with a paired "
+            "bootstrap interval over prompts. PASS when the whole interval is <= --allowed-regret, FAIL when it "
+            "is entirely above, INCONCLUSIVE otherwise. Refuses (exit 2) runs of the wrong method, different "
+            "prompts, rewards or base models."
+        ),
+    )
+    rl.add_argument("--lora", required=True, metavar="RUN_DIR", help="the RL LoRA run's output directory")
+    rl.add_argument("--full", required=True, metavar="RUN_DIR", help="the RL FullFT run's output directory")
+    rl.add_argument("--allowed-regret", type=float, default=None,
+                    help="allowed reward regret (default 0.05: 5 points of accuracy for a pass/fail reward)")
+    rl.add_argument("--chart", metavar="PATH", help="also draw both runs' accuracy and reward curves into this PNG")
+    rl.add_argument("--exit-code", action="store_true",
+                    help="exit 0 on PASS, 1 on FAIL, 3 on INCONCLUSIVE (2 is always bad input)")
+    rl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rl.set_defaults(func=run_rl_compare)
+
+
+def run_rl_compare(args: argparse.Namespace) -> int:
+    from evaluation.compare import EXIT_CODES
+    from evaluation.rl import DEFAULT_ALLOWED_REWARD_REGRET, format_comparison, load_rl_run, plot_rewards
+    from evaluation.rl import compare_rewards as compare_rl
+
+    allowed = DEFAULT_ALLOWED_REWARD_REGRET if args.allowed_regret is None else args.allowed_regret
+    lora, full = load_rl_run(args.lora), load_rl_run(args.full)
+    comparison = compare_rl(lora, full, allowed_regret=allowed)
+    if args.chart:
+        plot_rewards({"FullFT": full.curves, f"LoRA r={lora.config.get('rank')}": lora.curves}, args.chart)
+    if args.json:
+        print(json.dumps(comparison.to_dict() | {"chart": args.chart}, indent=2))
+    else:
+        print(format_comparison(comparison) + (f"\nChart: {args.chart}" if args.chart else ""))
+    return EXIT_CODES[comparison.verdict] if args.exit_code else 0
+
 
 # ----------------------------------------------------------------------------- evaluate
 
