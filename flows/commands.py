@@ -1,4 +1,4 @@
-"""`lowregret pipeline | demo | sweep | promote | rollback | deploy`: the flows' sub-commands.
+"""`lowregret pipeline | rl-pipeline | demo | sweep | promote | rollback | deploy`: the flows' sub-commands.
 
 Nothing heavy at module level: each handler exports the embedded defaults (flows.settings) and
 only then imports Prefect and MLflow, which read their settings at import time.
@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     _config_args(p)
     p.add_argument("--plan-only", action="store_true", help="write the capacity-plan report and stop")
     p.set_defaults(func=run_pipeline)
+
+    p = subparsers.add_parser("rl-pipeline", help="RL: plan, FullFT RL baseline, LoRA RL, compare rewards, register, promote")
+    _config_args(p)
+    p.set_defaults(func=run_rl_pipeline)
 
     p = subparsers.add_parser("demo", help="the pipeline end to end on SmolLM2 and a built-in dataset (CPU, minutes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override the demo preset")
@@ -85,6 +89,45 @@ def run_pipeline(args) -> int:
     summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
     return 0
+
+
+def run_rl_pipeline(args) -> int:
+    settings = _environment(args)
+    from flows.config import load_rl_pipeline_config
+
+    config = load_rl_pipeline_config(args.config, args.overrides)  # UserError here, before any work
+    from evaluation.compare import EXIT_CODES
+    from flows.rl_pipeline import rl_pipeline
+
+    summary = rl_pipeline(config, workdir=str(settings.home.parent))
+    print(format_rl_summary(summary, settings))
+    return EXIT_CODES[summary["comparison"]["verdict"]]
+
+
+def format_rl_summary(summary: dict, settings) -> str:
+    """The RL pipeline's table, verdict, registration and files, for the terminal."""
+    from evaluation.rl import RewardComparison, format_comparison
+
+    comparison = RewardComparison(**{k: v for k, v in summary["comparison"].items() if k != "passed"})
+    full, lora, plan = summary["baseline"], summary["lora"], summary["plan"]
+    lines = [
+        "",
+        f"Capacity plan (RL): {plan['verdict'].upper()} ({plan['adapter_params']:,} adapter parameters at rank "
+        f"{summary['config']['rank']}; smallest low-regret rank {plan['smallest_rank']})",
+        format_comparison(comparison),
+        f"wall s: FullFT {full['wall_s']:.1f}{' (cached)' if summary['baseline_cached'] else ''}, "
+        f"LoRA {lora['wall_s']:.1f}",
+    ]
+    reg, promo = summary.get("registration"), summary.get("promotion")
+    if reg:
+        lines.append(f"Registered {reg['name']} v{reg['version']}" + ("" if reg["created"] else " (already registered)")
+                     + f"; champion: {'yes' if promo['promoted'] else 'no'} ({promo['reason']})")
+    else:
+        lines.append(f"Not registered: the reward-regret verdict is {comparison.verdict}, not PASS.")
+    lines += ["", f"Plan report: {plan['files'].get('plan.html', '')}", f"Chart:       {summary['chart']}",
+              f"Summary:     {Path(summary['chart']).parent / 'summary.json'}",
+              f"MLflow UI:   mlflow ui --backend-store-uri {settings.tracking_uri}"]
+    return "\n".join(lines)
 
 
 def run_demo(args) -> int:

