@@ -21,10 +21,7 @@ def register(subparsers) -> None:
             "under `accelerate launch -m flows.cli train ...`."
         ),
     )
-    parser.add_argument("--config", help="YAML preset; omitted = the TrainConfig defaults")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    parser.add_argument("--json", action="store_true", help="print the TrainResult as JSON at the end")
+    _run_args(parser, "TrainConfig", "TrainResult")
     parser.set_defaults(func=handle)
 
     rl = subparsers.add_parser(
@@ -38,11 +35,15 @@ def register(subparsers) -> None:
             "model/, curves.json, eval_rewards.json and summary.json to output_dir."
         ),
     )
-    rl.add_argument("--config", help="YAML preset (configs/rl/); omitted = the RLConfig defaults")
-    rl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
-    rl.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    rl.add_argument("--json", action="store_true", help="print the RLResult as JSON at the end")
+    _run_args(rl, "RLConfig", "RLResult")
     rl.set_defaults(func=handle_rl)
+
+
+def _run_args(parser: argparse.ArgumentParser, config: str, result: str) -> None:
+    parser.add_argument("--config", help=f"YAML preset (configs/); omitted = the {config} defaults")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("--json", action="store_true", help=f"print the {result} as JSON at the end")
 
 
 def handle_rl(args: argparse.Namespace) -> int:

@@ -228,31 +228,43 @@ def _coerce_types(config) -> None:
 
 
 def _validate(c: TrainConfig) -> None:
-    def choice(name: str, options: tuple[str, ...]) -> None:
-        if getattr(c, name) not in options:
-            raise UserError(f"Option {name}={getattr(c, name)!r} is not one of {', '.join(options)}.")
+    validate_run_options(c)
+    for name, options in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISIONS)):
+        _choice(c, name, options)
+    for name in ("batch_size", "grad_accum_steps"):
+        if getattr(c, name) < 1:
+            raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
+    if c.max_length < 8:
+        raise UserError(f"max_length={c.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
+    if not 0 <= c.warmup_steps < c.max_steps:
+        raise UserError(f"warmup_steps={c.warmup_steps}: must be in [0, max_steps={c.max_steps}).")
 
-    for name, options in (
-        ("method", METHODS),
-        ("expert_rank_divisor", EXPERT_RANK_DIVISORS),
-        ("lr_schedule", LR_SCHEDULES),
-        ("mixed_precision", MIXED_PRECISIONS),
-        ("base_dtype", BASE_DTYPES),
-    ):
-        choice(name, options)
+
+def _choice(c, name: str, options: tuple[str, ...]) -> None:
+    if getattr(c, name) not in options:
+        raise UserError(f"Option {name}={getattr(c, name)!r} is not one of {', '.join(options)}.")
+
+
+def validate_run_options(c) -> None:
+    """Check the options every run config has (`TrainConfig`, `trainer.rl_config.RLConfig`): method,
+    LoRA shape, data split, optimizer, evaluation, checkpoints and output.
+
+    Raises:
+        UserError: the first bad value, with what to do.
+    """
+    for name, options in (("method", METHODS), ("expert_rank_divisor", EXPERT_RANK_DIVISORS),
+                          ("base_dtype", BASE_DTYPES)):
+        _choice(c, name, options)
     if c.method == "lora" and c.rank <= 0:
-        raise UserError(f"rank={c.rank}: a LoRA rank must be a positive whole number (try 16).")
+        raise UserError(f"rank={c.rank}: a LoRA rank must be a positive whole number (try 16; RL: 1).")
     if c.alpha <= 0:
         raise UserError(f"alpha={c.alpha}: the LoRA scale alpha must be positive (the paper uses 32).")
     if not c.targets.strip() or any(not t.strip() for t in c.targets.split(",")):
         raise UserError(f"targets={c.targets!r}: use all, attention, mlp or a comma list like q_proj,v_proj.")
     if c.lr is not None and not 0 < c.lr < 1:
         raise UserError(f"lr={c.lr}: a learning rate must be in (0, 1); LoRA ~1e-4..1e-3, full ~10x lower.")
-    for name in ("max_steps", "batch_size", "grad_accum_steps"):
-        if getattr(c, name) < 1:
-            raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
-    if c.max_length < 8:
-        raise UserError(f"max_length={c.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
+    if c.max_steps < 1:
+        raise UserError(f"max_steps={c.max_steps}: must be at least 1.")
     if c.eval_dataset is None and not 0 < c.eval_fraction < 1:
         raise UserError(
             f"eval_fraction={c.eval_fraction}: must be in (0, 1) to hold out a split, "
@@ -260,8 +272,6 @@ def _validate(c: TrainConfig) -> None:
         )
     if c.dataset_limit is not None and c.dataset_limit < 2:
         raise UserError(f"dataset_limit={c.dataset_limit}: read at least 2 rows (or null for all).")
-    if not 0 <= c.warmup_steps < c.max_steps:
-        raise UserError(f"warmup_steps={c.warmup_steps}: must be in [0, max_steps={c.max_steps}).")
     if c.weight_decay < 0:
         raise UserError(f"weight_decay={c.weight_decay}: must be >= 0.")
     for name in ("adam_beta1", "adam_beta2"):
@@ -280,4 +290,4 @@ def _validate(c: TrainConfig) -> None:
     if c.resume is not None and c.overwrite:
         raise UserError("resume and overwrite=true contradict each other: resume keeps the run, overwrite deletes it.")
     if c.output_dir is not None and not c.output_dir.strip():
-        raise UserError("output_dir is empty: give a directory, or null for runs/<method>.")
+        raise UserError("output_dir is empty: give a directory, or null for the default under runs/.")

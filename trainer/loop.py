@@ -33,14 +33,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
 from trainer.data import collate, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
-from trainer.model import (
-    apply_lora,
-    count_trainable,
-    load_base_model,
-    load_base_tokenizer,
-    resolve_targets,
-    save_trained,
-)
+from trainer.model import count_trainable, load_base_tokenizer, load_for_training, save_trained
 from trainer.result import TrainResult
 
 
@@ -183,17 +176,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
     config_hash = config.hash(data.fingerprint)
 
-    base_dtype = config.base_dtype
-    if base_dtype == "auto":
-        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
-    model = load_base_model(config.model, base_dtype)
-    if config.method == "lora":
-        plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor,
-                               config.target_unembedding)
-        model = apply_lora(model, config.rank, config.alpha, plan)
-        what = f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
-    else:
-        what = "full fine-tuning"
+    model, what = load_for_training(config, use_cuda)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable_params = count_trainable(model)

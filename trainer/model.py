@@ -291,6 +291,27 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+
+def load_for_training(config, use_cuda: bool, device: str | torch.device | None = None):
+    """The model a run config trains, and a one-line description of what is trained.
+
+    `config` is a `TrainConfig` or an `RLConfig` (the fields model, method, base_dtype, rank,
+    alpha, targets, expert_rank_divisor, target_unembedding). base_dtype=auto loads a frozen LoRA
+    base in bf16 on CUDA and everything else in fp32 (FullFT keeps fp32 master weights).
+
+    Raises:
+        UserError: the model cannot be loaded, or the targets or rank do not fit it.
+    """
+    base_dtype = config.base_dtype
+    if base_dtype == "auto":
+        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
+    model = load_base_model(config.model, base_dtype, device)
+    if config.method != "lora":
+        return model, "full fine-tuning"
+    plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor, config.target_unembedding)
+    model = apply_lora(model, config.rank, config.alpha, plan)
+    return model, f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
+
 def save_trained(model: nn.Module, tokenizer, directory: Path, *, method: str, base_ref: str,
                  state_dict: dict | None = None) -> None:
     """Write the adapter (LoRA) or the whole model (full) plus the tokenizer to `directory`.

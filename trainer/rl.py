@@ -41,14 +41,7 @@ from trainer import checkpoint as ckpt
 from trainer.data import Sequence, collate, step_indices
 from trainer.loop import _peak_memory, _preflight_dirs, _run_dirs, _versions, eval_steps
 from trainer.loss import completion_nll, loss_head
-from trainer.model import (
-    apply_lora,
-    count_trainable,
-    load_base_model,
-    load_base_tokenizer,
-    resolve_targets,
-    save_trained,
-)
+from trainer.model import count_trainable, load_base_tokenizer, load_for_training, save_trained
 from trainer.rewards import SOLVED_REWARD, load_reward
 from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, RLResult
 
@@ -283,17 +276,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         f"{config.prompts_per_step} prompts x {config.group_size} samples per step")
     config_hash = config.hash(data.fingerprint)
 
-    base_dtype = config.base_dtype
-    if base_dtype == "auto":
-        base_dtype = "bfloat16" if (config.method == "lora" and device.type == "cuda") else "float32"
-    model = load_base_model(config.model, base_dtype, device)
-    if config.method == "lora":
-        plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor,
-                               config.target_unembedding)
-        model = apply_lora(model, config.rank, config.alpha, plan)
-        what = f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
-    else:
-        what = "full fine-tuning"
+    model, what = load_for_training(config, device.type == "cuda", device)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
     end_ids = end_token_ids(model, tokenizer)

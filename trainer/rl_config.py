@@ -13,15 +13,13 @@ from pathlib import Path
 from planner.errors import UserError
 from planner.sources import DEFAULT_MODEL
 from trainer.config import (
-    BASE_DTYPES,
     DEFAULT_FULL_LR,
     DEFAULT_LORA_LR,
-    EXPERT_RANK_DIVISORS,
-    METHODS,
     _coerce_types,
     apply_overrides,
     config_hash,
     read_yaml_mapping,
+    validate_run_options,
 )
 from trainer.rewards import parse_reward
 
@@ -145,20 +143,9 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
 
 
 def _validate(c: RLConfig) -> None:
-    for name, options in (("method", METHODS), ("expert_rank_divisor", EXPERT_RANK_DIVISORS),
-                          ("base_dtype", BASE_DTYPES)):
-        if getattr(c, name) not in options:
-            raise UserError(f"Option {name}={getattr(c, name)!r} is not one of {', '.join(options)}.")
+    validate_run_options(c)
     parse_reward(c.reward)
-    if c.method == "lora" and c.rank <= 0:
-        raise UserError(f"rank={c.rank}: a LoRA rank must be a positive whole number (RL: 1 is enough).")
-    if c.alpha <= 0:
-        raise UserError(f"alpha={c.alpha}: the LoRA scale alpha must be positive (the paper uses 32).")
-    if not c.targets.strip() or any(not t.strip() for t in c.targets.split(",")):
-        raise UserError(f"targets={c.targets!r}: use all, attention, mlp or a comma list like q_proj,v_proj.")
-    if c.lr is not None and not 0 < c.lr < 1:
-        raise UserError(f"lr={c.lr}: a learning rate must be in (0, 1); LoRA ~1e-4..1e-3, full ~10x lower.")
-    for name in ("max_steps", "prompts_per_step", "max_new_tokens", "micro_batch_size"):
+    for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size"):
         if getattr(c, name) < 1:
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
     if c.group_size < 2:
@@ -168,32 +155,6 @@ def _validate(c: RLConfig) -> None:
         )
     if c.max_prompt_tokens < 2:
         raise UserError(f"max_prompt_tokens={c.max_prompt_tokens}: must be at least 2.")
-    if c.eval_dataset is None and not 0 < c.eval_fraction < 1:
-        raise UserError(
-            f"eval_fraction={c.eval_fraction}: must be in (0, 1) to hold out prompts, "
-            "or give eval_dataset=<file> for a held-out set of its own."
-        )
-    if c.dataset_limit is not None and c.dataset_limit < 2:
-        raise UserError(f"dataset_limit={c.dataset_limit}: read at least 2 rows (or null for all).")
-    if c.weight_decay < 0:
-        raise UserError(f"weight_decay={c.weight_decay}: must be >= 0.")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(c, name) < 1:
-            raise UserError(f"{name}={getattr(c, name)}: must be in [0, 1).")
-    if c.max_grad_norm is not None and c.max_grad_norm <= 0:
-        raise UserError(f"max_grad_norm={c.max_grad_norm}: must be positive, or null for no clipping.")
-    if c.eval_points < 2:
-        raise UserError(f"eval_points={c.eval_points}: need at least 2 (step 0 and the last step).")
-    if c.eval_max_examples is not None and c.eval_max_examples < 1:
-        raise UserError(f"eval_max_examples={c.eval_max_examples}: must be at least 1, or null for all.")
-    if c.checkpoint_every < 0:
-        raise UserError(f"checkpoint_every={c.checkpoint_every}: must be >= 0 (0 = no checkpoints).")
-    if c.keep_checkpoints < 1:
-        raise UserError(f"keep_checkpoints={c.keep_checkpoints}: keep at least 1 to be able to resume.")
-    if c.resume is not None and c.overwrite:
-        raise UserError("resume and overwrite=true contradict each other: resume keeps the run, overwrite deletes it.")
-    if c.output_dir is not None and not c.output_dir.strip():
-        raise UserError("output_dir is empty: give a directory, or null for runs/rl-<method>.")
 
 
 @dataclass(frozen=True)
