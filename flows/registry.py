@@ -169,8 +169,13 @@ def current_champion(client, name: str):
         return None
 
 
-def promote_if_better(client, name: str, version: str, *, passed: bool, eval_loss: float) -> PromotionDecision:
-    """Give `version` the champion alias if it passed the gate and does not lose to the champion."""
+def promote_if_better(client, name: str, version: str, *, passed: bool, eval_loss: float | None = None,
+                      eval_reward: float | None = None) -> PromotionDecision:
+    """Give `version` the champion alias if it passed the gate and does not lose to the champion:
+    by held-out loss (lower is better; SFT) or, when `eval_reward` is given, by held-out reward
+    (higher is better; RL). A champion without that tag (another objective) does not block."""
+    metric, value = ("eval_reward", eval_reward) if eval_reward is not None else ("eval_loss", eval_loss)
+    words = metric.replace("_", " ")
     champion = current_champion(client, name)
     if not passed:
         return PromotionDecision(name, version, False, "regret gate failed")
@@ -179,15 +184,17 @@ def promote_if_better(client, name: str, version: str, *, passed: bool, eval_los
     if champion is not None:
         if str(champion.version) == str(version):
             return PromotionDecision(name, version, False, "already champion")
-        champion_loss = float(champion.tags.get("eval_loss", "inf"))
-        if eval_loss > champion_loss:
+        held = champion.tags.get(metric)
+        if held is not None and (value < float(held) if metric == "eval_reward" else value > float(held)):
+            relation = "<" if metric == "eval_reward" else ">"
             return PromotionDecision(
                 name, version, False,
-                f"eval loss {eval_loss:.4f} > champion v{champion.version}'s {champion_loss:.4f}",
+                f"{words} {value:.4f} {relation} champion v{champion.version}'s {float(held):.4f}",
                 previous_champion=str(champion.version),
             )
     previous = _move_champion(client, name, version)
-    reason = "first champion" if previous is None else f"eval loss {eval_loss:.4f} <= champion v{previous}'s"
+    relation = ">=" if metric == "eval_reward" else "<="
+    reason = "first champion" if previous is None else f"{words} {value:.4f} {relation} champion v{previous}'s"
     return PromotionDecision(name, version, True, reason, previous_champion=previous)
 
 

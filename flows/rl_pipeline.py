@@ -169,8 +169,8 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
                     "plan_verdict": plan["verdict"], "code_version": code, "mlflow_run_id": lora_run}
             registration = tasks.register_adapter(settings, lora_run, lora.model_dir, config.model, config.name,
                                                   fingerprint, tags, str(runs / "registry-scratch"))
-            # The registry ranks champions by eval loss (lower is better): a reward is its negative.
-            decision = tasks.promote_adapter(settings, registration, comparison.passed, -lora.final_eval_reward)
+            decision = tasks.promote_adapter(settings, registration, comparison.passed,
+                                             eval_reward=lora.final_eval_reward)
         tasks.end_tracking(settings, lora_run)
 
         summary = {

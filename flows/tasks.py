@@ -230,15 +230,17 @@ def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, n
 
 
 @task(**IO_RETRIES)
-def promote_adapter(settings, registration, passed: bool, eval_loss: float):
-    """Move `champion` to the new version if it passed and does not lose to the champion."""
+def promote_adapter(settings, registration, passed: bool, eval_loss: float | None = None,
+                    eval_reward: float | None = None):
+    """Move `champion` to the new version if it passed and does not lose to the champion (by eval
+    loss, or by eval reward for RL)."""
     from flows import registry
 
     if not registration.created:
         return registry.PromotionDecision(registration.name, registration.version, False,
                                           "identical run already registered; aliases unchanged")
     return registry.promote_if_better(registry.client_for(settings), registration.name, registration.version,
-                                      passed=passed, eval_loss=eval_loss)
+                                      passed=passed, eval_loss=eval_loss, eval_reward=eval_reward)
 
 
 @task

@@ -110,3 +110,21 @@ def test_bad_config_is_a_user_error_before_any_work(overrides, says):
 def test_every_rl_pipeline_preset_loads(preset):
     config = load_rl_pipeline_config(preset)
     assert config.rl_config("lora").rank == config.rank and config.rl_config("full").method == "full"
+
+
+def test_rl_champions_are_ranked_by_reward_higher_is_better(registry_client, flow_settings, tiny_adapter, tmp_path):
+    from flows import registry
+    from tests.flows.test_registry import _run
+
+    client, name = registry_client, "tiny-rl-rules"
+    uri = registry.log_adapter_model(_run(flow_settings, "rl-rules"), tiny_adapter(0), "unused-base", tmp_path)
+
+    def register(fingerprint, reward):
+        reg = registry.register_adapter(client, name, uri, fingerprint, {"eval_reward": reward})
+        return registry.promote_if_better(client, name, reg.version, passed=True, eval_reward=reward)
+
+    assert register("a", 0.5).promoted
+    worse = register("b", 0.4)
+    assert not worse.promoted and "eval reward 0.4000 < champion v1's 0.5000" in worse.reason
+    better = register("c", 0.6)
+    assert better.promoted and better.previous_champion == "1" and ">=" in better.reason
