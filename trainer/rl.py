@@ -315,6 +315,17 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
 
     final_texts: list[str] = []  # the last evaluation's greedy completions, kept as examples
 
+    def write_curves() -> None:
+        """curves.json and eval_rewards.json as they stand: a run stopped early still shows its curves
+        in `<output_dir>.partial/` (the final write adds the completions as examples)."""
+        (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
+        (run_dir / EVAL_REWARDS_FILE).write_text(json.dumps({
+            "prompt_ids": [p.key for p in data.eval],
+            "rewards": eval_rewards,
+            "examples": [{"prompt": p.text, "answer": p.answer, "completion": t}
+                         for p, t in zip(data.eval[:20], final_texts, strict=False)],
+        }))
+
     def evaluate(at_step: int) -> None:
         rewards, final_texts[:] = greedy_rewards(model, tokenizer, data.eval, reward_fn, max_new_tokens=config.max_new_tokens,
                                     batch_size=config.micro_batch_size, end_ids=end_ids)
@@ -328,6 +339,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     evals_at = set(eval_steps(config.max_steps, config.eval_points))
     if start_step == 0:
         evaluate(0)
+        write_curves()
     group, per_step = config.group_size, config.prompts_per_step
     episodes_per_step = per_step * group
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
@@ -375,6 +387,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         bar.set_postfix(reward=f"{train_reward:.3f}", signal=f"{len(rows) / episodes_per_step:.2f}")
         if step + 1 in evals_at:
             evaluate(step + 1)
+        write_curves()
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
             ckpt.save_checkpoint(
                 run_dir, step + 1, model, optimizer, scheduler,
@@ -411,13 +424,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         config_hash=config_hash,
     )
     save_trained(model, tokenizer, run_dir / sub, method=config.method, base_ref=config.model)
-    (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
-    (run_dir / EVAL_REWARDS_FILE).write_text(json.dumps({
-        "prompt_ids": [p.key for p in data.eval],
-        "rewards": eval_rewards,
-        "examples": [{"prompt": p.text, "answer": p.answer, "completion": t}
-                     for p, t in zip(data.eval[:20], final_texts, strict=False)],
-    }))
+    write_curves()
     summary = {
         **result.to_dict(),
         "config": config.to_dict(),

@@ -172,6 +172,9 @@ def test_killed_run_resumes_exactly(rl_config, monkeypatch, tmp_path):
         train_rl(config, progress=False)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert not Path(config.output_dir).exists()
+    # The stopped run's curves so far are readable in its partial directory.
+    partial = json.loads((Path(config.output_dir + ".partial") / "curves.json").read_text())
+    assert [s for s, _ in partial["train_reward"]] == [1, 2] and [s for s, _ in partial["eval_reward"]] == [0, 1]
     resumed = train_rl(rl_config(output_dir=str(tmp_path / "resumed"), checkpoint_every=2, resume="auto"),
                        progress=False)
 
