@@ -44,16 +44,6 @@ def train_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def restore_environ():
-    """The CLI handlers export their defaults into os.environ; put it back after each test."""
-    import os
-
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
 
 @pytest.fixture
 def run_pipeline(prefect_harness, flow_settings):
