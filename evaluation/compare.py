@@ -154,12 +154,12 @@ def matched_points(lora_evals: list[Curve], full_evals: list[Curve]) -> tuple[Ma
 
     Step 0 is left out: both runs are still the base model there.
     """
-    by_step = [dict(curve) for curve in lora_evals + full_evals]
-    steps = sorted(set.intersection(*(set(c) for c in by_step)) - {0}) if by_step else []
+    loras, fulls = [dict(c) for c in lora_evals], [dict(c) for c in full_evals]
+    steps = sorted(set.intersection(*(set(c) for c in loras + fulls)) - {0}) if loras and fulls else []
     points = []
     for step in steps:
-        lora = sum(dict(c)[step] for c in lora_evals) / len(lora_evals)
-        full = sum(dict(c)[step] for c in full_evals) / len(full_evals)
+        lora = sum(c[step] for c in loras) / len(loras)
+        full = sum(c[step] for c in fulls) / len(fulls)
         points.append(MatchedPoint(step, lora, full, lora - full, _relative(lora - full, full)))
     return tuple(points)
 
