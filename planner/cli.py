@@ -41,7 +41,11 @@ def register(subparsers) -> None:
     p.add_argument("--rl-episodes", type=int, help="plan for RL: number of episodes (instead of --dataset)")
     p.add_argument("--reward-entropy-bits", type=float, default=1.0, help="bits per RL episode (1 for pass/fail)")
     p.add_argument("--bits-per-param", type=float, default=DEFAULT_BITS_PER_PARAM, help="adapter capacity prior (default 2)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per sequence (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"max_length: tokens per sequence, longer examples are cut (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--packing", action="store_true",
+                   help="the run packs examples into rows of --seq-len (memory is then sized at --seq-len; "
+                   "without it, at the longest example up to --seq-len when --dataset is given)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"effective batch in sequences (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--steps", type=int, help="optimizer steps (default: epochs × examples / batch)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset (default 1)")
@@ -132,7 +136,7 @@ def run_plan(args: argparse.Namespace) -> int:
     plan = build_plan(
         shape, args.rank, targets=args.targets, expert_rank_divisor=args.expert_rank_divisor,
         target_unembedding=args.target_unembedding, profile=profile, bits_per_param=args.bits_per_param,
-        seq_len=args.seq_len, batch_size=args.batch_size, gpu=args.gpu, num_gpus=args.num_gpus,
+        seq_len=args.seq_len, batch_size=args.batch_size, packing=args.packing, gpu=args.gpu, num_gpus=args.num_gpus,
         fullft_lr=args.fullft_lr, steps=args.steps, epochs=args.epochs, mfu=args.mfu, notes=tuple(notes),
     )
     files = {}

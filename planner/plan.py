@@ -15,6 +15,7 @@ from planner import flops as flops_mod
 from planner import memory as memory_mod
 from planner.errors import UserError
 from planner.gpus import get_gpu
+from planner.lengths import LengthPlan, plan_lengths
 from planner.lora import LoraCount, count_lora_params, select_targets
 from planner.shapes import ModelShape, load_shape
 
@@ -44,6 +45,8 @@ class CapacityPlan:
     settings: dict
     constants: tuple[dict, ...]
     notes: tuple[str, ...]
+    lengths: LengthPlan | None = None
+    measured: tuple[dict, ...] = ()
 
     @property
     def adapter_params(self) -> int:
@@ -69,6 +72,8 @@ class CapacityPlan:
             "settings": self.settings,
             "constants": list(self.constants),
             "notes": list(self.notes),
+            "lengths": self.lengths.to_dict() if self.lengths else None,
+            "measured": list(self.measured),
         }
 
 
@@ -129,6 +134,7 @@ def build_plan(
     bits_per_param: float = capacity_mod.DEFAULT_BITS_PER_PARAM,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    packing: bool = False,
     gpu: str = DEFAULT_GPU,
     num_gpus: int | None = None,
     fullft_lr: float | None = None,
@@ -147,7 +153,9 @@ def build_plan(
         target_unembedding: also adapt lm_head.
         profile: a `planner.profile.DatasetProfile`, or None for no capacity verdict.
         bits_per_param: adapter capacity prior.
-        seq_len, batch_size: tokens per sequence and sequences per optimizer step (effective).
+        seq_len, batch_size: max_length (tokens per sequence) and sequences per optimizer step (effective).
+        packing: the run packs examples into rows of seq_len (else each micro-batch is padded to
+            its longest example); with a profile, memory is sized at the row width this gives.
         gpu, num_gpus: the GPU kind, and a fixed count (None: the fewest that fit).
         fullft_lr: the FullFT LR to scale (None: tinker-cookbook's formula).
         steps: optimizer steps (None: from the profile and `epochs` when there is one).
@@ -188,6 +196,9 @@ def build_plan(
             tokens = round(epochs * int(profile.total_tokens))
     if tokens is None and steps is not None:
         tokens = steps * batch_size * seq_len  # every sequence full: an upper bound
+    token_lengths = getattr(profile, "token_lengths", ())
+    lengths = plan_lengths(token_lengths, seq_len, packing) if token_lengths else None
+    memory_seq_len = lengths.memory_seq_len if lengths else seq_len
 
     advice = advice_mod.advise(shape, batch_size, fullft_lr, steps)
     flops = flops_mod.estimate_flops(shape, lora, seq_len)
@@ -196,11 +207,11 @@ def build_plan(
         run = flops_mod.estimate_run_time(flops, tokens, gpu_spec, num_gpus or 1, mfu)
     methods = tuple(memory_mod.METHODS)
     memory = tuple(
-        memory_mod.estimate_memory(shape, lora.total, method, seq_len, 1, n)
+        memory_mod.estimate_memory(shape, lora.total, method, memory_seq_len, 1, n)
         for method in methods for n in CHART_GPU_COUNTS
     )
     hardware = tuple(
-        memory_mod.fit_hardware(shape, lora.total, method, gpu_spec, seq_len, batch_size, num_gpus)
+        memory_mod.fit_hardware(shape, lora.total, method, gpu_spec, memory_seq_len, batch_size, num_gpus)
         for method in methods
     )
     all_notes = list(notes)
@@ -237,7 +248,8 @@ def build_plan(
     all_notes.append("Memory: activations per Korthikanti et al. 2022 for a GPT block with memory-efficient "
                      "attention; QLoRA assumes every matrix but the embedding and lm_head is 4-bit.")
     settings = {
-        "seq_len": seq_len, "batch_size": batch_size, "gpu": gpu_spec.name, "num_gpus": num_gpus,
+        "seq_len": seq_len, "memory_seq_len": memory_seq_len, "packing": packing, "batch_size": batch_size,
+        "gpu": gpu_spec.name, "num_gpus": num_gpus,
         "steps": steps, "epochs": epochs, "tokens": tokens, "mfu": mfu, "bits_per_param": bits_per_param,
         "target_unembedding": target_unembedding,
     }
@@ -258,4 +270,5 @@ def build_plan(
         settings=settings,
         constants=_constants(bits_per_param, mfu),
         notes=tuple(all_notes),
+        lengths=lengths,
     )
