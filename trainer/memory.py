@@ -3,7 +3,9 @@
 `measure_step_memory` runs the trainer's own step on fake tensors: the precision policy
 (`loop.precision`), the model preparation (`model.prepare_model`: peft LoRA, gradient
 checkpointing), the optimizer (`loop.build_optimizer`), accelerate's `prepare` (autocast and the
-fp32 conversion of the model's outputs) and the loop's micro-batch forward, loss and backward. The
+fp32 conversion of the model's outputs), the loop's loss path (`loss.loss_head`: chunked or full
+logits) and micro-batch step (`loss.train_micro_batch`: forward, loss, backward), on a batch made
+by the loop's `data.collate`. The
 tensors are `torch._subclasses.fake_tensor.FakeTensorMode` fakes (shapes and dtypes, no data), so a
 step of an 8B model "runs" on a laptop in seconds; PyTorch's own
 `torch.distributed._tools.mem_tracker.MemTracker` records every tensor the step allocates and frees
@@ -216,17 +218,18 @@ def _batch(seq_len: int, micro_batch: int, vocab_size: int):
     drops an all-ones mask when it can read it (`masking_utils._ignore_causal_mask_sdpa`); on fake
     tensors it cannot, so the harness leaves that mask out, as transformers would on a GPU.
     """
+    from planner.dataset import IGNORE_INDEX
     from trainer.data import Sequence, collate
 
     rows = []
     for row in range(micro_batch):
         n = seq_len - (1 if row == micro_batch - 1 and micro_batch > 1 else 0)
         ids = [(7 * row + i) % vocab_size for i in range(n)]
-        rows.append(Sequence(ids, ids[1:] + [-100], list(range(n))))
-    inputs, targets_B_T = collate(rows, pad_id=0, packed=False)
+        rows.append(Sequence(ids, ids[1:] + [IGNORE_INDEX], list(range(n))))
+    batch = collate(rows, pad_id=0, packed=False)
     if micro_batch == 1:
-        del inputs["attention_mask"]
-    return inputs, targets_B_T
+        del batch.inputs["attention_mask"]
+    return batch
 
 
 def _reset_accelerate() -> None:
@@ -262,7 +265,8 @@ def measure_step_memory(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.shapes import shape_from_config
-    from trainer.loop import build_optimizer, nll_sum, precision
+    from trainer.loop import build_optimizer, precision
+    from trainer.loss import loss_head, train_micro_batch
     from trainer.model import model_from_config, prepare_model
 
     started = time.perf_counter()
@@ -272,8 +276,8 @@ def measure_step_memory(
                                  "target_unembedding": target_unembedding})
     shape = shape_from_config(model_config)
     mixed_precision, base_dtype = precision(config, use_cuda=True)
-    inputs, targets_B_T = _batch(seq_len, micro_batch, shape.vocab_size)
-    loss_tokens = int((targets_B_T != -100).sum()) * grad_accum_steps
+    batch = _batch(seq_len, micro_batch, shape.vocab_size)
+    loss_tokens = int(batch.loss_positions_N.numel()) * grad_accum_steps
     _reset_accelerate()
     try:
         accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
@@ -282,6 +286,7 @@ def measure_step_memory(
                 model, _ = prepare_model(model_from_config(model_config, base_dtype), config)
                 optimizer = build_optimizer(model, config, use_cuda=True)
                 model, optimizer = accelerator.prepare(model, optimizer)
+            head, _ = loss_head(accelerator.unwrap_model(model))
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
             for p in trainable:  # a first step creates AdamW's state
@@ -294,9 +299,8 @@ def measure_step_memory(
             tracker = _StepTracker(_decoder_layers(model, shape.num_layers))
             tracker.track_external(model, optimizer)
             with tracker:
-                nll = nll_sum(model, inputs, targets_B_T, accelerator.device)
-                accelerator.backward(nll / loss_tokens * accelerator.num_processes)
-                del nll
+                train_micro_batch(model, batch.to(accelerator.device), accelerator.num_processes / loss_tokens,
+                                  head=head, backward=accelerator.backward)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:
