@@ -57,6 +57,7 @@ _COMPONENTS = {
     _MemRefType.OTH: "other",
 }
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
+# "optimizer" covers the optimizer step and what runs between the end of the backward and it.
 PHASES = ("forward", "backward: loss and head", "backward: top layer", "backward: middle layers",
           "backward: bottom layer", "backward: embedding", "optimizer")
 _EXTRAPOLATED_PHASES = tuple(p for p in PHASES if p != "backward: middle layers")
@@ -112,6 +113,7 @@ class _StepTracker(MemTracker):
         self._layers = layers
         self._layer_names: list[str | None] = []
         self._left_layers = False
+        self._backward_done = False
         self.peaks: dict[str, PhasePeak] = {}
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
@@ -138,10 +140,11 @@ class _StepTracker(MemTracker):
         MemTracker's cost); `__torch_dispatch__` keeps the per-phase peaks."""
 
     def _phase(self) -> str:
-        if self._in_opt:
-            return "optimizer"
+        if self._in_opt or (self._backward_done and not self._mod_tracker.is_bw):
+            return "optimizer"  # the optimizer step, and whatever runs between the backward and it
         if not self._mod_tracker.is_bw:
             return "forward"
+        self._backward_done = True
         if len(self._layer_names) != len(self._layers) or None in self._layer_names:
             self._layer_names = [self._mod_tracker.get_known_fqn(layer) for layer in self._layers]
         parents = self._mod_tracker.parents
