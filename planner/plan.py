@@ -100,11 +100,10 @@ def _constants(bits_per_param: float, mfu: float) -> tuple[dict, ...]:
     for m in memory_mod.METHODS.values():
         add(f"bytes_per_param.{m.name}", {k: v for k, v in dataclasses.asdict(m).items() if k.endswith("param")},
             m.source)
-    add("activation_bytes_per_sbh", memory_mod.ACTIVATION_BYTES_PER_SBH, "Korthikanti et al. 2022, eq. 2")
-    add("attention_score_bytes_coef", memory_mod.ATTENTION_SCORE_BYTES_COEF,
-        "Korthikanti et al. 2022 (5·a·s/h; dropped with memory-efficient attention)")
-    add("checkpoint_bytes_per_sbh", memory_mod.CHECKPOINT_BYTES_PER_SBH, "Korthikanti et al. 2022 §4")
-    add("logits_bytes_per_element", memory_mod.LOGITS_BYTES_PER_ELEMENT, "bf16 logits + fp32 upcast + fp32 grad")
+    for (method, checkpointing), measured in memory_mod.MEASURED.items():
+        add(f"step_bytes.{method}{'.checkpointing' if checkpointing else ''}",
+            {"layer": measured.layer, "phases": measured.phases}, measured.source)
+    add("chunk_tokens", memory_mod.CHUNK_TOKENS, "trainer/loss.py: positions per chunk of the completion loss")
     add("overhead_fixed_bytes", memory_mod.OVERHEAD_FIXED_BYTES, "prior: CUDA context and workspaces")
     add("overhead_fraction", memory_mod.OVERHEAD_FRACTION, "prior: allocator fragmentation")
     return tuple(c)
@@ -241,12 +240,14 @@ def build_plan(
         if lora.by_role.get("routed_expert"):
             all_notes.append(
                 "peft adapts the fused 3-D expert weights through target_parameters, which rebuilds W + ΔW "
-                "for all experts with torch parametrize on every forward; its transient memory and FLOPs "
-                "(per step, not per token) are not modelled: check them on a GPU."
+                "for all experts with torch parametrize on every forward and keeps it for the backward: 2 bytes per "
+                "expert weight per layer in the LoRA memory (measured), and FLOPs per step that are not modelled."
             )
     all_notes.append("Attention-score FLOPs count the full s×s matrix (MFU convention); causal kernels do about half.")
-    all_notes.append("Memory: activations per Korthikanti et al. 2022 for a GPT block with memory-efficient "
-                     "attention; QLoRA assumes every matrix but the embedding and lm_head is 4-bit.")
+    all_notes.append("Memory: allocated bytes at the step's peak from constants measured on the trainer's own step "
+                     "(planner/memory.py); CUDA context, kernel workspaces and fragmentation are a stated overhead. "
+                     "QLoRA (not measured: the trainer has no QLoRA path) assumes every matrix but the embedding and "
+                     "lm_head is 4-bit and LoRA's activations.")
     settings = {
         "seq_len": seq_len, "memory_seq_len": memory_seq_len, "packing": packing, "batch_size": batch_size,
         "gpu": gpu_spec.name, "num_gpus": num_gpus,

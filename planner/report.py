@@ -22,7 +22,7 @@ CHARTS = {
     "capacity.png": "Adapter capacity (bits) vs dataset bits over ranks 1-512",
     "memory.png": "Memory per GPU by method and GPU count (micro-batch 1)",
 }
-_MEMORY_PARTS = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "logits_bytes",
+_MEMORY_PARTS = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes",
                  "overhead_bytes")
 
 
@@ -118,7 +118,22 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
                          + (f"; effective batch {fit.effective_batch}" if fit.effective_batch != plan.settings["batch_size"]
                             else "")
                          + (f"; {_duration(_hours(plan, fit) * 3600)} wall" if plan.run else ""))
+    if plan.measured:
+        lines.append("Measured peak per GPU (the trainer's own step on fake tensors under PyTorch's MemTracker; "
+                     "allocated bytes, without CUDA context, kernel workspaces or fragmentation):")
+        lines += [_measured_line(row) for row in plan.measured]
     return lines
+
+
+def _measured_line(row: dict) -> str:
+    where = (f"{row['num_gpus']} GPU{'s' if row['num_gpus'] > 1 else ''}, micro-batch {row['micro_batch']}, "
+             f"grad accum {row['grad_accum_steps']}" + (", gradient checkpointing" if row["gradient_checkpointing"] else ""))
+    if "error" in row:
+        return f"  {row['method']:9s}: not measured ({row['error']}); planner {_gb(row['planner_bytes'])} at {where}"
+    layers = ", ".join(" + ".join(f"{n} {kind}" for kind, n in counts.items()) for counts in row["measured_layers"])
+    return (f"  {row['method']:9s}: measured {_gb(row['measured_bytes'])}, planner {_gb(row['planner_bytes'])} "
+            f"({row['ratio']:.2f}x) at {where}; peak in {row['peak_phase']}; layers run {layers}, extrapolated "
+            f"to the model's depth; {row['seconds']:.0f} s")
 
 
 def _capacity_chart(plan: CapacityPlan, path: Path) -> None:
@@ -184,7 +199,7 @@ def render_markdown(plan: CapacityPlan) -> str:
     lines += [f"| {m.name} | {m.role} | {m.d_in} | {m.d_out} | {m.count} | {m.rank} | {m.params:,} |"
               for m in plan.lora.matrices]
     lines += ["", "## Memory per GPU (micro-batch 1)", "",
-              "| method | GPUs | weights | grads | optimizer | activations | logits | overhead | total |",
+              "| method | GPUs | weights | grads | optimizer | activations | temporaries | overhead | total |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {m.method} | {m.num_gpus} | " + " | ".join(_gb(getattr(m, p)) for p in _MEMORY_PARTS)
               + f" | {_gb(m.total_bytes)} |" for m in plan.memory]
