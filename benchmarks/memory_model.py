@@ -128,6 +128,19 @@ def _row_line(i: int, row: dict) -> str:
             f"{_gb(row['planner_bytes']):>7s} GB  ratio {row['ratio']:.3f}  ({row['seconds']:.0f} s)")
 
 
+def _cpu() -> str:
+    """This machine's CPU model, cores and load (the measurement itself does not depend on them)."""
+    import os
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"CPU {model}, {os.cpu_count()} cores{load}"
+
+
 def markdown(rows: list[dict], command: str, seconds: float) -> str:
     """MEMORY_RESULTS.md: date, device, command, versions, the table."""
     import peft
@@ -140,9 +153,9 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         "# Planner memory model vs the measured training step",
         "",
         f"- Date: {datetime.date.today().isoformat()}",
-        f"- Device: this machine's CPU ({platform.machine()}, {platform.processor() or 'unknown'}); the step runs "
-        "on fake tensors (torch FakeTensorMode) under torch.distributed._tools.mem_tracker.MemTracker, with the "
-        "trainer's GPU precision policy (bf16 autocast, bf16 frozen LoRA base). No GPU was used.",
+        f"- Device: {_cpu()}; the step runs on fake tensors (torch FakeTensorMode) under "
+        "torch.distributed._tools.mem_tracker.MemTracker, with the trainer's GPU precision policy (bf16 autocast, "
+        "bf16 frozen LoRA base). No GPU was used.",
         f"- Command: `{command}` ({seconds:.0f} s wall)",
         f"- Versions: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
         f"- Result: {inside} of {len(rows)} ratios planner/measured within {lo:.2f}-{hi:.2f}.",

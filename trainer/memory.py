@@ -5,9 +5,8 @@
 checkpointing), the optimizer (`loop.build_optimizer`), accelerate's `prepare` (autocast and the
 fp32 conversion of the model's outputs), the loop's loss path (`loss.loss_head`: chunked or full
 logits) and micro-batch step (`loss.train_micro_batch`: forward, loss, backward), on a batch made
-by the loop's `data.collate`. The
-tensors are `torch._subclasses.fake_tensor.FakeTensorMode` fakes (shapes and dtypes, no data), so a
-step of an 8B model "runs" on a laptop in seconds; PyTorch's own
+by the loop's `data.collate`. The tensors are `torch._subclasses.fake_tensor.FakeTensorMode` fakes
+(shapes and dtypes, no data), so a step of an 8B model "runs" on a laptop in seconds; PyTorch's own
 `torch.distributed._tools.mem_tracker.MemTracker` records every tensor the step allocates and frees
 (rounded up to the CUDA caching allocator's 512-byte blocks) and splits the peak into weights,
 gradients, optimizer state, activations (saved in the forward) and temporaries (made in the backward).
@@ -259,7 +258,8 @@ def measure_step_memory(
 
     The step is the second optimizer step of a run: AdamW's state exists (made by a first step on
     zero gradients), and with `grad_accum_steps` > 1 the gradients of the earlier micro-batches are
-    held while the last one runs. Every sequence is `seq_len` tokens, all of them completion tokens.
+    held while the last one runs. Every target is a completion token; the rows are `seq_len` tokens
+    wide (with several rows the last is one token shorter: a padded micro-batch, see `_batch`).
 
     Raises:
         UserError: a method the trainer has no path for, or targets/rank the model cannot take.
