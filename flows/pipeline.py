@@ -12,7 +12,6 @@ verdict. Only a PASS registers (alias `candidate`) and may move `champion`.
 # No `from __future__ import annotations`: Prefect builds the flows' parameter models from these
 # annotations when a deployment loads this file by path, where string annotations do not resolve.
 import dataclasses
-from pathlib import Path
 
 from prefect import flow
 
@@ -45,7 +44,7 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
     code = tasks.code_version()
     runs, reports = settings.runs_dir / config.name, settings.reports_dir / config.name
     seeds = config.run_seeds
-    planned = [{method: _run_config(config, method, runs, data["fingerprint"], code, seed)
+    planned = [{method: tasks.keyed_run(config, method, runs, data["fingerprint"], code, seed=seed)
                 for method in ("full", "lora")} for seed in seeds]
     fingerprint = "-".join(f"{p['lora'][1]}-{p['full'][1]}" for p in planned)
     lora_config = planned[0]["lora"][0]
@@ -69,12 +68,13 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
 
         fulls, loras, lora_runs, cached = [], [], [], []
         for (full_config, full_key), (train_config, lora_key) in ((p["full"], p["lora"]) for p in planned):
-            full, was_cached = _baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
-            full_run = _track_training(settings, config, full_config, full, parent, data,
-                                       {"cached": was_cached, "run_key": full_key})
+            full, was_cached = tasks.cached_baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
+            full_run = tasks.track_training(settings, config, full_config, full, parent, data["fingerprint"],
+                                            {"cached": was_cached, "run_key": full_key})
             tasks.end_tracking(settings, full_run)
             lora = tasks.train_adapter(train_config)
-            lora_runs.append(_track_training(settings, config, train_config, lora, parent, data, {"run_key": lora_key}))
+            lora_runs.append(tasks.track_training(settings, config, train_config, lora, parent, data["fingerprint"],
+                                                  {"run_key": lora_key}))
             fulls.append(full)
             loras.append(lora)
             cached.append(was_cached)
@@ -121,37 +121,16 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
             "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
                        "parent_run_id": parent},
         }
-        summary_path = tasks.write_json(str(reports / "summary.json"), summary)
-        tasks.log_files(settings, parent, [summary_path, chart],
-                        metrics=regret | {"lora_eval_loss": comparison.lora_final,
-                                          "full_eval_loss": comparison.full_final},
-                        tags=verdict_tags | {"verdict_message": comparison.message, "baseline_cached": cached[0],
-                                             "registered_version": registration.version if registration else ""})
-        tasks.record_verdict(comparison.verdict, comparison.message)
-        tasks.end_tracking(settings, parent)
+        tasks.close_pipeline(settings, parent, str(reports / "summary.json"), summary, [chart],
+                             metrics=regret | {"lora_eval_loss": comparison.lora_final,
+                                               "full_eval_loss": comparison.full_final},
+                             tags=verdict_tags | {"verdict_message": comparison.message, "baseline_cached": cached[0],
+                                                  "registered_version": registration.version if registration else ""},
+                             verdict=comparison.verdict, message=comparison.message)
         return summary
     except BaseException:
         tasks.end_tracking(settings, parent, "FAILED")
         raise
-
-
-def _run_config(config: PipelineConfig, method: str, runs: Path, data_fingerprint: str, code: str, seed: int):
-    """The run's TrainConfig, writing to a folder named by its key, and the key."""
-    key = tasks.run_key(config.train_config(method, seed=seed), data_fingerprint, code)
-    folder = runs / (f"full-{key}" if method == "full" else f"lora-r{config.rank}-{key}")
-    # overwrite: the folder is named by the run key, so what it holds is this very run's output.
-    return config.train_config(method, output_dir=str(folder), overwrite=True, seed=seed), key
-
-
-def _track_training(settings, config: PipelineConfig, train_config, result, parent: str, data: dict,
-                    tags: dict) -> str:
-    """A nested MLflow run for one training run, named so pipelines and replicates tell apart."""
-    rank = f" r={train_config.rank}" if train_config.method == "lora" else ""
-    name = f"{config.name} {train_config.method}{rank} lr={train_config.lr:g} seed={train_config.seed}"
-    run_id = tasks.start_tracking(settings, config.experiment, name, train_config.to_dict(), parent)
-    tasks.log_training(settings, run_id, result, tags)
-    tasks.log_dataset(settings, run_id, config.dataset, data["fingerprint"])
-    return run_id
 
 
 def _description(config: PipelineConfig, lora_config, comparison, data: dict, seeds: list[int]) -> str:
@@ -164,15 +143,3 @@ def _description(config: PipelineConfig, lora_config, comparison, data: dict, se
         f"x batch {lora_config.batch_size * lora_config.grad_accum_steps}, seeds {seeds}; data {config.dataset} "
         f"(fingerprint {data['fingerprint']}), {interval.examples} held-out examples, {interval.tokens} tokens."
     )
-
-
-def _baseline(full_config, fingerprint: str, code: str, refresh: bool):
-    """Run (or reuse) the cached baseline; retrain if the cached run's files were deleted."""
-    state = tasks.train_baseline.with_options(refresh_cache=refresh or None)(
-        full_config, fingerprint, code, return_state=True
-    )
-    result, cached = state.result(), state.name == "Cached"
-    if cached and not Path(result.summary_path).is_file():
-        result = tasks.train_baseline.with_options(refresh_cache=True)(full_config, fingerprint, code)
-        cached = False
-    return result, cached

@@ -2,9 +2,10 @@
 
 The RL counterpart of flows/pipeline.py, with the same layout: runs in `runs/<name>/rl-full-<key>`
 and `runs/<name>/rl-lora-r<rank>-<key>`, the plan report, the reward chart and `summary.json` in
-`reports/<name>/`, one MLflow experiment per name with a parent run and a nested run per step. The
-tasks below are short wrappers over trainer.rl, evaluation.rl and the planner; registration and
-promotion are flows/tasks.py's.
+`reports/<name>/`, one MLflow experiment per name with a parent run and a nested run per step; the
+parent run and the Prefect flow run carry the verdict. Training (the cached baseline and the adapter),
+tracking, registration, promotion and the verdict record are flows/tasks.py's, shared with the
+supervised pipeline; the tasks below are what RL does differently (inputs, plan, reward comparison).
 """
 
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from these
@@ -20,10 +21,6 @@ from flows.config import RLPipelineConfig
 from flows.settings import configure_mlflow, load_settings
 
 
-def _rl_baseline_cache_key(context, parameters) -> str:
-    return "rl-fullft-" + tasks.run_key(parameters["rl_config"], parameters["data_fingerprint"], parameters["code"])
-
-
 @task
 def check_rl_inputs(config: RLPipelineConfig) -> dict:
     """Load the tokenizer, the prompts and the reward once: bad input is a UserError before any run.
@@ -35,7 +32,7 @@ def check_rl_inputs(config: RLPipelineConfig) -> dict:
     from trainer.rewards import load_reward
     from trainer.rl import prepare_prompts
 
-    lora = config.rl_config("lora")
+    lora = config.train_config("lora")
     load_reward(lora.reward)
     data = prepare_prompts(lora, load_base_tokenizer(config.model))
     return {"fingerprint": data.fingerprint, "train_prompts": len(data.train), "eval_prompts": len(data.eval)}
@@ -48,7 +45,7 @@ def make_rl_plan(config: RLPipelineConfig, out_dir: str) -> dict:
     from planner.profile import profile_rl
     from planner.report import summary_lines, write_report
 
-    lora = config.rl_config("lora")
+    lora = config.train_config("lora")
     plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                       target_unembedding=lora.target_unembedding,
                       profile=profile_rl(lora.episodes, config.reward_entropy_bits),
@@ -59,22 +56,6 @@ def make_rl_plan(config: RLPipelineConfig, out_dir: str) -> dict:
     return {"verdict": plan.capacity.verdict, "adapter_params": plan.adapter_params,
             "smallest_rank": plan.capacity.min_rank_pow2, "summary": summary_lines(plan),
             "files": {name: str(path) for name, path in files.items()}}
-
-
-@task(cache_key_fn=_rl_baseline_cache_key, persist_result=True, cache_expiration=None)
-def train_rl_baseline(rl_config, data_fingerprint: str, code: str):
-    """The FullFT RL baseline (cached on what is trained, on which prompts, by which code)."""
-    from trainer.rl import train_rl
-
-    return train_rl(rl_config)
-
-
-@task
-def train_rl_adapter(rl_config):
-    """The LoRA RL run."""
-    from trainer.rl import train_rl
-
-    return train_rl(rl_config)
 
 
 @task
@@ -94,26 +75,6 @@ def plot_rl_runs(curves_paths: dict[str, str], path: str) -> str:
     return path
 
 
-@task(**tasks.IO_RETRIES)
-def log_rl_training(settings, run_id: str, result, extra_tags: dict | None = None) -> None:
-    """Log an RLResult into its run: reward and accuracy curves with step=, final metrics, its files."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(settings.tracking_uri)
-    curves = json.loads(Path(result.curves_path).read_text())
-    metrics = [Metric(name, float(value), 0, int(step)) for name, points in curves.items() for step, value in points]
-    finals = {k: v for k, v in result.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items()]
-    for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start:start + 900])
-    for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash,
-                       **(extra_tags or {})}.items():
-        client.set_tag(run_id, key, str(value))
-    for path in (result.curves_path, result.summary_path, result.rewards_path):
-        client.log_artifact(run_id, path)
-
-
 @flow(name="lowregret-rl-pipeline")
 def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
     """Train a LoRA adapter with RL, compare its held-out reward with a FullFT RL baseline, register and
@@ -128,7 +89,7 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
     code = tasks.code_version()
     runs, reports = settings.runs_dir / config.name, settings.reports_dir / config.name
     (full_config, full_key), (lora_config, lora_key) = (
-        _run_config(config, method, runs, data["fingerprint"], code) for method in ("full", "lora"))
+        tasks.keyed_run(config, method, runs, data["fingerprint"], code) for method in ("full", "lora"))
     fingerprint = f"rl-{lora_key}-{full_key}"
 
     parent = tasks.start_tracking(settings, config.experiment, "rl-pipeline", config.to_dict(),
@@ -141,15 +102,14 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
                         metrics={"adapter_params": plan["adapter_params"]}, artifact_path="plan")
         tasks.end_tracking(settings, plan_run)
 
-        full, cached = _baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
-        full_run = tasks.start_tracking(settings, config.experiment, "rl-full", full_config.to_dict(), parent)
-        log_rl_training(settings, full_run, full, {"cached": cached, "run_key": full_key})
+        full, cached = tasks.cached_baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
+        full_run = tasks.track_training(settings, config, full_config, full, parent, data["fingerprint"],
+                                        {"cached": cached, "run_key": full_key})
         tasks.end_tracking(settings, full_run)
 
-        lora = train_rl_adapter(lora_config)
-        lora_run = tasks.start_tracking(settings, config.experiment, f"rl-lora-r{config.rank}",
-                                        lora_config.to_dict(), parent)
-        log_rl_training(settings, lora_run, lora, {"run_key": lora_key})
+        lora = tasks.train_adapter(lora_config)
+        lora_run = tasks.track_training(settings, config, lora_config, lora, parent, data["fingerprint"],
+                                        {"run_key": lora_key})
 
         comparison = compare_rl_runs(lora.output_dir, full.output_dir, config.allowed_regret)
         chart = plot_rl_runs({"FullFT": full.curves_path, f"LoRA r={config.rank}": lora.curves_path},
@@ -184,33 +144,13 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
             "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
                        "parent_run_id": parent},
         }
-        summary_path = tasks.write_json(str(reports / "summary.json"), summary)
-        tasks.log_files(settings, parent, [summary_path, chart],
-                        metrics=regret | {"lora_eval_reward": lora.final_eval_reward,
-                                          "full_eval_reward": full.final_eval_reward},
-                        tags={"verdict": comparison.verdict, "baseline_cached": cached,
-                              "registered_version": registration.version if registration else ""})
-        tasks.end_tracking(settings, parent)
+        tasks.close_pipeline(settings, parent, str(reports / "summary.json"), summary, [chart],
+                             metrics=regret | {"lora_eval_reward": lora.final_eval_reward,
+                                               "full_eval_reward": full.final_eval_reward},
+                             tags={"verdict_message": comparison.message, "baseline_cached": cached,
+                                   "registered_version": registration.version if registration else ""},
+                             verdict=comparison.verdict, message=comparison.message)
         return summary
     except BaseException:
         tasks.end_tracking(settings, parent, "FAILED")
         raise
-
-
-def _run_config(config: RLPipelineConfig, method: str, runs: Path, data_fingerprint: str, code: str):
-    """The run's RLConfig, writing to a folder named by its key, and the key."""
-    key = tasks.run_key(config.rl_config(method), data_fingerprint, code)
-    folder = runs / (f"rl-full-{key}" if method == "full" else f"rl-lora-r{config.rank}-{key}")
-    # overwrite: the folder is named by the run key, so what it holds is this very run's output.
-    return config.rl_config(method, output_dir=str(folder), overwrite=True), key
-
-
-def _baseline(full_config, fingerprint: str, code: str, refresh: bool):
-    """Run (or reuse) the cached baseline; retrain if the cached run's files were deleted."""
-    state = train_rl_baseline.with_options(refresh_cache=refresh or None)(full_config, fingerprint, code,
-                                                                         return_state=True)
-    result, cached = state.result(), state.name == "Cached"
-    if cached and not Path(result.summary_path).is_file():
-        result = train_rl_baseline.with_options(refresh_cache=True)(full_config, fingerprint, code)
-        cached = False
-    return result, cached

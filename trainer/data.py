@@ -84,27 +84,25 @@ def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence
     return rows
 
 
-def prepare_data(config, tokenizer) -> PreparedData:
-    """Load, split, tokenize and (optionally) pack the data of `config` (a TrainConfig).
+def load_split(config) -> tuple[list[dict], list[dict], list[dict]]:
+    """The rows of a run config (`TrainConfig` or `RLConfig`): (all rows of `dataset`, training rows,
+    held-out rows), the held-out ones split off by `held_out_seed` or read from `eval_dataset`, the
+    first `eval_max_examples` of them.
 
     Raises:
-        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner.dataset).
+        UserError: no rows, no held-out rows, or too few rows to split.
     """
-    from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows, tokenize_example
+    from planner.dataset import load_rows, split_rows
 
     rows = load_rows(config.dataset, limit=config.dataset_limit)
     if not rows:
         raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
-    fmt = detect_format(rows, source=config.dataset)
     if config.eval_dataset is None:
         train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.held_out_seed)
-        eval_fmt = fmt
     else:
-        train_rows = rows
-        eval_rows = load_rows(config.eval_dataset)
+        train_rows, eval_rows = rows, load_rows(config.eval_dataset)
         if not eval_rows:
             raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
-        eval_fmt = detect_format(eval_rows, source=config.eval_dataset)
     if not train_rows or not eval_rows:
         raise UserError(
             f"{len(rows)} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
@@ -112,6 +110,20 @@ def prepare_data(config, tokenizer) -> PreparedData:
         )
     if config.eval_max_examples is not None:
         eval_rows = eval_rows[: config.eval_max_examples]
+    return rows, train_rows, eval_rows
+
+
+def prepare_data(config, tokenizer) -> PreparedData:
+    """Load, split, tokenize and (optionally) pack the data of `config` (a TrainConfig).
+
+    Raises:
+        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner.dataset).
+    """
+    from planner.dataset import dataset_fingerprint, detect_format, tokenize_example
+
+    rows, train_rows, eval_rows = load_split(config)
+    fmt = detect_format(rows, source=config.dataset)
+    eval_fmt = fmt if config.eval_dataset is None else detect_format(eval_rows, source=config.eval_dataset)
 
     # Error messages name a row by its index in the file it came from.
     row_index = {id(r): i for i, r in enumerate(rows)}

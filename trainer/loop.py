@@ -39,8 +39,9 @@ from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
 
 
 def eval_steps(max_steps: int, points: int) -> list[int]:
-    """Log-spaced evaluation steps: 0 (the base model), ..., max_steps (unique, sorted)."""
-    spaced = np.geomspace(1, max_steps, num=points - 1) if points > 1 else []
+    """`points` log-spaced evaluation steps (fewer where they round alike): 0 (the base model), 1, ...,
+    max_steps (unique, sorted). points=2 is the base model and the last step."""
+    spaced = np.geomspace(1, max_steps, num=points - 1) if points > 2 else []
     return sorted({0, max_steps, *(int(round(s)) for s in spaced)})
 
 

@@ -38,7 +38,7 @@ import torch
 from planner.dataset import IGNORE_INDEX
 from planner.errors import UserError
 from trainer import checkpoint as ckpt
-from trainer.data import Sequence, collate, step_indices
+from trainer.data import Sequence, collate, load_split, step_indices
 from trainer.loop import _peak_memory, _preflight_dirs, _run_dirs, _versions, eval_steps
 from trainer.loss import completion_nll, loss_head
 from trainer.model import count_trainable, load_base_tokenizer, load_for_training, save_trained
@@ -106,22 +106,9 @@ def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
     Raises:
         UserError: no rows, a row without prompt or answer, a prompt longer than max_prompt_tokens.
     """
-    from planner.dataset import dataset_fingerprint, load_rows, split_rows
+    from planner.dataset import dataset_fingerprint
 
-    rows = load_rows(config.dataset, limit=config.dataset_limit)
-    if not rows:
-        raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
-    if config.eval_dataset is None:
-        train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
-    else:
-        train_rows, eval_rows = rows, load_rows(config.eval_dataset)
-    if not train_rows or not eval_rows:
-        raise UserError(
-            f"{len(rows)} rows are too few to hold out prompts with eval_fraction={config.eval_fraction}: "
-            "give more rows or an eval_dataset of its own."
-        )
-    if config.eval_max_examples is not None:
-        eval_rows = eval_rows[: config.eval_max_examples]
+    _, train_rows, eval_rows = load_split(config)
 
     def encode(row_list: list[dict], source: str) -> list[Prompt]:
         prompts = []

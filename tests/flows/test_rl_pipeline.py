@@ -109,7 +109,7 @@ def test_bad_config_is_a_user_error_before_any_work(overrides, says):
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_rl_pipeline_preset_loads(preset):
     config = load_rl_pipeline_config(preset)
-    assert config.rl_config("lora").rank == config.rank and config.rl_config("full").method == "full"
+    assert config.train_config("lora").rank == config.rank and config.train_config("full").method == "full"
 
 
 def test_rl_champions_are_ranked_by_reward_higher_is_better(registry_client, flow_settings, tiny_adapter, tmp_path):
