@@ -93,10 +93,12 @@ def run_pipeline(args) -> int:
 
 
 def run_rl_pipeline(args) -> int:
-    settings = _environment(args)
     from flows.config import load_rl_pipeline_config
+    from flows.preflight import check_rl_inputs
 
-    config = load_rl_pipeline_config(args.config, args.overrides)  # UserError here, before any work
+    config = load_rl_pipeline_config(args.config, args.overrides)
+    check_rl_inputs(config)  # UserError here, before any server, MLflow run or file
+    settings = _environment(args)
     from evaluation.compare import EXIT_CODES
     from flows.rl_pipeline import rl_pipeline
 

@@ -23,19 +23,11 @@ from flows.settings import configure_mlflow, load_settings
 
 @task
 def check_rl_inputs(config: RLPipelineConfig) -> dict:
-    """Load the tokenizer, the prompts and the reward once: bad input is a UserError before any run.
+    """`flows.preflight.check_rl_inputs` as the flow's first step (the command ran it already, before
+    Prefect started; a scheduled run is checked here)."""
+    from flows.preflight import check_rl_inputs as check
 
-    Returns:
-        {"fingerprint", "train_prompts", "eval_prompts"} of the prompts both runs will read.
-    """
-    from trainer.model import load_base_tokenizer
-    from trainer.rewards import load_reward
-    from trainer.rl import prepare_prompts
-
-    lora = config.train_config("lora")
-    load_reward(lora.reward)
-    data = prepare_prompts(lora, load_base_tokenizer(config.model))
-    return {"fingerprint": data.fingerprint, "train_prompts": len(data.train), "eval_prompts": len(data.eval)}
+    return check(config)
 
 
 @task

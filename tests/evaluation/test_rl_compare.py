@@ -94,3 +94,31 @@ def test_cli_table_exit_code_and_chart(tmp_path, capsys, final, code, verdict):
     assert main(["rl-compare", "--lora", str(lora), "--full", str(full), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] == verdict
     assert main(["rl-compare", "--lora", str(full), "--full", str(lora)]) == 2  # swapped: refused
+
+
+@pytest.mark.parametrize("case, says", [
+    ("missing", "not a finished RL run"),
+    ("unfinished", "no summary.json"),
+    ("supervised", "not a finished RL run"),
+    ("allowed", "must be >= 0"),
+])
+def test_cli_bad_input_exits_2_and_writes_no_chart(tmp_path, capsys, case, says):
+    full = write_run(tmp_path, "f", "full", [1.0, 0.0, 1.0])
+    lora = write_run(tmp_path, "l", "lora", [1.0, 0.0, 0.0])
+    extra = []
+    if case == "missing":
+        lora = tmp_path / "nope"
+    elif case == "unfinished":  # what a stopped rl-train leaves: curves and rewards so far, no summary
+        (lora / "summary.json").unlink()
+    elif case == "supervised":  # an SFT run's files
+        lora = tmp_path / "sft"
+        lora.mkdir()
+        (lora / "summary.json").write_text(json.dumps({"method": "lora"}))
+        (lora / "curves.json").write_text(json.dumps({"train": [[1, 2.0]], "eval": [[0, 2.1], [1, 2.0]]}))
+    else:
+        extra = ["--allowed-regret", "-1"]
+    chart = tmp_path / "charts" / "rewards.png"
+    assert main(["rl-compare", "--lora", str(lora), "--full", str(full), "--chart", str(chart), *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not chart.parent.exists()

@@ -128,3 +128,25 @@ def test_rl_champions_are_ranked_by_reward_higher_is_better(registry_client, flo
     assert not worse.promoted and "eval reward 0.4000 < champion v1's 0.5000" in worse.reason
     better = register("c", 0.6)
     assert better.promoted and better.previous_champion == "1" and ">=" in better.reason
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["--config", "MISSING.yaml"], "not found"),
+    (["rank=0"], "rank"),
+    (["dataset=MISSING.jsonl"], "not found"),
+    (["reward=python:no_such_module_xyz:score"], "cannot import"),
+    (["rl.max_prompt_tokens=4"], "max_prompt_tokens=4"),
+])
+def test_cli_bad_input_exits_2_before_anything_is_written(tiny_models, prompts, tmp_path, restore_environ, capsys,
+                                                         overrides, says):
+    from flows.cli import main
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    args = [a.replace("MISSING", str(tmp_path / "missing")) for a in overrides] + [f"model={tiny_models('llama')}"]
+    if not any(a.startswith("dataset=") for a in args):
+        args.append(f"dataset={prompts}")
+    assert main(["rl-pipeline", "--workdir", str(workdir), *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert list(workdir.iterdir()) == []  # no .lowregret/, runs/ or reports/

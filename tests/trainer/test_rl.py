@@ -249,3 +249,27 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize("preset", RL_PRESETS, ids=lambda p: p.name)
 def test_every_rl_preset_loads(preset):
     assert load_rl_config(preset).dataset
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["rank=0"], "rank=0"),
+    (["typo=1"], "Unknown RL option"),
+    (["reward=python:no_such_module_xyz:score"], "cannot import"),
+    (["dataset=DATA/missing.jsonl"], "not found"),
+    (["output_dir=EXISTING"], "EXISTING"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(rl_config, tmp_path, capsys, overrides, says):
+    from flows.cli import main
+
+    existing = tmp_path / "finished"
+    existing.mkdir()
+    (existing / "summary.json").write_text("{}")
+    config = rl_config()
+    out = tmp_path / "run"
+    args = [f"model={config.model}", f"dataset={config.dataset}", f"output_dir={out}"]
+    args += [o.replace("DATA", str(tmp_path)).replace("EXISTING", str(existing)) for o in overrides]
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["rl-train", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert says.replace("EXISTING", str(existing)) in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before  # no run, no .partial, the finished run untouched
