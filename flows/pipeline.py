@@ -11,7 +11,6 @@ verdict. Only a PASS registers (alias `candidate`) and may move `champion`.
 
 # No `from __future__ import annotations`: Prefect builds the flows' parameter models from these
 # annotations when a deployment loads this file by path, where string annotations do not resolve.
-import dataclasses
 
 from prefect import flow
 
@@ -108,25 +107,21 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
         for run_id in lora_runs:
             tasks.end_tracking(settings, run_id)
 
-        summary = {
-            "name": config.name, "config": config.to_dict(), "code_version": code, "dataset": data,
+        fields = {
+            "dataset": data,
             "plan": {k: plan[k] for k in ("verdict", "adapter_params", "summary", "files", "advised_lora_lr",
                                           "lr_warning")},
             "warnings": warnings, "seeds": seeds,
             "baseline": full.to_dict(), "baseline_cached": cached[0], "baselines_cached": cached, "lora": lora.to_dict(),
             "baselines": [r.to_dict() for r in fulls], "loras": [r.to_dict() for r in loras],
             "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
-            "registration": None if registration is None else dataclasses.asdict(registration),
-            "promotion": None if decision is None else dataclasses.asdict(decision),
-            "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
-                       "parent_run_id": parent},
         }
-        tasks.close_pipeline(settings, parent, str(reports / "summary.json"), summary, [chart],
-                             metrics=regret | {"lora_eval_loss": comparison.lora_final,
-                                               "full_eval_loss": comparison.full_final},
-                             tags=verdict_tags | {"verdict_message": comparison.message, "baseline_cached": cached[0],
-                                                  "registered_version": registration.version if registration else ""},
-                             verdict=comparison.verdict, message=comparison.message)
+        summary = tasks.close_pipeline(
+            settings, parent, reports, config, code, fields, registration, decision, [chart],
+            metrics=regret | {"lora_eval_loss": comparison.lora_final, "full_eval_loss": comparison.full_final},
+            tags=verdict_tags | {"verdict_message": comparison.message, "baseline_cached": cached[0],
+                                 "registered_version": registration.version if registration else ""},
+            verdict=comparison.verdict, message=comparison.message)
         return summary
     except BaseException:
         tasks.end_tracking(settings, parent, "FAILED")

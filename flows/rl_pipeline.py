@@ -10,7 +10,6 @@ supervised pipeline; the tasks below are what RL does differently (inputs, plan,
 
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from these
 # annotations, and string annotations do not resolve when a deployment loads this file by path.
-import dataclasses
 import json
 from pathlib import Path
 
@@ -125,23 +124,18 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
                                              eval_reward=lora.final_eval_reward)
         tasks.end_tracking(settings, lora_run)
 
-        summary = {
-            "name": config.name, "objective": "rl", "config": config.to_dict(), "code_version": code,
-            "dataset": data, "plan": {k: plan[k] for k in ("verdict", "adapter_params", "smallest_rank", "summary",
-                                                            "files")},
+        fields = {
+            "objective": "rl", "dataset": data,
+            "plan": {k: plan[k] for k in ("verdict", "adapter_params", "smallest_rank", "summary", "files")},
             "baseline": full.to_dict(), "baseline_cached": cached, "lora": lora.to_dict(),
             "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
-            "registration": None if registration is None else dataclasses.asdict(registration),
-            "promotion": None if decision is None else dataclasses.asdict(decision),
-            "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
-                       "parent_run_id": parent},
         }
-        tasks.close_pipeline(settings, parent, str(reports / "summary.json"), summary, [chart],
-                             metrics=regret | {"lora_eval_reward": lora.final_eval_reward,
-                                               "full_eval_reward": full.final_eval_reward},
-                             tags={"verdict_message": comparison.message, "baseline_cached": cached,
-                                   "registered_version": registration.version if registration else ""},
-                             verdict=comparison.verdict, message=comparison.message)
+        summary = tasks.close_pipeline(
+            settings, parent, reports, config, code, fields, registration, decision, [chart],
+            metrics=regret | {"lora_eval_reward": lora.final_eval_reward, "full_eval_reward": full.final_eval_reward},
+            tags={"verdict_message": comparison.message, "baseline_cached": cached,
+                  "registered_version": registration.version if registration else ""},
+            verdict=comparison.verdict, message=comparison.message)
         return summary
     except BaseException:
         tasks.end_tracking(settings, parent, "FAILED")

@@ -294,15 +294,22 @@ def track_training(settings, config, run_config, result, parent: str, data_finge
     return run_id
 
 
-def close_pipeline(settings, parent: str, summary_path: str, summary: dict, files: list[str], metrics: dict,
-                   tags: dict, verdict: str, message: str) -> str:
-    """Write the pipeline's summary.json, log it and `files` with `metrics` and `tags` into the parent
-    run, put the verdict on the Prefect flow run and close the parent run; returns the summary's path."""
-    path = write_json(summary_path, summary)
+def close_pipeline(settings, parent: str, reports: Path, config, code: str, fields: dict, registration, decision,
+                   files: list[str], metrics: dict, tags: dict, verdict: str, message: str) -> dict:
+    """End a pipeline run: its summary (name, config, code version, `fields`, registration, promotion,
+    MLflow ids) to `reports/summary.json`, logged with `files`, `metrics` and `tags` into the parent run;
+    the verdict on the Prefect flow run; the parent run closed. Returns the summary."""
+    summary = {
+        "name": config.name, "config": config.to_dict(), "code_version": code, **fields,
+        "registration": None if registration is None else dataclasses.asdict(registration),
+        "promotion": None if decision is None else dataclasses.asdict(decision),
+        "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment, "parent_run_id": parent},
+    }
+    path = write_json(str(reports / "summary.json"), summary)
     log_files(settings, parent, [path, *files], metrics=metrics, tags=tags | {"verdict": verdict})
     record_verdict(verdict, message)
     end_tracking(settings, parent)
-    return path
+    return summary
 
 
 @task(**IO_RETRIES)

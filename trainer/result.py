@@ -1,4 +1,5 @@
-"""`TrainResult`: the small record a training run hands to the next step (torch-free)."""
+"""`TrainResult`: the small record a training run hands to the next step (torch-free); `RunRecord`,
+its summary.json round trip, shared with `trainer.rl_config.RLResult`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,21 @@ from dataclasses import dataclass
 EVAL_EXAMPLES_FILE = "eval_examples.json"
 
 
+class RunRecord:
+    """A run's result dataclass as JSON: `to_dict()`, and `from_dict` of that or of summary.json
+    (whose extra keys, such as `config`, are ignored)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(RunRecord):
     """What a finished run produced. Losses are in nats per completion token.
 
     Attributes:
@@ -48,12 +62,3 @@ class TrainResult:
     trainable_params: int
     config_hash: str
     peak_memory_kind: str = ""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainResult:
-        """Build from `to_dict()` output or from summary.json (extra keys such as `config` are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})

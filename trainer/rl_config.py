@@ -6,13 +6,13 @@ bad value is a `UserError` before any work. Presets live in `configs/rl/`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from planner.errors import UserError
 from trainer.config import RunConfig, apply_overrides, read_yaml_mapping
+from trainer.result import RunRecord
 from trainer.rewards import parse_reward
 
 # The built-in task: integer addition that SmolLM2-135M-Instruct partly solves (docs/RL.md).
@@ -87,7 +87,7 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
 
 
 @dataclass(frozen=True)
-class RLResult:
+class RLResult(RunRecord):
     """What a finished RL run produced. Rewards are means over episodes or held-out prompts.
 
     Attributes:
@@ -129,12 +129,3 @@ class RLResult:
     peak_memory_kind: str
     trainable_params: int
     config_hash: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RLResult:
-        """Build from `to_dict()` output or summary.json (extra keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
