@@ -1,8 +1,9 @@
 """Prefect tasks: short wrappers over planner, trainer, evaluation and the MLflow registry.
 
 Only the I/O tasks (MLflow tracking and registry writes) retry; training and evaluation are
-deterministic and would fail the same way twice. The FullFT baseline is cached: its key is the
-base model + its hyper-parameters + the dataset fingerprint (`TrainConfig.hash`) + the code
+deterministic and would fail the same way twice. The tasks serve both pipelines, supervised
+(`TrainConfig`) and RL (`RLConfig`). The FullFT baseline is cached: its key is the base model + its
+hyper-parameters + the dataset fingerprint (`TrainConfig.hash` / `RLConfig.hash`) + the code
 version (`code_version`: every first-party source file a training run can execute, and the
 versions of the libraries that compute its numbers), and its result is persisted, so a scheduled
 re-run in a new process reuses it. `refresh_baseline` bypasses the cache.

@@ -30,11 +30,13 @@ def tiny_overrides(model_dir, prompts, **extra) -> list[str]:
     return [f"{key}={value}" for key, value in options.items()]
 
 
-@pytest.fixture
-def prompts(tmp_path):
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    """One prompts file for the module: the dataset's path is part of the run key, so the re-run
+    reuses the first run's baseline only if it reads the same file."""
     from tests.trainer.test_rl import write_prompts
 
-    return write_prompts(tmp_path / "prompts.jsonl")
+    return write_prompts(tmp_path_factory.mktemp("rl-prompts") / "prompts.jsonl")
 
 
 @pytest.fixture
