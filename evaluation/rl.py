@@ -193,7 +193,12 @@ def format_comparison(c: RewardComparison) -> str:
             f"{'FullFT':<12}{c.full_reward:>17.3f}{c.full_accuracy:>10.3f}",
             f"{'LoRA':<12}{c.lora_reward:>17.3f}{c.lora_accuracy:>10.3f}"]
     if c.recovered is not None and math.isfinite(c.recovered):
-        bounds = ("" if c.recovered_low is None else f" [{c.recovered_low:.2f}, {c.recovered_high:.2f}]")
+        if c.recovered_low is None:
+            bounds = ""
+        elif math.isfinite(c.recovered_low) and math.isfinite(c.recovered_high):
+            bounds = f" [{c.recovered_low:.2f}, {c.recovered_high:.2f}]"
+        else:  # some resamples of the prompts hold no FullFT gain at all: the ratio has no bound
+            bounds = " (interval unbounded: FullFT's gain is too small on these prompts)"
         rows.append(f"LoRA recovered {c.recovered:.2f}{bounds} of FullFT's gain over the base model")
     return "\n".join(rows + [c.message])
 

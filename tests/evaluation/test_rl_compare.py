@@ -1,6 +1,7 @@
 """RL reward regret: paired over prompts, three-way verdict, refusals; runs written by hand (no training)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,12 @@ def test_cli_bad_input_exits_2_and_writes_no_chart(tmp_path, capsys, case, says)
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not chart.parent.exists()
+
+
+def test_an_unbounded_recovered_interval_is_said_in_words(tmp_path):
+    from evaluation.rl import format_comparison
+
+    full = [1.0] + [0.0] * 39  # FullFT gains one prompt: many resamples hold no gain at all
+    c = compare_rl_runs(write_run(tmp_path, "l", "lora", full), write_run(tmp_path, "f", "full", full))
+    assert c.recovered == 1.0 and not math.isfinite(c.recovered_high)
+    assert "interval unbounded" in format_comparison(c) and "inf" not in format_comparison(c)
