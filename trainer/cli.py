@@ -28,10 +28,13 @@ def register(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from planner.paths import check_output_dir
     from trainer.config import load_config
-    from trainer.loop import train
 
     config = load_config(args.config, args.overrides)
+    check_output_dir(config.output_dir, "output_dir")  # before torch is imported: a bad path fails at once
+    from trainer.loop import train
+
     result = train(config, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
