@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from planner.errors import UserError
+from planner.paths import check_output_file
 
 
 def register(subparsers) -> None:
@@ -221,6 +222,9 @@ def format_evaluation(record: dict) -> str:
 
 def run_compare(args: argparse.Namespace) -> int:
     from evaluation.compare import RegretThreshold, compare_runs
+
+    if args.chart:
+        check_output_file(args.chart, "--chart")
 
     threshold = RegretThreshold(
         **{
