@@ -16,7 +16,9 @@ from prefect import flow
 
 from flows import tasks
 from flows.config import PipelineConfig
+from flows.locks import run_lock
 from flows.settings import configure_mlflow, load_settings
+from flows.tracking import STATE_HOOKS
 
 
 @flow(name="lowregret-plan")
@@ -27,9 +29,13 @@ def plan_report(config: PipelineConfig, workdir: str | None = None) -> dict:
     return tasks.make_plan(config, str(settings.reports_dir / config.name / "plan"))
 
 
-@flow(name="lowregret-pipeline")
+@flow(name="lowregret-pipeline", **STATE_HOOKS)
 def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
     """Train a LoRA adapter, prove it against a FullFT baseline, register and maybe promote it.
+
+    A failure, a crash (SIGTERM, Ctrl-C) or a cancellation ends the MLflow runs FAILED or KILLED
+    (flows.tracking's state hooks). Identical LoRA runs (same key) take turns from training to
+    registration (`run_lock`): they write one run folder and register one version.
 
     Returns:
         The pipeline summary (also written to reports/<name>/summary.json and logged to MLflow).
@@ -45,19 +51,19 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
 
     parent = tasks.start_tracking(settings, config.experiment, "pipeline", config.to_dict(),
                                   tags={"code_version": code, "dataset_fingerprint": data["fingerprint"]})
-    try:
-        plan = tasks.make_plan(config, str(reports / "plan"))
-        print("Capacity plan:\n  " + "\n  ".join(plan["summary"]), flush=True)
-        plan_run = tasks.start_tracking(settings, config.experiment, "plan", {"rank": config.rank}, parent)
-        tasks.log_files(settings, plan_run, list(plan["files"].values()), tags={"verdict": plan["verdict"]},
-                        metrics={"adapter_params": plan["adapter_params"]}, artifact_path="plan")
-        tasks.end_tracking(settings, plan_run)
+    plan = tasks.make_plan(config, str(reports / "plan"))
+    print("Capacity plan:\n  " + "\n  ".join(plan["summary"]), flush=True)
+    plan_run = tasks.start_tracking(settings, config.experiment, "plan", {"rank": config.rank}, parent)
+    tasks.log_files(settings, plan_run, list(plan["files"].values()), tags={"verdict": plan["verdict"]},
+                    metrics={"adapter_params": plan["adapter_params"]}, artifact_path="plan")
+    tasks.end_tracking(settings, plan_run)
 
-        full, cached = _baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
-        full_run = tasks.start_tracking(settings, config.experiment, "full", full_config.to_dict(), parent)
-        tasks.log_training(settings, full_run, full, {"cached": cached, "run_key": full_key})
-        tasks.end_tracking(settings, full_run)
+    full, cached = _baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
+    full_run = tasks.start_tracking(settings, config.experiment, "full", full_config.to_dict(), parent)
+    tasks.log_training(settings, full_run, full, {"cached": cached, "run_key": full_key})
+    tasks.end_tracking(settings, full_run)
 
+    with run_lock(settings, lora_key):
         lora = tasks.train_adapter(lora_config)
         lora_run = tasks.start_tracking(settings, config.experiment, "lora", lora_config.to_dict(), parent)
         tasks.log_training(settings, lora_run, lora, {"run_key": lora_key})
@@ -82,27 +88,24 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
             decision = tasks.promote_adapter(settings, registration, comparison.passed, lora.final_eval_loss)
         tasks.end_tracking(settings, lora_run)
 
-        summary = {
-            "name": config.name, "config": config.to_dict(), "code_version": code, "dataset": data,
-            "plan": {k: plan[k] for k in ("verdict", "adapter_params", "summary", "files")},
-            "baseline": full.to_dict(), "baseline_cached": cached, "lora": lora.to_dict(),
-            "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
-            "registration": None if registration is None else dataclasses.asdict(registration),
-            "promotion": None if decision is None else dataclasses.asdict(decision),
-            "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
-                       "parent_run_id": parent},
-        }
-        summary_path = tasks.write_json(str(reports / "summary.json"), summary)
-        tasks.log_files(settings, parent, [summary_path, chart],
-                        metrics=regret | {"lora_eval_loss": lora.final_eval_loss,
-                                          "full_eval_loss": full.final_eval_loss},
-                        tags={"passed": comparison.passed, "baseline_cached": cached,
-                              "registered_version": registration.version if registration else ""})
-        tasks.end_tracking(settings, parent)
-        return summary
-    except BaseException:
-        tasks.end_tracking(settings, parent, "FAILED")
-        raise
+    summary = {
+        "name": config.name, "config": config.to_dict(), "code_version": code, "dataset": data,
+        "plan": {k: plan[k] for k in ("verdict", "adapter_params", "summary", "files")},
+        "baseline": full.to_dict(), "baseline_cached": cached, "lora": lora.to_dict(),
+        "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
+        "registration": None if registration is None else dataclasses.asdict(registration),
+        "promotion": None if decision is None else dataclasses.asdict(decision),
+        "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
+                   "parent_run_id": parent},
+    }
+    summary_path = tasks.write_json(str(reports / "summary.json"), summary)
+    tasks.log_files(settings, parent, [summary_path, chart],
+                    metrics=regret | {"lora_eval_loss": lora.final_eval_loss,
+                                      "full_eval_loss": full.final_eval_loss},
+                    tags={"passed": comparison.passed, "baseline_cached": cached,
+                          "registered_version": registration.version if registration else ""})
+    tasks.end_tracking(settings, parent)
+    return summary
 
 
 def _run_config(config: PipelineConfig, method: str, runs: Path, data_fingerprint: str, code: str):
