@@ -159,6 +159,9 @@ def _evaluate_dirs(args: argparse.Namespace) -> dict:
         )
     if args.no_base and not args.adapter:
         raise UserError("--no-base leaves nothing to score without --adapter.")
+    from planner.dataset import check_local_file
+
+    check_local_file(args.dataset)  # a bad local file fails before the tokenizer and model load
     spec = HeldOutSpec(
         model=args.model,
         dataset=args.dataset,

@@ -105,11 +105,10 @@ def _profile(args: argparse.Namespace):
         return profile_rl(args.rl_episodes, args.reward_entropy_bits), []
     if not args.dataset:
         return None, []
-    from planner.dataset import detect_format, load_rows
+    from planner.dataset import check_local_file
     from planner.profile import profile_dataset
 
-    if Path(args.dataset).is_file():  # a bad local file fails now, not after the tokenizer loads
-        detect_format(load_rows(args.dataset), source=args.dataset)
+    check_local_file(args.dataset)  # a bad local file fails now, not after the tokenizer loads
     tokenizer, notes = _load_tokenizer(args)
     model_ref = _tokenizer_ref(args.model) if args.info_method == "logloss" else None
     try:

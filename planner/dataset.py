@@ -91,6 +91,17 @@ def load_rows(source: str, limit: int | None = None) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
+def check_local_file(source: str) -> None:
+    """Read and format-check `source` now if it is a local file (cheap), so a bad file fails before
+    a tokenizer or a model is loaded; Hub ids, folders and built-ins are checked when they are read.
+
+    Raises:
+        UserError: unreadable, non-UTF-8, malformed or empty file (see `load_rows`, `detect_format`).
+    """
+    if Path(source).is_file():
+        detect_format(load_rows(source), source=source)
+
+
 def _load_file(path: Path, limit: int | None) -> list[dict]:
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_json_lines, ".json": _read_json, ".csv": _read_csv}

@@ -28,11 +28,15 @@ def register(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from planner.dataset import check_local_file
     from planner.paths import check_output_dir
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)
-    check_output_dir(config.output_dir, "output_dir")  # before torch is imported: a bad path fails at once
+    # Before torch is imported: a bad output path or data file fails at once.
+    check_output_dir(config.output_dir, "output_dir")
+    for source in filter(None, (config.dataset, config.eval_dataset)):
+        check_local_file(source)
     from trainer.loop import train
 
     result = train(config, progress=not args.no_progress)
