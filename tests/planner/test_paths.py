@@ -43,3 +43,13 @@ def test_read_only_folders_are_refused(tmp_path):
         check_output_dir(locked / "report", "--out")
     with pytest.raises(UserError, match="read-only"):
         check_output_file(locked / "chart.png", "--chart")
+
+
+def test_what_access_denies_is_refused_even_as_root(tmp_path, monkeypatch):
+    """The read-only branch as root (who may write anywhere): the check asks os.access, as the
+    kernel would answer a regular user."""
+    monkeypatch.setattr("planner.paths.os.access", lambda path, mode: False)
+    with pytest.raises(UserError, match="read-only for this user"):
+        check_output_dir(tmp_path / "report", "--out")
+    with pytest.raises(UserError, match="read-only"):
+        check_existing_dir(tmp_path, "--workdir")
