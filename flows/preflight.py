@@ -10,7 +10,7 @@ runs). The pipeline's first task runs the same checks, so a scheduled run is che
 
 from __future__ import annotations
 
-from planner.dataset import dataset_fingerprint, detect_format, load_rows
+from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows
 from planner.lora import count_run_lora
 from planner.shapes import check_context, load_shape
 
@@ -23,7 +23,8 @@ def check_inputs(config, ranks: tuple[int, ...] | None = None) -> dict:
         ranks: LoRA ranks to check (a sweep's); default the config's own.
 
     Returns:
-        {"fingerprint", "examples", "format"} of the rows the runs will read.
+        {"fingerprint", "examples", "format", "held_out_examples"} of the rows the runs will read
+        (held-out examples before dropping those whose completion max_length cuts away).
 
     Raises:
         UserError: unknown model, a rank or max_length the model cannot take, unreadable or empty data.
@@ -36,8 +37,15 @@ def check_inputs(config, ranks: tuple[int, ...] | None = None) -> dict:
     rows = load_rows(config.dataset, limit=lora.dataset_limit)
     data_format = detect_format(rows, source=config.dataset)
     if lora.eval_dataset is not None:
-        detect_format(load_rows(lora.eval_dataset), source=lora.eval_dataset)
+        eval_rows = load_rows(lora.eval_dataset)
+        detect_format(eval_rows, source=lora.eval_dataset)
+        held_out = len(eval_rows)
+    else:
+        held_out = len(split_rows(rows, lora.eval_fraction, lora.held_out_seed)[1])
+    if lora.eval_max_examples is not None:
+        held_out = min(held_out, lora.eval_max_examples)
     from trainer.model import load_base_tokenizer  # torch: only once everything cheap has passed
 
     load_base_tokenizer(config.model)
-    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows), "format": data_format}
+    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows), "format": data_format,
+            "held_out_examples": held_out}
