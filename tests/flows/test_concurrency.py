@@ -146,7 +146,7 @@ def test_four_pipelines_at_once_on_one_name(prefect_harness, tiny_models, tmp_pa
         assert float(version.tags["eval_loss"]) == pytest.approx(run.data.metrics["final_eval_loss"])
     aliases = client.get_registered_model(name).aliases
     best = min(versions, key=lambda v: (float(v.tags["eval_loss"]), -int(v.version)))
-    assert aliases["champion"] == best.version
+    assert str(aliases["champion"]) == str(best.version)
     history = json.loads(client.get_registered_model(name).tags.get("champion_history", "[]"))
-    assert best.version not in history and len(set(history)) == len(history)
-    assert set(history) <= {v.version for v in versions}
+    assert str(best.version) not in history and len(set(history)) == len(history)
+    assert set(history) <= {str(v.version) for v in versions}  # history keeps versions as strings
