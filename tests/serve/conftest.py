@@ -104,17 +104,35 @@ def offline_generate(
     return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
-def start(base_dir: Path, adapter_dirs: dict[str, Path], max_adapters: int = 8, **limits):
-    """A running server over the tiny base with the given adapters (call .stop())."""
+ADMIN_TOKEN = "s3cret-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def start(
+    base_dir: Path,
+    adapter_dirs: dict[str, Path],
+    max_adapters: int = 8,
+    admin_token: str | None = ADMIN_TOKEN,
+    adapter_roots: tuple[Path, ...] = (),
+    max_pending: int = 256,
+    **limits,
+):
+    """A running server over the tiny base with the given adapters (call .stop()); admin on with
+    ADMIN_TOKEN unless admin_token=None."""
     from serving.adapters import describe_adapter
+    from serving.admin import AdminOptions
     from serving.engine import Engine, load_base_model
     from serving.server import ServerLimits, start_server
 
     model, tokenizer = load_base_model(str(base_dir), "cpu")
-    engine = Engine(model, tokenizer, base_name="tiny-base", max_adapters=max_adapters, batch_window_s=0.05)
+    engine = Engine(
+        model, tokenizer, base_name="tiny-base", max_adapters=max_adapters, batch_window_s=0.05,
+        max_pending=max_pending,
+    )  # fmt: skip
     for name, path in adapter_dirs.items():
         engine.pool.add(describe_adapter(name, str(path)))
-    return start_server(engine, "127.0.0.1", 0, ServerLimits(**limits))
+    admin = AdminOptions(token=admin_token, adapter_roots=tuple(adapter_roots))
+    return start_server(engine, "127.0.0.1", 0, ServerLimits(**limits), admin)
 
 
 class Client:
@@ -130,7 +148,7 @@ class Client:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
             data = response.read()
-            return response.status, data, dict(response.getheaders())
+            return response.status, data, response.headers  # case-insensitive, as HTTP headers are
         finally:
             conn.close()
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.serve.conftest import PROMPT, Client, offline_generate, start
+from tests.serve.conftest import ADMIN, PROMPT, Client, offline_generate, start
 
 N_TOKENS = 10
 
@@ -69,7 +69,7 @@ def test_concurrent_requests_share_mixed_batches_and_each_gets_its_answer(server
         status, body = client.complete("paris", max_tokens=N_TOKENS, temperature=1.0, top_p=0.95)
         results["sampled"] = status
 
-    mixed_before = server.server.engine.stats.mixed_batches
+    mixed_before = server.engine.stats.mixed_batches
     threads = [threading.Thread(target=ask, args=(i, m)) for i, m in enumerate(models)]
     threads.append(threading.Thread(target=ask_sampled))
     for t in threads:
@@ -78,7 +78,7 @@ def test_concurrent_requests_share_mixed_batches_and_each_gets_its_answer(server
         t.join(timeout=120)
     assert {i: results.get(i) for i in range(len(models))} == {i: expected[m] for i, m in enumerate(models)}
     assert results["sampled"] == 200
-    assert server.server.engine.stats.mixed_batches > mixed_before, "no batch mixed two adapters"
+    assert server.engine.stats.mixed_batches > mixed_before, "no batch mixed two adapters"
 
 
 def test_chat_goes_through_the_chat_template(client, base_dir, adapters):
@@ -132,7 +132,7 @@ def test_streaming_sends_the_same_text_in_pieces(client, expected):
     status, data, headers = client.raw(
         "POST", "/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"}
     )
-    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = [line.removeprefix("data: ") for line in data.decode().split("\n\n") if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -194,7 +194,7 @@ BAD_REQUESTS = [
         b'{"model": "paris", "prompt": "a", "temperature": NaN}',
         {},
         400,
-        "not valid JSON",
+        "finite number",
     ),
     (
         "oversized",
@@ -246,7 +246,7 @@ BAD_REQUESTS = [
     ("bad stop", "POST", "/v1/completions", b'{"model": "paris", "prompt": "a", "stop": 5}', {}, 400, "stop"),
     ("n > 1", "POST", "/v1/completions", b'{"model": "paris", "prompt": "a", "n": 2}', {}, 400, "n"),
     ("unknown route", "POST", "/v1/embeddings", b"{}", {}, 404, "No route"),
-    ("delete unknown adapter", "DELETE", "/v1/adapters/nope", None, {}, 404, "nope"),
+    ("delete unknown adapter", "DELETE", "/v1/adapters/nope", None, ADMIN, 404, "nope"),
 ]
 
 
