@@ -172,6 +172,15 @@ def test_models_lists_base_and_adapters(client):
     assert by_id["paris"]["parent"] == "tiny-base" and by_id["paris"]["lora"]["rank"] == 8
     status, health = client.call("GET", "/health")
     assert status == 200 and health["status"] == "ok"
+    assert client.call("GET", "/ready") == (200, {"status": "ready"})
+    status, spec = client.call("GET", "/openapi.json")
+    assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    assert client.raw("GET", "/docs")[0] == 200
+    status, text, headers = client.raw("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    for name in ("lowregret_http_requests_total", "lowregret_prompt_tokens_total", "lowregret_adapters_loaded 2.0",
+                 "lowregret_requests_waiting 0.0", "lowregret_http_request_duration_seconds_bucket"):
+        assert name.encode() in text, name
 
 
 BAD_REQUESTS = [
