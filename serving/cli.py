@@ -91,8 +91,14 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--batch-window-ms",
         type=float,
-        default=10.0,
-        help="how long the first request of a batch waits for others (default 10 ms)",
+        default=20.0,
+        help="a batch takes every request that follows the previous one within this gap (default 20 ms)",
+    )
+    serve.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        help="the longest the first request of a batch waits for others (default 4 x --batch-window-ms; "
+        "equal to it: a fixed window)",
     )
     serve.add_argument(
         "--max-batch-size", type=int, default=16, help="rows per generate call at most (default 16)"
@@ -161,8 +167,13 @@ def _check_limits(args) -> None:
     ):
         if value < low:
             raise UserError(f"{flag} must be at least {low} (got {value}).")
-    if args.batch_window_ms < 0:
-        raise UserError(f"--batch-window-ms must not be negative (got {args.batch_window_ms}).")
+    if args.max_batch_wait_ms is None:
+        args.max_batch_wait_ms = 4 * args.batch_window_ms
+    if args.batch_window_ms < 0 or args.max_batch_wait_ms < args.batch_window_ms:
+        raise UserError(
+            f"--batch-window-ms ({args.batch_window_ms}) must be at least 0 and at most --max-batch-wait-ms "
+            f"({args.max_batch_wait_ms})."
+        )
     for root in args.adapter_root:
         if not os.path.isdir(root):
             raise UserError(f"--adapter-root {root} is not a folder: create it or fix the path.")
@@ -209,6 +220,7 @@ def run_serve(args) -> int:
         batch_window_s=args.batch_window_ms / 1000,
         max_batch_size=args.max_batch_size,
         max_pending=args.max_pending,
+        max_batch_wait_s=args.max_batch_wait_ms / 1000,
     )
     for entry in entries:
         engine.pool.add(entry)

@@ -1,8 +1,10 @@
 """The generation thread: requests from the HTTP server become a few mixed-adapter batches.
 
-The first queued request opens a batching window (`batch_window_s`); everything that arrives
-before it closes, up to `max_batch_size`, runs in the same `generate` call whatever adapter each
-row names (peft's mixed-batch LoRA). A batch that names more distinct adapters than may be
+The first queued request opens a batch; every request that follows the previous one within
+`batch_window_s` joins it, up to `max_batch_size` rows and for at most `max_batch_wait_s` after
+the first (a sliding window, like Triton's dynamic batcher's queue delay: a burst of requests that
+trickles in from the HTTP server lands in one batch, and a lone request waits one window). The
+batch runs in one `generate` call whatever adapter each row names (peft's mixed-batch LoRA). A batch that names more distinct adapters than may be
 resident at once (`max_adapters`) is split into groups that each fit. One thread owns the model,
 so generation never races an adapter load or eviction (they share the pool's lock).
 
@@ -72,15 +74,17 @@ class Engine:
         tokenizer,
         base_name: str,
         max_adapters: int = 8,
-        batch_window_s: float = 0.01,
+        batch_window_s: float = 0.02,
         max_batch_size: int = 16,
         max_pending: int = 256,
+        max_batch_wait_s: float = 0.08,
     ):
         self.pool = AdapterPool(model, max_adapters)
         self.codec = Codec(tokenizer)
         self.base_name = base_name
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.batch_window_s = batch_window_s
+        self.max_batch_wait_s = max(max_batch_wait_s, batch_window_s)
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         self.stats = EngineStats()
@@ -141,24 +145,31 @@ class Engine:
             if job is None:
                 self._fail_queued(RuntimeError("the server is stopping"))
                 return
-            jobs = [job]
-            deadline = time.monotonic() + self.batch_window_s
-            while len(jobs) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    more = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # finish this batch, then stop
-                    break
-                jobs.append(more)
+            jobs = self._collect(job)
             # A future cancelled while it waited (client gone, timeout) is dropped here.
             jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             for group in self._groups(jobs):
                 self._run_group(group)
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """`first` and the jobs that follow it, each within batch_window_s of the previous one."""
+        jobs = [first]
+        now = time.monotonic()
+        last_call, window_ends = now + self.max_batch_wait_s, now + self.batch_window_s
+        while len(jobs) < self.max_batch_size:
+            remaining = min(window_ends, last_call) - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                more = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if more is None:
+                self._queue.put(None)  # finish this batch, then stop
+                break
+            jobs.append(more)
+            window_ends = time.monotonic() + self.batch_window_s
+        return jobs
 
     def _fail_queued(self, exc: Exception) -> None:
         while True:

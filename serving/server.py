@@ -320,9 +320,12 @@ def create_app(
         usage = Usage.of(result.prompt_tokens, result.completion_tokens)
         if kind == "text":
             choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-            return CompletionResponse(id=new_id("text"), model=body.model, choices=[choice], usage=usage)
-        choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
-        return ChatCompletionResponse(id=new_id("chat"), model=body.model, choices=[choice], usage=usage)
+            answer = CompletionResponse(id=new_id("text"), model=body.model, choices=[choice], usage=usage)
+        else:
+            choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+            answer = ChatCompletionResponse(id=new_id("chat"), model=body.model, choices=[choice], usage=usage)
+        # Serialised here, once: FastAPI would dump, re-validate and dump again a model it is handed.
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     def stream(kind: str, model: str, request: GenerationRequest) -> StreamingResponse:
         """Server-sent events, OpenAI style: one chunk per new piece of text, then [DONE]. The request

@@ -109,3 +109,31 @@ def test_a_body_shorter_than_its_content_length_gets_408_and_blocks_no_one(serve
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"did not arrive within 1 s" in answer and b"1000 bytes" in answer
     assert elapsed_s < 10  # the server's body timeout is 1 s here; it used to be a 60 s socket timeout
+
+
+def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_the_longest_wait(server):
+    """The sliding window of serving.engine, on its own (no HTTP): margins of 6x against CPU noise."""
+    from concurrent.futures import Future
+
+    from serving.engine import Engine, _Job
+
+    engine = Engine(server.engine.pool.model, server.engine.codec.tokenizer, "b", batch_window_s=0.3,
+                    max_batch_wait_s=1.0, max_batch_size=64)  # fmt: skip
+    engine.stop()  # no generation thread: this test drains the queue itself
+
+    def feed(gaps_s):
+        for gap_s in gaps_s:
+            time.sleep(gap_s)
+            engine._queue.put(_Job(None, Future()))
+
+    feeder = threading.Thread(target=feed, args=([0.05] * 3 + [1.8],))
+    feeder.start()
+    assert len(engine._collect(_Job(None, Future()))) == 4  # 3 followed within the window; 1.8 s later did not
+    feeder.join()
+    engine._queue.get_nowait()
+    feeder = threading.Thread(target=feed, args=([0.05] * 40,))  # never quiet: the longest wait closes it
+    started = time.monotonic()
+    feeder.start()
+    batch = engine._collect(_Job(None, Future()))
+    assert 0.9 <= time.monotonic() - started < 1.9 and len(batch) >= 2
+    feeder.join()
