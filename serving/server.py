@@ -1,14 +1,14 @@
 """An OpenAI-compatible HTTP server over one base model and many LoRA adapters: FastAPI on uvicorn.
 
 Requests are validated by the pydantic models of serving.protocol, then queued on the engine
-(serving.engine), whose generation thread batches requests that arrive together across adapters.
-The event loop never waits for a batch: it awaits the engine's futures and forwards streamed text
-as server-sent events.
+(serving.engine), whose generation thread batches requests that arrive together across adapters
+(serving.completions). This module assembles the application (errors in OpenAI's shape, the
+operations routes, the admin routes of serving.admin, request-body limits, metrics) and runs it.
 
 Routes (OpenAPI at /docs):
     GET  /health, /ready, /metrics      liveness, readiness, Prometheus text format
     GET  /v1/models                     the base model and every served adapter
-    POST /v1/completions                OpenAI completions (one prompt), SSE with "stream": true
+    POST /v1/completions                (serving.completions) OpenAI completions, SSE with "stream"
     POST /v1/chat/completions           through the tokenizer's chat template
     admin (serving.admin)               POST /v1/adapters, DELETE /v1/adapters/{name},
                                         POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter
@@ -16,7 +16,6 @@ Routes (OpenAPI at /docs):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import socket
@@ -28,38 +27,24 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from planner.errors import UserError
 from serving.adapters import AdapterExists, AdapterNotFound
 from serving.admin import AdminOptions, HostCheck, admin_router
 from serving.body_limit import BodyLimit
+from serving.completions import completions_router
 from serving.engine import Engine, QueueFull
-from serving.generation import GenerationRequest, GenerationResult
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
-    COMPLETIONS_DEFAULT_MAX_TOKENS,
     ApiError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
     ErrorResponse,
     LoraInfo,
     ModelCard,
     ModelList,
-    Usage,
-    new_id,
 )
 
-_DONE = object()  # end of a stream's pieces
 _FIELD_HINTS = {
     "model": "the name of a served adapter or of the base model (GET /v1/models lists them)",
     "prompt": "one prompt string per request",
@@ -251,146 +236,8 @@ def create_app(
             )
         return ModelList(data=cards)
 
-    # --- generation -------------------------------------------------------------------------------
-
-    def prompt_ids_for(kind: str, body) -> list[int]:
-        codec = engine.codec
-        if kind == "text":
-            ids = codec.encode(body.prompt)
-        else:
-            if not codec.has_chat_template:
-                raise ApiError(
-                    400, f"The base model {engine.base_name!r} has no chat template: use /v1/completions."
-                )
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                ids = codec.encode(codec.chat_prompt(messages), add_special_tokens=False)
-            except Exception as exc:  # jinja errors from the template (e.g. a role it rejects)
-                raise ApiError(
-                    400, f"The chat template rejected these messages: {exc}.", param="messages"
-                ) from None
-        if not ids:
-            raise ApiError(400, "The prompt is empty after tokenisation: send some text.", param="prompt")
-        return ids
-
-    def generation_request(kind: str, body) -> GenerationRequest:
-        adapter = engine.adapter_for(body.model)
-        limit = limits.max_new_tokens_limit
-        max_tokens = body.max_tokens_or(min(COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "text" else limit, limit))
-        if not 1 <= max_tokens <= limit:
-            raise ApiError(
-                400,
-                f"`max_tokens` must be between 1 and {limit} (this server's --max-new-tokens-limit), "
-                f"got {max_tokens}: ask for fewer tokens.",
-                param="max_tokens",
-            )
-        prompt_ids = prompt_ids_for(kind, body)
-        if engine.max_context and len(prompt_ids) + max_tokens > engine.max_context:
-            raise ApiError(
-                400,
-                f"Prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {engine.max_context} tokens: shorten the prompt or lower max_tokens.",
-                param="max_tokens",
-            )
-        return GenerationRequest(
-            prompt_ids=prompt_ids,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            stop=body.stops,
-        )
-
-    def count_tokens(result: GenerationResult) -> None:
-        metrics.prompt_tokens.inc(result.prompt_tokens)
-        metrics.generation_tokens.inc(result.completion_tokens)
-
-    async def complete(kind: str, body):
-        request = generation_request(kind, body)
-        if body.stream:
-            return stream(kind, body.model, request)
-        future = asyncio.wrap_future(engine.submit(request))
-        try:
-            result = await asyncio.wait_for(future, limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(
-                503, f"No answer within {limits.request_timeout_s:.0f} s: the server is overloaded, retry later."
-            ) from None
-        count_tokens(result)
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
-        if kind == "text":
-            choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-            answer = CompletionResponse(id=new_id("text"), model=body.model, choices=[choice], usage=usage)
-        else:
-            choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
-            answer = ChatCompletionResponse(id=new_id("chat"), model=body.model, choices=[choice], usage=usage)
-        # Serialised here, once: FastAPI would dump, re-validate and dump again a model it is handed.
-        return Response(answer.model_dump_json(), media_type="application/json")
-
-    def stream(kind: str, model: str, request: GenerationRequest) -> StreamingResponse:
-        """Server-sent events, OpenAI style: one chunk per new piece of text, then [DONE]. The request
-        is queued before the answer starts, so a full queue still answers 429."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-
-        def put(item) -> None:  # called on the generation thread
-            try:
-                loop.call_soon_threadsafe(pieces.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: nobody listens any more
-                pass
-
-        request.on_text = put
-        job = engine.submit(request)
-        job.add_done_callback(lambda _: put(_DONE))
-        request_id = new_id(kind)
-
-        def chunk(text: str | None, finish_reason: str | None = None, usage: Usage | None = None, role=None):
-            if kind == "chat":
-                delta = ChatDelta(role=role, content=text)
-                event = ChatCompletionChunk(
-                    id=request_id, model=model, choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
-                    usage=usage,
-                )  # fmt: skip
-            else:
-                choice = CompletionChoice(text=text or "", finish_reason=finish_reason)
-                event = CompletionResponse(id=request_id, model=model, choices=[choice], usage=usage)
-            return b"data: " + event.model_dump_json().encode() + b"\n\n"
-
-        async def events():
-            try:
-                if kind == "chat":
-                    yield chunk(None, role="assistant")
-                deadline = loop.time() + limits.request_timeout_s
-                while (item := await asyncio.wait_for(pieces.get(), max(0.0, deadline - loop.time()))) is not _DONE:
-                    yield chunk(item)
-                if job.exception() is None:
-                    result = job.result()
-                    count_tokens(result)
-                    yield chunk(None, result.finish_reason, Usage.of(result.prompt_tokens, result.completion_tokens))
-                else:
-                    error = job.exception()
-                    failed = ApiError(500, f"Generation failed: {type(error).__name__}: {error}")
-                    yield b"data: " + error_response(failed).body + b"\n\n"
-                yield b"data: [DONE]\n\n"
-            except asyncio.TimeoutError:
-                late = ApiError(503, f"No answer within {limits.request_timeout_s:.0f} s: the server is overloaded.")
-                yield b"data: " + error_response(late).body + b"\n\n"
-                yield b"data: [DONE]\n\n"
-            finally:
-                job.cancel()  # a client gone before its batch started frees its place in the queue
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.post("/v1/completions", response_model=CompletionResponse, tags=["openai"])
-    async def completions(body: CompletionRequest):
-        """OpenAI completions; `model` picks the adapter. `stream: true` answers with SSE chunks."""
-        return await complete("text", body)
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
-    async def chat_completions(body: ChatCompletionRequest):
-        """OpenAI chat completions through the base tokenizer's chat template."""
-        return await complete("chat", body)
-
+    app.include_router(completions_router(engine, metrics, error_response, limits.max_new_tokens_limit,
+                                          limits.request_timeout_s))  # fmt: skip
     app.include_router(admin_router(engine, admin, hosts))
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(metrics.middleware)  # outermost: counts the 408/413 answers too
