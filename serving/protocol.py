@@ -167,6 +167,14 @@ class Usage(BaseModel):
         )
 
 
+class _Answer(BaseModel):
+    """What every response and streamed chunk starts with."""
+
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -174,13 +182,10 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Answer):
     """Also each streamed chunk of /v1/completions (OpenAI uses one object type for both)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -197,11 +202,8 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -222,11 +224,8 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

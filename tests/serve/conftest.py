@@ -78,6 +78,15 @@ def adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
         return {name: train_adapter(base_dir, root / name, text) for name, text in TEXTS.items()}
 
 
+def chat_prompt_ids(messages: list[dict]) -> list[int]:
+    """The prompt the server builds for a chat request: the tiny tokenizer's chat template."""
+    from tests.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def offline_generate(
     base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int
 ) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.conftest import PROMPT, offline_generate, start
+from tests.serve.conftest import PROMPT, chat_prompt_ids, offline_generate, start
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency")
 
@@ -41,14 +41,8 @@ def test_models_completions_and_streaming(client, base_dir, adapters):
 
 
 def test_chat_and_chat_streaming(client, base_dir, adapters):
-    from tests.tiny import build_tokenizer
-
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    tokenizer = build_tokenizer()
-    ids = tokenizer(
-        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-        add_special_tokens=False,
-    )["input_ids"]
+    ids = chat_prompt_ids(messages)
     expected = offline_generate(base_dir, adapters["docs"], ids, 6)
     answer = client.chat.completions.create(model="docs", messages=messages, max_tokens=6, temperature=0)
     assert answer.choices[0].message.role == "assistant"

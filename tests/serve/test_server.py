@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.serve.conftest import ADMIN, PROMPT, Client, offline_generate, start
+from tests.serve.conftest import ADMIN, PROMPT, Client, chat_prompt_ids, offline_generate, start
 
 N_TOKENS = 10
 
@@ -82,14 +82,8 @@ def test_concurrent_requests_share_mixed_batches_and_each_gets_its_answer(server
 
 
 def test_chat_goes_through_the_chat_template(client, base_dir, adapters):
-    from tests.tiny import build_tokenizer
-
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    tokenizer = build_tokenizer()
-    ids = tokenizer(
-        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-        add_special_tokens=False,
-    )["input_ids"]
+    ids = chat_prompt_ids(messages)
     status, body = client.call(
         "POST",
         "/v1/chat/completions",
