@@ -6,7 +6,7 @@ flows.registry and downloaded once). A registry alias is pinned to its version w
 added, so a served name never changes weights under a client's feet; add it again to follow a
 moved alias. Sources that arrive over HTTP are confined to registry references and folders under
 the server's adapter roots (`--adapter-root`), and what the server shows of a source never holds an
-absolute path: a folder appears relative to its root.
+absolute path: a folder appears relative to its root or to the working directory.
 
 At most `max_adapters` adapters sit in the peft model at once. The least recently used one is
 deleted from the model when room is needed and loaded again from its local directory on the next
@@ -59,7 +59,7 @@ class AdapterEntry:
     Attributes:
         name: the served name (the `model` field of a request).
         source: what clients see of its origin: the registry reference, or the folder relative to
-            the adapter root it lies in (its name alone when it lies in none). Never absolute.
+            the adapter root it lies in, else to the working directory, else its name. Never absolute.
         path: the local peft directory loaded into the model (never sent to clients).
         rank: LoRA rank `r` from adapter_config.json.
         base_model: `base_model_name_or_path` from adapter_config.json (None if absent).
@@ -114,14 +114,14 @@ def _inside(path: Path, root: Path) -> bool:
 
 def public_source(source: str, path: Path | None, roots: Sequence[Path]) -> str:
     """How clients see a source: a registry reference as is, a folder relative to its adapter root
-    (the folder's own name when it lies under none), so no response ever holds an absolute path."""
+    or else to the working directory, else the folder's own name: no answer holds an absolute path."""
     if path is None:
         return source
     real = Path(os.path.realpath(path))
-    for root in roots:
-        real_root = Path(os.path.realpath(root))
-        if _inside(real, real_root):
-            return real.relative_to(real_root).as_posix() or "."
+    for base in (*roots, Path.cwd()):
+        real_base = Path(os.path.realpath(base))
+        if _inside(real, real_base):
+            return real.relative_to(real_base).as_posix() or "."
     return real.name
 
 

@@ -232,7 +232,7 @@ class ChatCompletionChunk(_Answer):
 
 class LoraInfo(BaseModel):
     rank: int
-    source: str = Field(description="registry reference, or the folder relative to its --adapter-root")
+    source: str = Field(description="registry reference, or the folder relative to its --adapter-root (or the working directory)")
     version: str | None
     resident: bool
 
