@@ -4,9 +4,10 @@ The first queued request opens a batch; every request that follows the previous 
 `batch_window_s` joins it, up to `max_batch_size` rows and for at most `max_batch_wait_s` after
 the first (a sliding window, like Triton's dynamic batcher's queue delay: a burst of requests that
 trickles in from the HTTP server lands in one batch, and a lone request waits one window). The
-batch runs in one `generate` call whatever adapter each row names (peft's mixed-batch LoRA). A batch that names more distinct adapters than may be
-resident at once (`max_adapters`) is split into groups that each fit. One thread owns the model,
-so generation never races an adapter load or eviction (they share the pool's lock).
+batch runs in one `generate` call whatever adapter each row names (peft's mixed-batch LoRA). A
+batch that names more distinct adapters than may be resident at once (`max_adapters`) is split
+into groups that each fit. One thread owns the model, so generation never races an adapter load
+or eviction (they share the pool's lock).
 
 At most `max_pending` requests wait or run at once; `submit` refuses more (`QueueFull`, which the
 server answers with 429) instead of letting a queue grow without bound.
@@ -231,9 +232,8 @@ class Engine:
                 log.exception("generation failed for a batch of %d", len(live))
                 for job in live:
                     job.future.set_exception(exc)
-                return
-            finally:
                 self.running = 0
+                return
         self.stats.batches += 1
         self.stats.batch_sizes[len(live)] += 1
         self.stats.rows += len(live)
@@ -242,3 +242,4 @@ class Engine:
             self.stats.mixed_batches += 1
         for job, result in zip(live, results, strict=True):
             job.future.set_result(result)
+        self.running = 0  # after the answers, so a row is never counted as waiting on its way out
