@@ -1,7 +1,8 @@
 """Dynamic batching, the bounded queue and slow bodies, with real concurrent HTTP requests.
 
 The generation thread is held at the pool's lock (as a long batch or an adapter load would hold
-it) so that requests pile up deterministically; /metrics shows what happened.
+it) so that requests pile up deterministically; /metrics shows what happened. The batching
+window's timing is tested on a scripted clock.
 """
 
 from __future__ import annotations
@@ -111,29 +112,54 @@ def test_a_body_shorter_than_its_content_length_gets_408_and_blocks_no_one(serve
     assert elapsed_s < 10  # the server's body timeout is 1 s here; it used to be a 60 s socket timeout
 
 
-def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_the_longest_wait(server):
-    """The sliding window of serving.engine, on its own (no HTTP): margins of 6x against CPU noise."""
-    from concurrent.futures import Future
+class _ScriptedArrivals:
+    """Stands in for the engine's queue and clock: jobs arrive at scripted times on a fake clock,
+    so the batching window is tested exactly, whatever the load on the machine."""
 
-    from serving.engine import Engine, _Job
+    def __init__(self, arrival_times_s):
+        from concurrent.futures import Future
 
-    engine = Engine(server.engine.pool.model, server.engine.codec.tokenizer, "b", batch_window_s=0.3,
-                    max_batch_wait_s=1.0, max_batch_size=64)  # fmt: skip
-    engine.stop()  # no generation thread: this test drains the queue itself
+        from serving.engine import _Job
 
-    def feed(gaps_s):
-        for gap_s in gaps_s:
-            time.sleep(gap_s)
-            engine._queue.put(_Job(None, Future()))
+        self.now_s = 0.0
+        self.arrivals = [(t, _Job(None, Future())) for t in arrival_times_s]
 
-    feeder = threading.Thread(target=feed, args=([0.05] * 3 + [1.8],))
-    feeder.start()
-    assert len(engine._collect(_Job(None, Future()))) == 4  # 3 followed within the window; 1.8 s later did not
-    feeder.join()
-    engine._queue.get_nowait()
-    feeder = threading.Thread(target=feed, args=([0.05] * 40,))  # never quiet: the longest wait closes it
-    started = time.monotonic()
-    feeder.start()
-    batch = engine._collect(_Job(None, Future()))
-    assert 0.9 <= time.monotonic() - started < 1.9 and len(batch) >= 2
-    feeder.join()
+    def monotonic(self) -> float:
+        return self.now_s
+
+    def get(self, timeout=None):
+        import queue
+
+        if self.arrivals and self.arrivals[0][0] <= self.now_s + timeout:
+            arrival_s, job = self.arrivals.pop(0)
+            self.now_s = max(self.now_s, arrival_s)
+            return job
+        self.now_s += timeout
+        raise queue.Empty
+
+
+@pytest.mark.parametrize(
+    "arrivals_s,rows,closed_at_s",
+    [
+        ([0.01, 0.025, 0.04, 0.2], 4, 0.06),  # each within 20 ms of the previous; 0.2 s is a new batch
+        ([0.03], 1, 0.02),  # a lone request waits one window
+        ([0.015 * i for i in range(1, 20)], 6, 0.08),  # never quiet: closed by the longest wait
+    ],
+)
+def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_the_longest_wait(
+    server, monkeypatch, arrivals_s, rows, closed_at_s
+):
+    from types import SimpleNamespace
+
+    import serving.engine
+    from serving.engine import Engine
+
+    engine = Engine(server.engine.pool.model, server.engine.codec.tokenizer, "b", batch_window_s=0.02,
+                    max_batch_wait_s=0.08, max_batch_size=64)  # fmt: skip
+    engine.stop()  # no generation thread: the test drives _collect itself
+    script = _ScriptedArrivals(arrivals_s)
+    monkeypatch.setattr(engine, "_queue", script)
+    monkeypatch.setattr(serving.engine, "time", SimpleNamespace(monotonic=script.monotonic))  # this module only
+    batch = engine._collect(_ScriptedArrivals([0]).arrivals[0][1])  # the first job, at t = 0
+    assert len(batch) == rows
+    assert script.now_s == pytest.approx(closed_at_s)
