@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -197,8 +197,8 @@ def create_app(
     @app.get("/health", tags=["operations"])
     async def health() -> dict:
         """Liveness, with the batching counters."""
-        stats = asdict(engine.stats)
-        stats["batch_sizes"] = {str(k): v for k, v in sorted(stats["batch_sizes"].items())}
+        stats = dict(vars(engine.stats))  # not asdict: it rebuilds the Counter from (key, count) pairs
+        stats["batch_sizes"] = {str(rows): n for rows, n in sorted(engine.stats.batch_sizes.items())}
         return {
             "status": "ok",
             "base": engine.base_name,

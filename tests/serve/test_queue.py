@@ -70,6 +70,8 @@ def test_requests_that_arrive_together_share_a_mixed_batch(server):
     assert metric(client, 'lowregret_batch_size_bucket{le="2"}') - small_before < 2
     assert metric(client, "lowregret_requests_waiting") == 0
     assert metric(client, "lowregret_generation_tokens_total") >= 6 * len(models)
+    sizes = client.call("GET", "/health")[1]["stats"]["batch_sizes"]  # rows per generate call -> calls
+    assert max(int(rows) for rows in sizes) >= 3 and sum(sizes.values()) == metric(client, "lowregret_batches_total")
 
 
 def test_a_full_queue_answers_429_then_recovers(server):
