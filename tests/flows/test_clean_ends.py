@@ -43,7 +43,7 @@ def _wait_for_parent_run(workdir: Path, name: str, proc, log: Path, timeout_s: f
             pytest.fail(f"the pipeline ended ({proc.returncode}) before it could be stopped:\n{log.read_text()[-3000:]}")
         if "trainable parameters" in log.read_text() and (workdir / ".lowregret" / "mlflow.db").is_file():
             experiment = _client(workdir).get_experiment_by_name(f"lowregret/{name}")
-            runs = _client(workdir).search_runs([experiment.experiment_id], "tags.mlflow.runName = 'pipeline'")
+            runs = _client(workdir).search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name} pipeline'")
             if runs:
                 return runs[0]
         time.sleep(0.5)

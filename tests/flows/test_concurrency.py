@@ -133,7 +133,7 @@ def test_four_pipelines_at_once_on_one_name(prefect_harness, tiny_models, tmp_pa
     experiment = client.get_experiment_by_name(f"lowregret/{name}").experiment_id
     runs = client.search_runs([experiment], max_results=100)
     assert {r.info.status for r in runs} == {"FINISHED"}
-    baselines = [r for r in runs if r.info.run_name == "full"]
+    baselines = [r for r in runs if r.info.run_name.startswith(f"{name} full ")]
     assert sorted(r.data.tags["cached"] for r in baselines) == ["False", "True", "True", "True"]
     assert len({r.data.tags["output_dir"] for r in baselines}) == 1
 
@@ -142,7 +142,7 @@ def test_four_pipelines_at_once_on_one_name(prefect_harness, tiny_models, tmp_pa
     assert len({v.tags["run_fingerprint"] for v in versions}) == 3
     for version in versions:
         run = client.get_run(version.run_id)
-        assert version.tags["mlflow_run_id"] == version.run_id and run.info.run_name == "lora"
+        assert version.tags["mlflow_run_id"] == version.run_id and run.info.run_name.startswith(f"{name} lora ")
         assert float(version.tags["eval_loss"]) == pytest.approx(run.data.metrics["final_eval_loss"])
     aliases = client.get_registered_model(name).aliases
     best = min(versions, key=lambda v: (float(v.tags["eval_loss"]), -int(v.version)))
