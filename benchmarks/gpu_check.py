@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PARTS = ("speed", "memory", "trainer")
-# Seconds each part may take on an H100/H200; with ~20 s of imports the call stays under 8 minutes.
-# speed: 5 set-ups × (build + 11 steps); memory: ≥ 6 grid configurations, each a real step on the
-# card and a fake-tensor step on the CPU; trainer: GGUF conversion (~30 s) + 3 × 100 steps + evals.
-BUDGET_S = {"speed": 100, "memory": 150, "trainer": 190}
+# Seconds each part may take on an H100/H200: 440 s, plus ~20 s of imports per call, stays under 8 minutes.
+# speed: 5 set-ups × (build + 11 steps); memory: ≥ 6 grid set-ups, each a real step on the card
+# (its fake-tensor twin runs on the CPU meanwhile); trainer: GGUF conversion (~30 s) + 3 × 100 steps
+# + evaluations.
+BUDGET_S = {"speed": 90, "memory": 170, "trainer": 180}
 
 # The issue's targets (issue 17): our LoRA step against plain peft's and against our FullFT step.
 TARGET_LORA_SPEEDUP = 1.6  # our LoRA tokens/s ≥ 1.6 × plain peft's
@@ -59,8 +60,8 @@ SPEED_SETUPS = ("full-plain-mixed", "full-plain-bf16", "lora-plain", "full-ours-
 # The trainer part starts from the SmolLM2 presets (the one config reader, trainer.config).
 LORA_PRESET = ROOT / "configs" / "smollm2" / "lora.yaml"
 FULL_PRESET = ROOT / "configs" / "smollm2" / "full.yaml"
-MIN_MEMORY_CONFIGS = 6  # the issue asks for at least six grid configurations on the card
-# A grid config runs on the card when the planner's allocated bytes are at most this share of its
+MIN_MEMORY_CONFIGS = 6  # the issue asks for at least six grid set-ups on the card
+# A grid set-up runs on the card when the planner's allocated bytes are at most this share of its
 # memory (the rest: CUDA context, workspaces, fragmentation, and the planner's own error).
 CARD_FILL = 0.85
 
@@ -121,141 +122,144 @@ def speed_targets(by_setup: dict[str, dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 2. memory
 
-
-@dataclasses.dataclass(frozen=True)
-class MemoryCase:
-    """One configuration of the memory grid: a model (config.json dict) and one training step's shape."""
-
-    name: str
-    model_config: dict
-    method: str
-    """full (fp32 master weights, bf16 autocast), full_bf16 (bf16 weights) or lora (bf16 base, fp32 adapter)."""
-    seq_len: int
-    micro_batch: int
-    gradient_checkpointing: bool = False
-    rank: int = 16
+# The dry run shrinks each grid model to these dimensions (the keys its config has) and the step to
+# DRY_SEQ_LEN tokens, so the same code runs on the CPU in seconds.
+DRY_DIMS = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 512}
+DRY_SEQ_LEN = 32
 
 
 def memory_part(ctx: Context) -> tuple[dict, str]:
-    """Planner and CPU fake-tensor bytes against `torch.cuda.max_memory_allocated`, per grid config."""
+    """Planner and CPU fake-tensor bytes against `torch.cuda.max_memory_allocated`, per grid set-up.
+
+    The grid, the planner's estimate and the fake-tensor measurement are issue 11's
+    (benchmarks/memory_model.py: `GRID`, `estimate`, `measure`); this part adds the card. The fake
+    steps run on the CPU in worker processes while the card runs the real ones, so both fit the
+    part's budget; set-ups are taken in grid order, skipped when the planner says they do not fit,
+    and no new one starts after the budget once MIN_MEMORY_CONFIGS have run.
+    """
+    import multiprocessing
+
     import torch
 
-    cases = memory_cases(ctx.dry_run)
+    from benchmarks import memory_model
+
+    labelled = dry_run_setups(memory_model.GRID, ctx.work) if ctx.dry_run else {s: s.name for s in memory_model.GRID}
+    setups = list(labelled)
     card_bytes = torch.cuda.get_device_properties(0).total_memory if ctx.device == "cuda" else None
-    rows, skipped = [], []
-    for case in cases:
-        if ctx.seconds_left() <= 0 and len(rows) >= MIN_MEMORY_CONFIGS:
-            skipped.append({"case": case.name, "why": "out of the part's time"})
-            continue
-        planned = planner_allocated_bytes(case)
-        if card_bytes is not None and planned > CARD_FILL * card_bytes:
-            skipped.append({"case": case.name, "why": f"planner: {planned / 2**30:.0f} GiB, more than the card"})
-            continue
-        rows.append(memory_row(ctx, case, planned))
-    lines = ["| config | planner GiB | fake-tensor GiB | card GiB | planner ÷ card | fake ÷ card | s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['case']} | {_gib(r['planner_bytes'])} | {_gib(r['fake_bytes'])} | {_gib(r['cuda_bytes'])} | "
-            f"{_ratio(r['planner_bytes'], r['cuda_bytes'])} | {_ratio(r['fake_bytes'], r['cuda_bytes'])} | "
-            f"{r['seconds']:.0f} |"
-        )
-    lines += [f"| {s['case']} | skipped: {s['why']} | | | | | |" for s in skipped]
-    lines += [f"- {r['case']}: {r['error']}" for r in rows if r["error"]]
-    if ctx.device != "cuda":
-        lines += ["", "Dry run on the CPU: the real step ran, but only a card has `max_memory_allocated`."]
-    return {"card_bytes": card_bytes, "rows": rows, "skipped": skipped}, "\n".join(lines)
-
-
-def memory_cases(dry_run: bool) -> list[MemoryCase]:
-    """The memory grid's configurations (issue 11: benchmarks/memory_model.py)."""
-    try:
-        from benchmarks import memory_model  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError("the memory grid (issue 11, benchmarks/memory_model.py) is not on this branch") from exc
-    raise NotImplementedError("bind the memory grid once it lands")
-
-
-def planner_allocated_bytes(case: MemoryCase) -> float:
-    """What the planner says `torch.cuda.max_memory_allocated` will see for `case` (one GPU)."""
-    from planner.lora import count_lora_params
-    from planner.memory import estimate_memory
-    from planner.shapes import shape_from_config
-
-    shape = shape_from_config(case.model_config)
-    adapter = count_lora_params(shape, case.rank).total if case.method == "lora" else 0
-    return estimate_memory(shape, adapter, case.method, case.seq_len, case.micro_batch, 1,
-                           case.gradient_checkpointing).allocated_bytes
-
-
-def fake_peak_bytes(case: MemoryCase) -> float:
-    """The trainer's step on fake CPU tensors (issue 11's harness, trainer/memory.py): its peak bytes."""
-    from trainer.memory import measure_peak_memory
-
-    return measure_peak_memory(case.model_config, case.method, seq_len=case.seq_len, micro_batch=case.micro_batch,
-                               gradient_checkpointing=case.gradient_checkpointing, rank=case.rank).peak_bytes
-
-
-def memory_row(ctx: Context, case: MemoryCase, planned: float) -> dict:
-    """One config: the real step on the device and the fake-tensor step on the CPU, each isolated."""
-    started = time.perf_counter()
-    row = {"case": case.name, "config": dataclasses.asdict(case), "planner_bytes": planned,
-           "fake_bytes": None, "cuda_bytes": None}
-    problems = []
-    for key, measure in (("cuda_bytes", lambda: card_peak_bytes(case, ctx.device)),
-                         ("fake_bytes", lambda: fake_peak_bytes(case))):
+    planned, planner_errors = {}, {}
+    for s in setups:
         try:
-            row[key] = measure()
-        except Exception as exc:  # noqa: BLE001 -- one config's failure (an OOM) must not end the grid
-            problems.append(f"{key}: {type(exc).__name__}: {exc}")
-        release_memory()
+            planned[s] = memory_model.estimate(s).allocated_bytes
+        except Exception as exc:  # noqa: BLE001 -- the card and the fakes still measure this set-up
+            planned[s], planner_errors[s] = None, f"planner: {type(exc).__name__}: {exc}"
+    fits = [s for s in setups if card_bytes is None or planned[s] is None or planned[s] <= CARD_FILL * card_bytes]
+    # spawn, not fork: the parent holds a CUDA context, which a forked child must not inherit.
+    workers = max(1, min(len(fits), (os.cpu_count() or 2) - 2))
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        fakes = {s: pool.apply_async(memory_model.measure, (s,)) for s in fits}
+        rows = []
+        for setup in fits:
+            if ctx.seconds_left() <= 0 and len(rows) >= MIN_MEMORY_CONFIGS:
+                break
+            rows.append(memory_row(ctx, setup, labelled[setup], planned[setup], fakes[setup], planner_errors.get(setup)))
+    finally:
+        pool.terminate()
+    skipped = [{"setup": labelled[s], "why": f"planner: {planned[s] / 2**30:.0f} GiB, more than {CARD_FILL:.0%} of the card"}
+               for s in setups if s not in fits]
+    skipped += [{"setup": labelled[s], "why": "out of the part's time"} for s in fits[len(rows):]]
+    return {"card_bytes": card_bytes, "rows": rows, "skipped": skipped}, memory_markdown(ctx, rows, skipped)
+
+
+def dry_run_setups(grid, work: Path) -> dict:
+    """The first grid set-up of each method, its model shrunk to DRY_DIMS (a config.json in `work`),
+    mapped to a label naming the grid set-up it stands for."""
+    from planner.shapes import load_config
+
+    firsts = {}
+    for setup in grid:
+        firsts.setdefault(setup.method, setup)
+    setups = {}
+    for i, setup in enumerate(firsts.values()):
+        config = load_config(setup.model)
+        tiny = {**config, "num_hidden_layers": 2, **{k: v for k, v in DRY_DIMS.items() if k in config}}
+        path = work / "memory-dry-run" / f"{i}-{setup.method}" / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(tiny))
+        tiny_setup = dataclasses.replace(setup, model=str(path), seq_len=DRY_SEQ_LEN,
+                                         micro_batch=min(setup.micro_batch, 2),
+                                         grad_accum_steps=min(setup.grad_accum_steps, 2))
+        setups[tiny_setup] = f"{setup.name}, shrunk: {tiny_setup.micro_batch}x{DRY_SEQ_LEN}, hidden 64, 2 layers"
+    return setups
+
+
+def memory_row(ctx: Context, setup, label: str, planned: float | None, fake, planner_error: str | None) -> dict:
+    """One set-up: the real step on the device, then the fake-tensor step's result; each isolated."""
+    started = time.perf_counter()
+    row = {"setup": label, "config": dataclasses.asdict(setup), "planner_bytes": planned,
+           "fake_bytes": None, "fake_phase": None, "cuda_bytes": None}
+    problems = [planner_error] if planner_error else []
+    try:
+        row["cuda_bytes"] = card_peak_bytes(setup, ctx.device)
+    except Exception as exc:  # noqa: BLE001 -- one set-up's failure (an OOM) must not end the grid
+        problems.append(f"card: {type(exc).__name__}: {exc}")
+    release_memory()
+    try:
+        measured = fake.get(timeout=max(1.0, ctx.seconds_left()))
+        row["fake_bytes"], row["fake_phase"] = measured.peak_bytes, measured.peak_phase
+    except Exception as exc:  # noqa: BLE001 -- includes multiprocessing.TimeoutError
+        problems.append(f"fake tensors: {type(exc).__name__}: {exc}")
     row["error"] = "; ".join(problems) or None
     row["seconds"] = time.perf_counter() - started
     return row
 
 
-def card_peak_bytes(case: MemoryCase, device: str) -> int | None:
-    """`torch.cuda.max_memory_allocated` over the trainer's step for `case` on the device (None on a CPU).
+def card_peak_bytes(setup, device: str) -> int | None:
+    """`torch.cuda.max_memory_allocated` of the trainer's step for `setup`, run on the device.
 
-    The step is the one the fake-tensor harness measures: the second optimizer step of a run
-    (AdamW's state exists), bf16 autocast through accelerate, the trainer's micro-batch forward,
-    completion loss and backward (`trainer.loss.train_micro_batch`), then the optimizer step.
-    Weights are random: memory does not depend on their values.
+    The very step trainer/memory.py runs on fake tensors (`measure_step_memory`), here on real ones:
+    the trainer's precision policy, model preparation, optimizer and accelerate, the second
+    optimizer step of a run (AdamW's state exists; with accumulation, the earlier micro-batches'
+    gradients are held), the loop's micro-batch forward, loss and backward, the optimizer step.
+    Random weights: memory does not depend on their values. None on a CPU (no allocator statistics).
     """
     import torch
     from accelerate import Accelerator
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.data import Sequence, collate
+    from planner.shapes import load_config, shape_from_config
+    from trainer.loop import build_optimizer, precision
     from trainer.loss import loss_head, train_micro_batch
-    from trainer.model import apply_lora, resolve_targets
+    from trainer.memory import _batch, _train_config
+    from trainer.model import model_from_config, prepare_model
 
     cuda = device == "cuda"
-    values = {k: v for k, v in case.model_config.items() if k != "model_type"}
-    config = AutoConfig.for_model(case.model_config["model_type"], **values)
-    accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if case.method == "full" else torch.bfloat16)
-    if case.method == "lora":
-        model = apply_lora(model, case.rank, 32, resolve_targets(model, case.rank))
-    if case.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True if cuda else None)
+    model_config = load_config(setup.model)
+    config = _train_config(setup.method, seq_len=setup.seq_len, micro_batch=setup.micro_batch,
+                           grad_accum_steps=setup.grad_accum_steps,
+                           gradient_checkpointing=setup.gradient_checkpointing, lora={"rank": setup.rank})
+    mixed_precision, base_dtype = precision(config, use_cuda=True)
+    batch = _batch(setup.seq_len, setup.micro_batch, shape_from_config(model_config).vocab_size)
+    loss_tokens = int(batch.loss_positions_N.numel()) * setup.grad_accum_steps
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+    with torch.device(device):  # built on the card: no host copy of an 8B model
+        model, _ = prepare_model(model_from_config(model_config, base_dtype), config)
+    optimizer = build_optimizer(model, config, use_cuda=cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
+    head, _ = loss_head(accelerator.unwrap_model(model))
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # a first step creates AdamW's state
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    rows = [list(range(case.seq_len)) for _ in range(case.micro_batch)]
-    batch = collate([Sequence([t % config.vocab_size for t in r], r[1:] + [-100], r) for r in rows], 0,
-                    packed=False).to(device)
+    if setup.grad_accum_steps > 1:  # what the earlier micro-batches of the step leave behind
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    tokens = case.seq_len * case.micro_batch - case.micro_batch
-    train_micro_batch(model, batch, 1.0 / tokens, head=loss_head(accelerator.unwrap_model(model))[0],
+    train_micro_batch(model, batch.to(accelerator.device), accelerator.num_processes / loss_tokens, head=head,
                       backward=accelerator.backward)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -263,6 +267,23 @@ def card_peak_bytes(case: MemoryCase, device: str) -> int | None:
         return None
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
+
+
+def memory_markdown(ctx: Context, rows: list[dict], skipped: list[dict]) -> str:
+    lines = ["Allocated GiB of one trainer step (2^30 bytes); ratios against the card's `max_memory_allocated`.", "",
+             "| set-up | planner | fake tensors (CPU) | card | planner ÷ card | fake ÷ card | s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {_gib(r['planner_bytes'])} | {_gib(r['fake_bytes'])} | {_gib(r['cuda_bytes'])} | "
+            f"{_ratio(r['planner_bytes'], r['cuda_bytes'])} | {_ratio(r['fake_bytes'], r['cuda_bytes'])} | "
+            f"{r['seconds']:.0f} |"
+        )
+    lines += [f"| {s['setup']} | skipped: {s['why']} | | | | | |" for s in skipped]
+    lines += [f"- {r['setup']}: {r['error']}" for r in rows if r["error"]]
+    if ctx.device != "cuda":
+        lines += ["", "Dry run on the CPU: the real step ran, but only a card has `max_memory_allocated`."]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- 3. the real trainer
@@ -345,7 +366,7 @@ def held_out_regret(lora_dir: str, full_dir: str, device: str) -> dict:
         "recovered": (base.nats_per_token - lora.nats_per_token) / gained_full if gained_full > 0 else None,
         "interval": None,
         "interval_note": "no interval: issue 12's paired bootstrap (evaluation.regret) is not on main yet; "
-                         "the per-example sums below are what it needs",
+                         "gpu_check.json holds the per-example sums it needs",
         "example_tokens": list(lora.example_tokens), "lora_example_nll": list(lora.example_nll),
         "full_example_nll": list(full.example_nll), "base_example_nll": list(base.example_nll),
     }

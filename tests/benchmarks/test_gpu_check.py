@@ -8,6 +8,7 @@ part ran and reported, and that the numbers which must agree on a CPU do.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +31,18 @@ def test_dry_run_reports_every_part_without_prefect_or_mlflow(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", _BLOCKED_RUN, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run",
            "--out", str(out), "--work-dir", str(tmp_path / "work")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    # One thread: tiny models gain nothing from more, and on shared cores idle OpenMP threads spin.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
-    assert {name: p["status"] for name, p in parts.items()} == dict.fromkeys(("speed", "memory", "trainer"), "ok"), (
+    # The memory part builds on issue 11's grid and harness; until they are on this branch it must
+    # fail alone, saying so, while the other parts report.
+    memory_landed = (ROOT / "benchmarks" / "memory_model.py").is_file()
+    wanted = {"speed": "ok", "memory": "ok" if memory_landed else "failed", "trainer": "ok"}
+    assert {name: p["status"] for name, p in parts.items()} == wanted, (
         {name: p.get("traceback") for name, p in parts.items()}, proc.stderr[-3000:])
-    assert proc.returncode == 0
+    assert proc.returncode == (0 if memory_landed else 1)
     assert report["dry_run"] and report["device"].startswith("cpu")
 
     speed = parts["speed"]["result"]
@@ -43,9 +50,13 @@ def test_dry_run_reports_every_part_without_prefect_or_mlflow(tmp_path):
         "full-plain-mixed", "full-plain-bf16", "lora-plain", "full-ours-bf16", "lora-ours"}
     assert [t["met"] for t in speed["targets"]][2] is None  # no MFU without a card's matmul peak
 
-    memory = parts["memory"]["result"]
-    assert len(memory["rows"]) >= 2 and not any(r["error"] for r in memory["rows"])
-    assert all(r["planner_bytes"] > 0 and r["fake_bytes"] > 0 and r["cuda_bytes"] is None for r in memory["rows"])
+    if memory_landed:
+        rows = parts["memory"]["result"]["rows"]
+        assert {r["config"]["method"] for r in rows} == {"full", "full_bf16", "lora"}
+        assert not any(r["error"] for r in rows), [r["error"] for r in rows]
+        assert all(r["planner_bytes"] > 0 and r["fake_bytes"] > 0 and r["cuda_bytes"] is None for r in rows)
+    else:
+        assert "memory_model" in parts["memory"]["error"]
 
     trainer = parts["trainer"]["result"]
     lora, full = trainer["runs"]["lora"], trainer["runs"]["full"]
@@ -61,7 +72,8 @@ def test_dry_run_reports_every_part_without_prefect_or_mlflow(tmp_path):
 
     markdown = (out / "gpu_check.md").read_text()
     assert proc.stdout.rstrip().endswith(markdown.rstrip())  # the table is printed last
-    assert "| lora-ours |" in markdown and "| config |" in markdown and "Regret on" in markdown
+    assert "| lora-ours |" in markdown and "Regret on" in markdown
+    assert ("| set-up | planner |" if memory_landed else "cannot import name 'memory_model'") in markdown
 
 
 def test_speed_targets_compare_as_the_issue_states():
