@@ -361,17 +361,31 @@ def held_out_regret(lora_dir: str, full_dir: str, device: str) -> dict:
     tokens = sum(lora.example_tokens)
     regret = (math.fsum(lora.example_nll) - math.fsum(full.example_nll)) / tokens
     gained_full = base.nats_per_token - full.nats_per_token
+    interval, interval_note = regret_interval_of(lora.example_tokens, lora.example_nll, full.example_nll,
+                                                 base.example_nll)
     return {
         "examples": lora.examples, "tokens": tokens,
         "base_nats": base.nats_per_token, "lora_nats": lora.nats_per_token, "full_nats": full.nats_per_token,
         "regret_nats": regret, "regret_relative": regret / full.nats_per_token,
         "recovered": (base.nats_per_token - lora.nats_per_token) / gained_full if gained_full > 0 else None,
-        "interval": None,
-        "interval_note": "no interval: issue 12's paired bootstrap (evaluation.regret) is not on main yet; "
-                         "gpu_check.json holds the per-example sums it needs",
+        "interval": interval, "interval_note": interval_note,
         "example_tokens": list(lora.example_tokens), "lora_example_nll": list(lora.example_nll),
         "full_example_nll": list(full.example_nll), "base_example_nll": list(base.example_nll),
     }
+
+
+def regret_interval_of(tokens, lora_nll, full_nll, base_nll) -> tuple[dict | None, str]:
+    """Issue 12's paired-bootstrap interval of the regret (`evaluation.regret`), where this checkout
+    has it, and a sentence saying what the interval is (or why there is none)."""
+    try:
+        from evaluation.regret import regret_interval
+    except ImportError:  # issue 12 not merged into this checkout
+        return None, ("no interval: issue 12's paired bootstrap (evaluation.regret) is not in this checkout; "
+                      "gpu_check.json holds the per-example sums it needs")
+    interval = regret_interval(tokens, lora_nll, full_nll, base_nll)
+    return dataclasses.asdict(interval), (
+        f"{interval.confidence:.0%} interval [{interval.low:+.4f}, {interval.high:+.4f}] nats/token: paired "
+        "bootstrap over the held-out examples (evaluation.regret), one seed, so training noise is not in it")
 
 
 def plain_peft_losses(config, device: str) -> dict:

@@ -69,6 +69,10 @@ def test_dry_run_reports_every_part_without_prefect_or_mlflow(tmp_path):
     assert regret["full_nats"] == pytest.approx(full["final_eval_loss"], abs=1e-5)
     assert regret["regret_nats"] == pytest.approx(regret["lora_nats"] - regret["full_nats"], abs=1e-9)
     assert len(regret["lora_example_nll"]) == regret["examples"] > 0
+    if (ROOT / "evaluation" / "regret.py").is_file():  # issue 12's paired bootstrap
+        assert regret["interval"]["low"] <= regret["regret_nats"] <= regret["interval"]["high"]
+    else:
+        assert regret["interval"] is None and "no interval" in regret["interval_note"]
 
     markdown = (out / "gpu_check.md").read_text()
     assert proc.stdout.rstrip().endswith(markdown.rstrip())  # the table is printed last
