@@ -232,16 +232,16 @@ def card_peak_bytes(setup, device: str) -> int | None:
     from planner.shapes import load_config, shape_from_config
     from trainer.loop import build_optimizer, precision
     from trainer.loss import loss_head, train_micro_batch
-    from trainer.memory import _batch, _train_config
+    from trainer.memory import step_batch, step_train_config
     from trainer.model import model_from_config, prepare_model
 
     cuda = device == "cuda"
     model_config = load_config(setup.model)
-    config = _train_config(setup.method, seq_len=setup.seq_len, micro_batch=setup.micro_batch,
+    config = step_train_config(setup.method, seq_len=setup.seq_len, micro_batch=setup.micro_batch,
                            grad_accum_steps=setup.grad_accum_steps,
                            gradient_checkpointing=setup.gradient_checkpointing, lora={"rank": setup.rank})
     mixed_precision, base_dtype = precision(config, use_cuda=True)
-    batch = _batch(setup.seq_len, setup.micro_batch, shape_from_config(model_config).vocab_size)
+    batch = step_batch(setup.seq_len, setup.micro_batch, shape_from_config(model_config).vocab_size)
     loss_tokens = int(batch.loss_positions_N.numel()) * setup.grad_accum_steps
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
     with torch.device(device):  # built on the card: no host copy of an 8B model
