@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
 
 
 def _named(value: str) -> tuple[str, str]:
@@ -198,6 +199,7 @@ def run_export(args) -> int:
         raise UserError(
             "Give exactly one adapter: --vllm NAME@ALIAS (registry) or --vllm --adapter-dir PATH."
         )
+    check_output_dir(args.out_dir, "export DIR")
     result = export_vllm(args.vllm or args.adapter_dir, args.out_dir, base=args.base, name=args.name)
     for note in result.notes:
         print(f"note: {note}")
