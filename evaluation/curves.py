@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 from planner.errors import UserError
@@ -127,6 +129,9 @@ def plot_curves(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    # Written beside and renamed: a reader (or a pipeline drawing the same chart) never sees half a PNG.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
     return path

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from planner.errors import UserError
 
@@ -28,12 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C (`finally` blocks run); inside a flow run Prefect's own handler
+    takes over and marks the run Crashed first."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -42,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lowregret {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        signum = getattr(exc, "signal", None)  # prefect.exceptions.TerminationSignal (SIGTERM in a flow)
+        if not isinstance(signum, int):
+            raise
+        print(f"lowregret {args.command}: stopped by signal {signum}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from planner.errors import UserError
+from planner.gpus import get_gpu
+from planner.profile import METHODS as INFO_METHODS
 from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
 from trainer.rl_config import DEFAULT_RL_DATASET
@@ -100,7 +102,8 @@ class PipelineConfig(_GatedPipeline):
     threshold: float = 0.01
     #: Allowed regret in nats/token whatever FullFT's loss (the floor for near-zero losses).
     threshold_abs: float = 0.01
-    #: How the planner measures the dataset's information: auto, base_model_logloss, lzma, prior.
+    #: How the planner measures the dataset's information (planner.profile.METHODS): auto, exact, lzma,
+    #: prior, logloss.
     info_method: str = "lzma"
     #: Seed replicates, e.g. [0, 1, 2]: LoRA and FullFT are trained once per seed on one held-out split
     #: (the first seed's), and the regret's interval covers seed noise too. None: one run each (train.seed).
@@ -116,6 +119,11 @@ class PipelineConfig(_GatedPipeline):
         for name in ("threshold", "threshold_abs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
+        if not isinstance(self.refresh_baseline, bool):
+            raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
+        if self.info_method not in INFO_METHODS:
+            raise UserError(f"info_method={self.info_method!r} is not one of {', '.join(INFO_METHODS)}.")
+        get_gpu(str(self.gpu))  # an unknown GPU is a UserError naming the known ones
         if self.seeds is not None:
             if (not isinstance(self.seeds, list) or len(self.seeds) < 2 or len(set(map(str, self.seeds))) < len(self.seeds)
                     or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):

@@ -1,27 +1,81 @@
-"""A pipeline's inputs, checked before Prefect or MLflow start: a bad value is a `UserError` before
-any server, MLflow run or file. The config's own values were checked when it was built
-(`flows.config`); the pipeline's first task runs the same check, so a scheduled run is checked too.
+"""A pipeline's inputs, checked before Prefect or MLflow start: a bad value is a `UserError` in a
+second or two, before any server, MLflow run or file.
+
+The config's own values were checked when it was built (`flows.config`). Here, cheapest first: the
+model's shape (config.json, the catalog, or a GGUF header), which the rank must fit (every adapted
+matrix's min(d_in, d_out)) and `train.max_length` (the model's context); then the dataset, read
+and format-checked; last the tokenizer (a GGUF base is converted here, once, and cached for the
+runs). The pipeline's first task runs the same checks, so a scheduled run is checked too.
+`check_inputs` serves the supervised pipeline, `check_rl_inputs` the RL one.
 """
 
 from __future__ import annotations
 
+from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows
+from planner.lora import count_run_lora
+from planner.shapes import check_context, load_shape
+
+
+def _check_model(config, run, ranks: tuple[int, ...] | None = None):
+    """The model's shape, after checking every rank in `ranks` (default the config's) fits it."""
+    shape = load_shape(config.model)
+    for rank in ranks or (config.rank,):
+        count_run_lora(shape, rank, run.targets, run.expert_rank_divisor, run.target_unembedding)
+    return shape
+
+
+def check_inputs(config, ranks: tuple[int, ...] | None = None) -> dict:
+    """Check `config`'s (a PipelineConfig) model, rank(s) and data.
+
+    Args:
+        config: the pipeline config.
+        ranks: LoRA ranks to check (a sweep's); default the config's own.
+
+    Returns:
+        {"fingerprint", "examples", "format", "held_out_examples"} of the rows the runs will read
+        (held-out examples before dropping those whose completion max_length cuts away).
+
+    Raises:
+        UserError: unknown model, a rank or max_length the model cannot take, unreadable or empty data.
+    """
+    lora = config.train_config("lora")
+    shape = _check_model(config, lora, ranks)
+    check_context(lora.max_length, shape.context_length, config.model, option="train.max_length")
+    rows = load_rows(config.dataset, limit=lora.dataset_limit)
+    data_format = detect_format(rows, source=config.dataset)
+    if lora.eval_dataset is not None:
+        eval_rows = load_rows(lora.eval_dataset)
+        detect_format(eval_rows, source=lora.eval_dataset)
+        held_out = len(eval_rows)
+    else:
+        held_out = len(split_rows(rows, lora.eval_fraction, lora.held_out_seed)[1])
+    if lora.eval_max_examples is not None:
+        held_out = min(held_out, lora.eval_max_examples)
+    from trainer.model import load_base_tokenizer  # torch: only once everything cheap has passed
+
+    load_base_tokenizer(config.model)
+    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows), "format": data_format,
+            "held_out_examples": held_out}
+
 
 def check_rl_inputs(config) -> dict:
-    """Check an RLPipelineConfig's reward, prompts and tokenizer: the reward spec loads (a `python:`
-    reward's module imports), every row has a prompt and an answer, no prompt is longer than
-    max_prompt_tokens.
+    """Check an RLPipelineConfig's model and rank, its reward (a `python:` reward's module imports)
+    and its prompts (every row has a prompt and an answer, none longer than max_prompt_tokens).
 
     Returns:
         {"fingerprint", "train_prompts", "eval_prompts"} of the prompts both runs will read.
 
     Raises:
-        UserError: a reward that cannot be loaded, missing or bad data, a model without a tokenizer.
+        UserError: unknown model, a rank it cannot take, a reward that cannot be loaded, missing or
+            bad data.
     """
-    from trainer.model import load_base_tokenizer
     from trainer.rewards import load_reward
-    from trainer.rl import prepare_prompts
 
     lora = config.train_config("lora")
+    _check_model(config, lora)
     load_reward(lora.reward)
+    from trainer.model import load_base_tokenizer  # torch: only once everything cheap has passed
+    from trainer.rl import prepare_prompts
+
     data = prepare_prompts(lora, load_base_tokenizer(config.model))
     return {"fingerprint": data.fingerprint, "train_prompts": len(data.train), "eval_prompts": len(data.eval)}

@@ -17,7 +17,9 @@ from prefect import flow, task
 
 from flows import tasks
 from flows.config import RLPipelineConfig
+from flows.locks import run_lock
 from flows.settings import configure_mlflow, load_settings
+from flows.tracking import STATE_HOOKS
 
 
 @task
@@ -66,10 +68,13 @@ def plot_rl_runs(curves_paths: dict[str, str], path: str) -> str:
     return path
 
 
-@flow(name="lowregret-rl-pipeline")
+@flow(name="lowregret-rl-pipeline", **STATE_HOOKS)
 def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
     """Train a LoRA adapter with RL, compare its held-out reward with a FullFT RL baseline, register and
     maybe promote it.
+
+    Failures, crashes and cancellations end the MLflow runs as in the supervised pipeline (state
+    hooks), and identical pipelines take turns from training to registration (`run_lock`).
 
     Returns:
         The pipeline summary (also written to reports/<name>/summary.json and logged to MLflow).
@@ -83,16 +88,17 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
         tasks.keyed_run(config, method, runs, data["fingerprint"], code) for method in ("full", "lora"))
     fingerprint = f"rl-{lora_key}-{full_key}"
 
-    parent = tasks.start_tracking(settings, config.experiment, "rl-pipeline", config.to_dict(),
+    parent = tasks.start_tracking(settings, config.experiment, f"{config.name} rl-pipeline", config.to_dict(),
                                   tags={"code_version": code, "dataset_fingerprint": data["fingerprint"]})
-    try:
-        plan = make_rl_plan(config, str(reports / "plan"))
-        print("Capacity plan (RL):\n  " + "\n  ".join(plan["summary"]), flush=True)
-        plan_run = tasks.start_tracking(settings, config.experiment, "plan", {"rank": config.rank}, parent)
-        tasks.log_files(settings, plan_run, list(plan["files"].values()), tags={"verdict": plan["verdict"]},
-                        metrics={"adapter_params": plan["adapter_params"]}, artifact_path="plan")
-        tasks.end_tracking(settings, plan_run)
+    plan = make_rl_plan(config, str(reports / "plan"))
+    print("Capacity plan (RL):\n  " + "\n  ".join(plan["summary"]), flush=True)
+    plan_run = tasks.start_tracking(settings, config.experiment, f"{config.name} plan", {"rank": config.rank},
+                                    parent)
+    tasks.log_files(settings, plan_run, list(plan["files"].values()), tags={"verdict": plan["verdict"]},
+                    metrics={"adapter_params": plan["adapter_params"]}, artifact_path="plan")
+    tasks.end_tracking(settings, plan_run)
 
+    with run_lock(settings, fingerprint):
         full, cached = tasks.cached_baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
         full_run = tasks.track_training(settings, config, full_config, full, parent, data["fingerprint"],
                                         {"cached": cached, "run_key": full_key})
@@ -124,19 +130,15 @@ def rl_pipeline(config: RLPipelineConfig, workdir: str | None = None) -> dict:
                                              eval_reward=lora.final_eval_reward)
         tasks.end_tracking(settings, lora_run)
 
-        fields = {
-            "objective": "rl", "dataset": data,
-            "plan": {k: plan[k] for k in ("verdict", "adapter_params", "smallest_rank", "summary", "files")},
-            "baseline": full.to_dict(), "baseline_cached": cached, "lora": lora.to_dict(),
-            "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
-        }
-        summary = tasks.close_pipeline(
-            settings, parent, reports, config, code, fields, registration, decision, [chart],
-            metrics=regret | {"lora_eval_reward": lora.final_eval_reward, "full_eval_reward": full.final_eval_reward},
-            tags={"verdict_message": comparison.message, "baseline_cached": cached,
-                  "registered_version": registration.version if registration else ""},
-            verdict=comparison.verdict, message=comparison.message)
-        return summary
-    except BaseException:
-        tasks.end_tracking(settings, parent, "FAILED")
-        raise
+    fields = {
+        "objective": "rl", "dataset": data,
+        "plan": {k: plan[k] for k in ("verdict", "adapter_params", "smallest_rank", "summary", "files")},
+        "baseline": full.to_dict(), "baseline_cached": cached, "lora": lora.to_dict(),
+        "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
+    }
+    return tasks.close_pipeline(
+        settings, parent, reports, config, code, fields, registration, decision, [chart],
+        metrics=regret | {"lora_eval_reward": lora.final_eval_reward, "full_eval_reward": full.final_eval_reward},
+        tags={"verdict_message": comparison.message, "baseline_cached": cached,
+              "registered_version": registration.version if registration else ""},
+        verdict=comparison.verdict, message=comparison.message)

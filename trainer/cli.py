@@ -57,10 +57,17 @@ def handle_rl(args: argparse.Namespace) -> int:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from planner.dataset import check_local_file
+    from planner.paths import check_output_dir
     from trainer.config import load_config
-    from trainer.loop import train
 
     config = load_config(args.config, args.overrides)
+    # Before torch is imported: a bad output path or data file fails at once.
+    check_output_dir(config.output_dir, "output_dir")
+    for source in filter(None, (config.dataset, config.eval_dataset)):
+        check_local_file(source)
+    from trainer.loop import train
+
     result = train(config, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
 from trainer.data import collate, example_id, micro_batches, prepare_data, step_indices
@@ -68,10 +69,11 @@ def _preflight_dirs(config: TrainConfig) -> Path | None:
     """Check the output and resume paths before any work; return the checkpoint to resume, if any.
 
     Raises:
-        UserError: a finished run would be overwritten, a killed run's output would be lost, or the
-            resume path holds no checkpoint.
+        UserError: output_dir cannot be created (under a file, read-only), a finished run would be
+            overwritten, a killed run's output would be lost, or the resume path holds no checkpoint.
     """
     final, partial = _run_dirs(config)
+    check_output_dir(final, "output_dir")
     if final.exists() and not config.overwrite:
         raise UserError(
             f"{final} already exists (a finished run or another folder). Choose another output_dir, "
@@ -190,7 +192,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
     config_hash = config.hash(data.fingerprint)
 
-    model, what = load_for_training(config, use_cuda)
+    model, what = load_for_training(config, use_cuda, context_tokens=config.max_length)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
 
