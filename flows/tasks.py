@@ -55,19 +55,25 @@ def _baseline_cache_key(context, parameters) -> str:
 
 @task
 def check_inputs(config) -> dict:
-    """Load the model's tokenizer and read the dataset once: a model or dataset that cannot be had
-    (missing file, Hub id offline, bad rows) is a UserError before any run or file.
+    """Load the model's tokenizer, read and tokenize the dataset once (the token cache the plan and
+    both trainings then reuse): a model or dataset that cannot be had (missing file, Hub id
+    offline, bad rows, a prompt that fills max_length) is a UserError before any run or file.
 
     Returns:
         {"fingerprint", "examples", "format"} of the rows the runs will read.
     """
-    from planner.dataset import dataset_fingerprint, detect_format, load_rows
+    from planner.dataset import describe_format
+    from planner.token_cache import tokenized_dataset
     from trainer.model import load_base_tokenizer
 
-    load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
-    rows = load_rows(config.dataset, limit=config.train.get("dataset_limit"))
-    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows),
-            "format": detect_format(rows, source=config.dataset)}
+    train = config.train_config("lora")
+    tokenizer = load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
+    data = tokenized_dataset(config.dataset, tokenizer, limit=train.dataset_limit)
+    data.check_max_length(train.max_length)
+    if train.eval_dataset is not None:
+        tokenized_dataset(train.eval_dataset, tokenizer).check_max_length(train.max_length)
+    print(f"data: {data.rows:,} rows of {describe_format(data.format)} from {config.dataset}", flush=True)
+    return {"fingerprint": data.fingerprint, "examples": data.rows, "format": data.format}
 
 
 @task
@@ -85,7 +91,7 @@ def make_plan(config, out_dir: str) -> dict:
     plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                       target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
                       batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
-                      fullft_lr=config.full_lr, steps=lora.max_steps)
+                      fullft_lr=config.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
@@ -154,6 +160,7 @@ def start_tracking(settings, experiment: str, run_name: str, params: dict,
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from flows.settings import ensure_experiment
+    from flows.tracking import log_params
 
     client = MlflowClient(settings.tracking_uri)
     all_tags = dict(tags or {})
@@ -161,33 +168,18 @@ def start_tracking(settings, experiment: str, run_name: str, params: dict,
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(ensure_experiment(experiment, settings), run_name=run_name,
                             tags={k: str(v) for k, v in all_tags.items()})
-    for key, value in _flatten(params).items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
 @task(**IO_RETRIES)
 def log_training(settings, run_id: str, result, extra_tags: dict | None = None) -> None:
     """Log a TrainResult into its run: the curves with step=, the final metrics, its files."""
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(settings.tracking_uri)
-    curves = json.loads(Path(result.curves_path).read_text())
-    metrics = [Metric(f"{name}_loss", float(loss), 0, int(step))
-               for name in ("train", "eval") for step, loss in curves.get(name, [])]
-    finals = {"final_train_loss": result.final_train_loss, "final_eval_loss": result.final_eval_loss,
-              "steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
-              "tokens_per_s": result.tokens_per_s, "trainable_params": result.trainable_params,
-              "peak_memory_bytes": result.peak_memory_bytes}
-    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items() if v is not None]
-    for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start:start + 900])
-    for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash,
-                       **(extra_tags or {})}.items():
-        client.set_tag(run_id, key, str(value))
-    client.log_artifact(run_id, result.curves_path)
-    client.log_artifact(run_id, result.summary_path)
+    from flows.tracking import log_result
+
+    log_result(MlflowClient(settings.tracking_uri), run_id, result, curves=True, tags=extra_tags)
 
 
 @task(**IO_RETRIES)
@@ -254,13 +246,3 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _flatten(params: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
