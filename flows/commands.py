@@ -1,4 +1,5 @@
-"""`lowregret pipeline | demo | sweep | promote | rollback | deploy`: the flows' sub-commands.
+"""`lowregret train | pipeline | demo | sweep | promote | rollback | models | deploy`: the flows'
+sub-commands. `train` lives here because it wires the trainer to MLflow (report_to=mlflow).
 
 Nothing heavy at module level: each handler exports the embedded defaults (flows.settings) and
 only then imports Prefect and MLflow, which read their settings at import time.
@@ -15,9 +16,28 @@ from pathlib import Path
 # not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 DEMO_PROMPT = [{"role": "user", "content": "What does the Python function os.path.join do?"}]
+STANDALONE_EXPERIMENT = "lowregret/train"  # flows.tracking's; repeated here so --help imports nothing
 
 
 def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a LoRA adapter or a full fine-tune",
+        description=(
+            "Train LoRA or FullFT from a YAML preset (configs/<model>/<method>.yaml) with key=value "
+            "overrides, e.g. `lowregret train --config configs/smollm2/lora.yaml rank=8 max_steps=50` "
+            "(or num_epochs=2 instead of max_steps). Writes adapter/ or model/, curves.json and "
+            "summary.json to output_dir. report_to=mlflow also logs the run to MLflow (experiment "
+            f"{STANDALONE_EXPERIMENT}; .lowregret/mlflow.db here, or MLFLOW_TRACKING_URI). Runs "
+            "unchanged under `accelerate launch -m flows.cli train ...`."
+        ),
+    )
+    p.add_argument("--config", help="YAML preset; omitted = the TrainConfig defaults")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--json", action="store_true", help="print the TrainResult as JSON at the end")
+    p.set_defaults(func=run_train)
+
     p = subparsers.add_parser("pipeline", help="plan, FullFT baseline, LoRA, compare, register and promote")
     _config_args(p)
     p.add_argument("--plan-only", action="store_true", help="write the capacity-plan report and stop")
@@ -48,6 +68,14 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_rollback)
 
+    p = subparsers.add_parser(
+        "models", help="list registered adapters: versions, aliases, eval loss, regret, verdict",
+        description="The MLflow model registry's adapters (.lowregret/mlflow.db under --workdir, or "
+        "MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI): one row per version.")
+    p.add_argument("name", nargs="?", help="only this registered model")
+    p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
+    p.set_defaults(func=run_models)
+
     p = subparsers.add_parser("deploy", help="schedule the pipeline (served here, or sent to a work pool)")
     _config_args(p)
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
@@ -66,6 +94,35 @@ def _environment(args):
     from flows.settings import apply_environment, load_settings
 
     return apply_environment(load_settings(args.workdir))
+
+
+def run_train(args) -> int:
+    import json
+
+    from trainer.config import load_config
+
+    config = load_config(args.config, args.overrides)  # UserError here, before any work
+    callbacks = []
+    if config.report_to == "mlflow":
+        from flows.settings import load_settings
+        from flows.tracking import MlflowCallback
+
+        callbacks.append(MlflowCallback(load_settings(), STANDALONE_EXPERIMENT))
+        callbacks[0].check()
+    from trainer.loop import train
+
+    try:
+        result = train(config, progress=not args.no_progress, callbacks=callbacks)
+    except BaseException:
+        for callback in callbacks:
+            callback.fail()
+        raise
+    if callbacks:
+        print(f"MLflow: run {callbacks[0].run_id} in experiment {STANDALONE_EXPERIMENT} "
+              f"({callbacks[0].settings.tracking_uri})")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    return 0
 
 
 def run_pipeline(args) -> int:
@@ -180,6 +237,55 @@ def run_rollback(args) -> int:
     decision = registry.rollback(_client(args), args.name, args.reason)
     print(f"{args.name}: champion is v{decision.version} again ({decision.reason})")
     return 0
+
+
+def run_models(args) -> int:
+    from flows.settings import load_settings
+
+    settings = load_settings(args.workdir)
+    uri = settings.registry_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        if args.name:
+            from planner.errors import UserError
+
+            raise UserError(f"No registered model named {args.name!r}: there is no registry at {uri} yet "
+                            "(run from the folder that holds .lowregret/, or pass --workdir).")
+        print(f"No registered models: there is no registry at {uri} yet. A pipeline (lowregret demo, "
+              "lowregret pipeline) registers each adapter that passes the regret gate.")
+        return 0
+    from flows import registry
+    from flows.settings import configure_mlflow
+
+    configure_mlflow(settings)
+    rows = registry.list_versions(registry.client_for(settings), args.name)
+    if not rows:
+        print(f"No registered models in {uri}.")
+        return 0
+    print(format_versions(rows))
+    return 0
+
+
+def format_versions(rows) -> str:
+    """The `lowregret models` table: one line per registered version."""
+    import datetime
+
+    def number(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    def regret(row):
+        if row.regret is None:
+            return "-"
+        interval = "" if row.regret_ci is None else f" [{row.regret_ci[0]:+.4f}, {row.regret_ci[1]:+.4f}]"
+        return f"{row.regret:+.4f}{interval}"
+
+    table = [("model", "version", "aliases", "eval loss", "regret (nats/tok) [interval]", "verdict", "created")]
+    for row in rows:
+        aliases = " ".join([",".join(row.aliases)] * bool(row.aliases) + ["(rolled back)"] * row.rolled_back)
+        created = datetime.datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
+        table.append((row.name, row.version, aliases or "-", number(row.eval_loss, ".4f"), regret(row),
+                      row.verdict or "-", created))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table)
 
 
 def run_deploy(args) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ EXPERT_RANK_DIVISORS = ("active", "total", "none")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16")
 BASE_DTYPES = ("auto", "float32", "bfloat16")
+REPORT_TO = ("none", "mlflow")
+DEFAULT_MAX_STEPS = 100
 
 # LoRA's optimal LR is ~10x FullFT's (LoRA Without Regret; tinker-cookbook's
 # get_lora_lr_over_full_finetune_lr). Used when `lr` is left unset.
@@ -30,7 +33,7 @@ DEFAULT_FULL_LR = DEFAULT_LORA_LR / 10
 
 # Fields that change where or how often things are written, not what is trained: they stay out of
 # the config hash, so a resumed run (or a run under another output_dir) counts as the same run.
-_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints")
+_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "report_to")
 
 
 @dataclass
@@ -61,8 +64,10 @@ class TrainConfig:
     target_unembedding: bool = False
     #: Peak learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's).
     lr: float | None = None
-    #: Optimizer steps; 100 suits a quick check on the built-in sets.
-    max_steps: int = 100
+    #: Optimizer steps; null with num_epochs set, else 100 when unset (a quick check on the built-in sets).
+    max_steps: int | None = None
+    #: Passes over the training rows instead of max_steps: steps = ceil(num_epochs x rows / global batch).
+    num_epochs: float | None = None
     #: Sequences per micro-batch per process; 4 fits a 135M model on a laptop.
     batch_size: int = 4
     #: Micro-batches per optimizer step; global batch = batch_size x grad_accum_steps x processes.
@@ -85,7 +90,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     #: Clip the global gradient norm to this value; None = no clipping, so LoRA and FullFT are compared unclipped.
     max_grad_norm: float | None = None
-    #: Held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
+    #: Held-out evaluations in all: step 0 (base model), the last step and log-spaced steps between (fewer if fewer steps).
     eval_points: int = 8
     #: Held-out examples evaluated (the first N of the held-out set); None = all. 256 keeps evals cheap.
     eval_max_examples: int | None = 256
@@ -105,9 +110,18 @@ class TrainConfig:
     base_dtype: str = "auto"
     #: Recompute activations in the backward pass: saves memory on long sequences at ~30% more compute.
     gradient_checkpointing: bool = False
+    #: Where `lowregret train` also logs the run: "none", or "mlflow" (params, per-step metrics, files).
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         _coerce_types(self)
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise UserError(
+                f"max_steps={self.max_steps} and num_epochs={self.num_epochs:g} both set: give one "
+                "(num_epochs=null or max_steps=null), they say the same thing two ways."
+            )
+        if self.max_steps is None and self.num_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         _validate(self)
         if self.lr is None:
             self.lr = DEFAULT_LORA_LR if self.method == "lora" else DEFAULT_FULL_LR
@@ -116,6 +130,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def total_steps(self, train_rows: int, global_batch: int) -> int:
+        """Optimizer steps of the run: max_steps, or ceil(num_epochs x train_rows / global_batch).
+
+        Raises:
+            UserError: warmup_steps does not fit in the steps num_epochs gives.
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        steps = max(1, math.ceil(self.num_epochs * train_rows / global_batch))
+        if self.warmup_steps >= steps:
+            raise UserError(
+                f"warmup_steps={self.warmup_steps} does not fit in the {steps} steps of num_epochs="
+                f"{self.num_epochs:g} ({train_rows} rows, global batch {global_batch}): lower warmup_steps."
+            )
+        return steps
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -231,6 +261,7 @@ def _validate(c: TrainConfig) -> None:
         ("lr_schedule", LR_SCHEDULES),
         ("mixed_precision", MIXED_PRECISIONS),
         ("base_dtype", BASE_DTYPES),
+        ("report_to", REPORT_TO),
     ):
         choice(name, options)
     if c.method == "lora" and c.rank <= 0:
@@ -242,8 +273,10 @@ def _validate(c: TrainConfig) -> None:
     if c.lr is not None and not 0 < c.lr < 1:
         raise UserError(f"lr={c.lr}: a learning rate must be in (0, 1); LoRA ~1e-4..1e-3, full ~10x lower.")
     for name in ("max_steps", "batch_size", "grad_accum_steps"):
-        if getattr(c, name) < 1:
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
+    if c.num_epochs is not None and not c.num_epochs > 0:
+        raise UserError(f"num_epochs={c.num_epochs}: must be positive (fractions are fine, e.g. 0.5).")
     if c.max_length < 8:
         raise UserError(f"max_length={c.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
     if c.eval_dataset is None and not 0 < c.eval_fraction < 1:
@@ -253,7 +286,7 @@ def _validate(c: TrainConfig) -> None:
         )
     if c.dataset_limit is not None and c.dataset_limit < 2:
         raise UserError(f"dataset_limit={c.dataset_limit}: read at least 2 rows (or null for all).")
-    if not 0 <= c.warmup_steps < c.max_steps:
+    if c.warmup_steps < 0 or (c.max_steps is not None and c.warmup_steps >= c.max_steps):
         raise UserError(f"warmup_steps={c.warmup_steps}: must be in [0, max_steps={c.max_steps}).")
     if c.weight_decay < 0:
         raise UserError(f"weight_decay={c.weight_decay}: must be >= 0.")

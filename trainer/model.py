@@ -272,12 +272,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, plan: TargetPlan):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with _quiet_peft():
+    with quiet_peft():
         return get_peft_model(model, config)
 
 
 @contextlib.contextmanager
-def _quiet_peft():
+def quiet_peft():
     """Silence peft warnings we have checked: target_parameters being experimental, and (peft 0.21)
     rank_pattern keys "not matching" when they match target_parameters, which that warning does not
     look at; tests/trainer/test_model.py proves by count that the expert ranks are applied."""
@@ -330,7 +330,7 @@ def load_trained(run_or_model_dir: str | Path, dtype: str | torch.dtype = "float
         from peft import PeftModel
 
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        with _quiet_peft():
+        with quiet_peft():
             model = PeftModel.from_pretrained(load_base_model(base, dtype), path)
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
