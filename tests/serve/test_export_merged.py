@@ -42,10 +42,9 @@ def _logits(model):
 def _peft_logits(base_ref, adapter):
     from peft import PeftModel
 
-    from trainer.model import load_base_model, quiet_peft
+    from trainer.model import load_base_model
 
-    with quiet_peft():
-        return _logits(PeftModel.from_pretrained(load_base_model(base_ref), str(adapter)))
+    return _logits(PeftModel.from_pretrained(load_base_model(base_ref), str(adapter)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral"])
