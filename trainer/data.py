@@ -75,17 +75,22 @@ def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence
     return rows
 
 
-def prepare_data(config, tokenizer) -> PreparedData:
-    """Split, tokenize (once per data and tokenizer: `planner.token_cache`) and optionally pack
-    the data of `config` (a TrainConfig).
+@dataclass(frozen=True)
+class DataSplit:
+    """Which rows of the tokenized data a run trains on and scores (indices into the datasets)."""
 
-    `stats` accounts for every row read: rows = train_rows + held_out_rows (split off `dataset`,
-    or read from `eval_dataset`); of the held-out rows the first `eval_max_examples` are scored
-    (`held_out_unscored` are not); rows left with no completion token after truncation are
-    dropped (`dropped_train`, `dropped_eval`).
+    data: object  # planner.token_cache.TokenizedDataset of `dataset`
+    held_out: object  # the same, or that of `eval_dataset`
+    train_idx: list[int]
+    held_out_idx: list[int]
+    scored_idx: list[int]  # the first eval_max_examples held-out rows
+
+
+def split_data(config, tokenizer) -> DataSplit:
+    """Read and tokenize (once: `planner.token_cache`) the data of `config` and split it.
 
     Raises:
-        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner).
+        UserError: the data cannot be read, or is too small to hold a set out.
     """
     from planner.dataset import split_indices
     from planner.token_cache import tokenized_dataset
@@ -102,9 +107,37 @@ def prepare_data(config, tokenizer) -> PreparedData:
             f"{data.rows} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
             "give more rows or an eval_dataset of its own."
         )
-    scored_idx = held_out_idx[: config.eval_max_examples]
-    train_examples = data.examples(train_idx, config.max_length)
-    eval_examples = held_out.examples(scored_idx, config.max_length)
+    return DataSplit(data, held_out, train_idx, held_out_idx, held_out_idx[: config.eval_max_examples])
+
+
+def check_data(config, tokenizer):
+    """`split_data`, and every row the run will use checked against max_length, without building
+    the run's sequences: what a pipeline checks before any run. Returns the dataset's TokenizedDataset.
+
+    Raises:
+        UserError: as `split_data`, or a prompt that alone fills max_length (names the row).
+    """
+    split = split_data(config, tokenizer)
+    split.data.check_max_length(config.max_length, split.train_idx)
+    split.held_out.check_max_length(config.max_length, split.scored_idx)
+    return split.data
+
+
+def prepare_data(config, tokenizer) -> PreparedData:
+    """Split, cut to max_length and optionally pack the data of `config` (a TrainConfig).
+
+    `stats` accounts for every row read: rows = train_rows + held_out_rows (split off `dataset`,
+    or read from `eval_dataset`); of the held-out rows the first `eval_max_examples` are scored
+    (`held_out_unscored` are not); rows left with no completion token after truncation are
+    dropped (`dropped_train`, `dropped_eval`).
+
+    Raises:
+        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner).
+    """
+    split = split_data(config, tokenizer)
+    data, held_out = split.data, split.held_out
+    train_examples = data.examples(split.train_idx, config.max_length)
+    eval_examples = held_out.examples(split.scored_idx, config.max_length)
     # An example whose completion was cut away entirely has nothing to learn or score: drop it.
     train = [s for s in map(to_sequence, train_examples) if s.loss_tokens]
     evals = [s for s in map(to_sequence, eval_examples) if s.loss_tokens]
@@ -116,9 +149,9 @@ def prepare_data(config, tokenizer) -> PreparedData:
     stats = {
         "format": data.format,
         "rows": data.rows + (held_out.rows if held_out is not data else 0),
-        "train_rows": len(train_idx),
-        "held_out_rows": len(held_out_idx),
-        "held_out_unscored": len(held_out_idx) - len(scored_idx),
+        "train_rows": len(split.train_idx),
+        "held_out_rows": len(split.held_out_idx),
+        "held_out_unscored": len(split.held_out_idx) - len(split.scored_idx),
         "dropped_train": len(train_examples) - len(train),
         "dropped_eval": len(eval_examples) - len(evals),
         "train_examples": len(train),

@@ -168,3 +168,22 @@ def test_evaluation_scores_the_same_held_out_examples_in_every_format(tmp_path):
     data = prepare_data(TrainConfig(dataset=str(path), max_length=64, eval_fraction=0.2), tokenizer)
     spec = HeldOutSpec("unused", str(path), 0.2, 0, 64)
     assert [to_sequence(e) for e in held_out_examples(spec, tokenizer)] == data.eval
+
+
+def test_check_data_checks_exactly_the_rows_a_run_uses(tmp_path):
+    """The pipeline's input check fails on a prompt that fills max_length only if the run would use it."""
+    from planner.errors import UserError
+    from tests.trainer.conftest import write_rows
+    from trainer.config import TrainConfig
+    from trainer.data import check_data
+
+    rows = write_rows(tmp_path / "rows.jsonl", n=20)
+    held_out = tmp_path / "eval.jsonl"
+    lines = open(write_rows(held_out, n=6)).read().splitlines()
+    lines[5] = lines[5].replace("question", "question " + "word " * 80)
+    held_out.write_text("\n".join(lines) + "\n")
+    tokenizer = build_tokenizer()
+    base = dict(dataset=str(rows), eval_dataset=str(held_out), max_length=64)
+    assert check_data(TrainConfig(**base, eval_max_examples=5), tokenizer).rows == 20  # row 5 is never scored
+    with pytest.raises(UserError, match="Row 5: the prompt alone is"):
+        check_data(TrainConfig(**base, eval_max_examples=None), tokenizer)
