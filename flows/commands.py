@@ -254,9 +254,7 @@ def run_models(args) -> int:
               "lowregret pipeline) registers each adapter that passes the regret gate.")
         return 0
     from flows import registry
-    from flows.settings import configure_mlflow
 
-    configure_mlflow(settings)
     rows = registry.list_versions(registry.client_for(settings), args.name)
     if not rows:
         print(f"No registered models in {uri}.")

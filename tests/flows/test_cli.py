@@ -110,15 +110,15 @@ def test_standalone_train_logs_params_every_step_and_files_to_mlflow(tmp_path, t
 
 def test_models_lists_versions_aliases_regret_and_verdict(tmp_path, capsys):
     from flows import registry
-    from flows.settings import configure_mlflow, load_settings
+    from flows.settings import load_settings, prepare_folders
 
     assert main(["models", "--workdir", str(tmp_path)]) == 0
     assert "No registered models: there is no registry" in capsys.readouterr().out
     assert not (tmp_path / ".lowregret").exists()  # listing creates nothing
 
     settings = load_settings(tmp_path, environ={})
-    configure_mlflow(settings)
-    client = registry.client_for(settings)
+    prepare_folders(settings)
+    client = registry.client_for(settings)  # explicit URIs: MLflow's global state stays as other tests left it
     client.create_registered_model("qa")
     tags = [{"eval_loss": "1.2345", "regret": "0.0123"},
             {"eval_loss": "1.2", "regret": "-0.004", "regret_ci_low": "-0.01", "regret_ci_high": "0.002",
