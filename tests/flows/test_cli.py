@@ -80,6 +80,7 @@ def test_plan_only_writes_the_capacity_report(prefect_harness, tiny_models, tmp_
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
+@pytest.mark.slow  # a real (tiny) training run plus MLflow's SQLite set-up: ~20-45 s on 2 busy cores
 def test_standalone_train_logs_params_every_step_and_files_to_mlflow(tmp_path, tiny_models, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
