@@ -86,6 +86,7 @@ def make_plan(config, out_dir: str) -> dict:
                               model_ref=config.model)
     plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                       target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                      packing=lora.packing,
                       batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
                       fullft_lr=config.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
     files = write_report(plan, out_dir)

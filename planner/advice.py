@@ -34,15 +34,16 @@ class Advice:
     """LoRA hyper-parameters and warnings.
 
     Attributes:
-        lora_lr: the suggested LoRA learning rate (constant schedule, no warmup, as in the blog).
-        lr_rule: how it was computed, in words.
+        lora_lr: the suggested LoRA learning rate (constant schedule, no warmup, as in the blog);
+            None when there is no FullFT LR to scale and no fitted rule for the model family.
+        lr_rule: how it was computed, or what is missing, in words.
         lr_multiplier: LoRA LR / FullFT LR used (10, or 15 for short runs).
         anecdotal: True when the 15× short-run multiplier was used.
         batch_level: `ok`, `small-penalty` or `strong-warning`.
         messages: readable advice, one sentence each.
     """
 
-    lora_lr: float
+    lora_lr: float | None
     lr_rule: str
     lr_multiplier: float
     fullft_lr: float | None
@@ -73,10 +74,12 @@ def batch_level(effective_batch: int) -> str:
 
 
 def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = None, steps: int | None = None) -> Advice:
-    """Suggest the LoRA LR, α and warn about the batch size.
+    """Suggest the LoRA LR, α and warn about the batch size. Without a FullFT LR, a family with no
+    fitted exponent gets no LR (`lora_lr` None) and a message saying what to pass; the rest of the
+    advice stands.
 
     Raises:
-        UserError: no FullFT LR given and the model family has no fitted exponent.
+        UserError: a non-positive FullFT LR.
     """
     short = steps is not None and steps < SHORT_RUN_STEPS
     multiplier = SHORT_RUN_LORA_OVER_FULLFT_LR if short else LORA_OVER_FULLFT_LR
@@ -87,20 +90,22 @@ def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = No
             raise UserError(f"--fullft-lr must be positive, got {fullft_lr}.")
         lora_lr = fullft_lr * multiplier
         rule = f"{multiplier:g} × the FullFT LR {fullft_lr:g}"
+    elif family is None:
+        lora_lr = None
+        rule = (f"not computed: tinker-cookbook fits its LR rule only on Llama and Qwen, not model_type "
+                f"{shape.model_type!r}; pass the FullFT learning rate you would use with --fullft-lr and the "
+                f"planner multiplies it by {multiplier:g}")
     else:
-        if family is None:
-            raise UserError(
-                f"No fitted LR rule for model_type {shape.model_type!r} (tinker-cookbook fits only "
-                "Llama and Qwen): pass the FullFT learning rate you would use with --fullft-lr and "
-                "the planner multiplies it by 10."
-            )
         exponent = LR_EXPONENT_BY_FAMILY[family]
         base = TINKER_BASE_FULLFT_LR * (TINKER_REFERENCE_HIDDEN / shape.hidden_size) ** exponent
         lora_lr = base * multiplier
         rule = (f"tinker-cookbook: 5e-5 × {multiplier:g} × (2000/{shape.hidden_size})^{exponent} "
                 f"({family} family from model_type {shape.model_type!r})")
-    messages.append(f"LoRA LR {lora_lr:.3g} = {rule}; constant schedule, no warmup.")
-    if fullft_lr is None and family not in shape.name.lower():
+    if lora_lr is None:
+        messages.append(f"LoRA LR {rule}.")
+    else:
+        messages.append(f"LoRA LR {lora_lr:.3g} = {rule}; constant schedule, no warmup.")
+    if fullft_lr is None and family is not None and family not in shape.name.lower():
         messages.append(f"tinker-cookbook fitted the exponent on {family} checkpoints by name; {shape.name} only "
                         "shares the architecture, so treat the LR as a starting point or pass --fullft-lr.")
     if short:

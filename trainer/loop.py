@@ -35,14 +35,7 @@ from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
 from trainer.data import collate, describe_data, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
-from trainer.model import (
-    apply_lora,
-    count_trainable,
-    load_base_model,
-    load_base_tokenizer,
-    resolve_targets,
-    save_trained,
-)
+from trainer.model import count_trainable, load_base_model, load_base_tokenizer, prepare_model, save_trained
 from trainer.result import TrainResult
 
 
@@ -146,6 +139,24 @@ def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
     return HeldOutNll((nll_n.sum() / tokens_n.sum()).item(), nll_n.tolist(), [int(t) for t in tokens_n.tolist()])
 
 
+def precision(config: TrainConfig, use_cuda: bool) -> tuple[str, str]:
+    """(mixed_precision, base_dtype) of a run: on CUDA bf16 autocast and, for LoRA, a bf16 frozen base;
+    on CPU fp32 throughout (CPU bf16 kernels are slow). Explicit config values win."""
+    mixed_precision = {"auto": "bf16" if use_cuda else "no"}.get(config.mixed_precision, config.mixed_precision)
+    base_dtype = config.base_dtype
+    if base_dtype == "auto":
+        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
+    return mixed_precision, base_dtype
+
+
+def build_optimizer(model, config: TrainConfig, use_cuda: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel on CUDA (one launch, no foreach copies)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay, fused=True if use_cuda else None,
+    )
+
+
 def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
     """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json.
 
@@ -166,7 +177,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     resume_from = _preflight_dirs(config)
     final_dir, run_dir = _run_dirs(config)
     use_cuda = torch.cuda.is_available()
-    mixed_precision = {"auto": "bf16" if use_cuda else "no"}.get(config.mixed_precision, config.mixed_precision)
+    mixed_precision, base_dtype = precision(config, use_cuda)
     # cpu=True without CUDA: under torchrun / accelerate launch, accelerate then runs DDP over gloo.
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
     if accelerator.distributed_type == DistributedType.FSDP and (config.checkpoint_every or resume_from):
@@ -201,19 +212,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
     config_hash = config.hash(data.fingerprint)
 
-    base_dtype = config.base_dtype
-    if base_dtype == "auto":
-        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
-    model = load_base_model(config.model, base_dtype)
-    if config.method == "lora":
-        plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor,
-                               config.target_unembedding)
-        model = apply_lora(model, config.rank, config.alpha, plan)
-        what = f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
-    else:
-        what = "full fine-tuning"
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, what = prepare_model(load_base_model(config.model, base_dtype), config)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
 
@@ -228,10 +227,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
                 "or start a fresh run in another output_dir."
             )
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay, fused=True if use_cuda else None,
-    )
+    optimizer = build_optimizer(model, config, use_cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, max_steps))

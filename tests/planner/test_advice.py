@@ -3,7 +3,6 @@
 import pytest
 
 from planner.advice import advise, batch_level
-from planner.errors import UserError
 from planner.shapes import load_shape
 
 
@@ -30,9 +29,12 @@ def test_fullft_multiplier(steps, lr, anecdotal):
     assert a.anecdotal is anecdotal
 
 
-def test_unknown_family_needs_fullft_lr():
-    with pytest.raises(UserError, match="--fullft-lr"):
-        advise(load_shape("Mixtral-8x7B"), 32)
+def test_unknown_family_plans_without_an_lr_and_says_what_is_missing():
+    a = advise(load_shape("Mixtral-8x7B"), 32)
+    assert a.lora_lr is None and a.family is None
+    assert "--fullft-lr" in a.messages[0] and "not computed" in a.messages[0]
+    assert a.batch_level == "ok"  # the rest of the advice stands
+    assert advise(load_shape("Mixtral-8x7B"), 32, fullft_lr=1e-5).lora_lr == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("batch, level", [(1, "ok"), (32, "ok"), (33, "small-penalty"), (128, "small-penalty"),
