@@ -238,13 +238,15 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     chart = None
     if args.chart:
-        from evaluation.curves import plot_curves
+        from evaluation.curves import curves_title, plot_curves
 
+        labels = {f"LoRA ({lora.path.name})": (lora, "lora"), f"FullFT ({full.path.name})": (full, "full")}
         chart = plot_curves(
-            {f"LoRA ({lora.path.name})": lora.curves, f"FullFT ({full.path.name})": full.curves},
+            {label: run.curves for label, (run, _) in labels.items()},
             args.chart,
+            methods={label: method for label, (_, method) in labels.items()},
             base_loss=comparison.base_loss,
-            title="LoRA vs FullFT: held-out (bold) and training (faint) loss",
+            title=curves_title(lora.config.get("model"), lora.config.get("dataset"), comparison.verdict),
         )
     if args.json:
         record = comparison.to_dict()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from evaluation.curves import curves_title
 from flows import tasks
 from flows.config import PipelineConfig
 from flows.settings import configure_mlflow, load_settings
@@ -63,8 +64,9 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
         tasks.log_training(settings, lora_run, lora, {"run_key": lora_key})
 
         comparison = tasks.compare_runs(lora.output_dir, full.output_dir, config.threshold, config.threshold_abs)
-        chart = tasks.plot_runs({"FullFT": full.curves_path, f"LoRA r={config.rank}": lora.curves_path},
-                                str(reports / "curves.png"), comparison.base_loss)
+        chart = tasks.plot_runs({"FullFT": (full.curves_path, "full"), f"LoRA r={config.rank}": (lora.curves_path, "lora")},
+                                str(reports / "curves.png"), curves_title(config.model, config.dataset, comparison.verdict),
+                                comparison.base_loss)
         regret = {"regret_nats": comparison.regret_nats, "regret_relative": comparison.regret_relative,
                   "allowed_regret_nats": comparison.allowed_regret_nats}
         tasks.log_files(settings, lora_run, [chart], metrics=regret, tags={"passed": comparison.passed})

@@ -128,11 +128,12 @@ def compare_runs(lora_dir: str, full_dir: str, threshold: float, threshold_abs: 
 
 
 @task
-def plot_runs(curves_paths: dict[str, str], path: str, base_loss: float | None = None) -> str:
-    """The learning-curves chart of several runs."""
+def plot_runs(runs: dict[str, tuple[str, str]], path: str, title: str, base_loss: float | None = None) -> str:
+    """The learning-curves chart of several runs: label -> (curves.json path, method)."""
     from evaluation.curves import load_curves, plot_curves
 
-    plot_curves({name: load_curves(p) for name, p in curves_paths.items()}, path, base_loss=base_loss)
+    plot_curves({label: load_curves(p) for label, (p, _) in runs.items()}, path,
+                methods={label: method for label, (_, method) in runs.items()}, title=title, base_loss=base_loss)
     return path
 
 
