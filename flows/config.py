@@ -42,7 +42,7 @@ class PipelineConfig:
     threshold: float = 0.01
     #: Allowed regret in nats/token whatever FullFT's loss (the floor for near-zero losses).
     threshold_abs: float = 0.01
-    #: How the planner measures the dataset's information: auto, base_model_logloss, lzma, prior.
+    #: How the plan measures the data's information (planner.profile): lzma, logloss, prior, exact, auto.
     info_method: str = "lzma"
     #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
     gpu: str = "H100-80GB-SXM"
@@ -66,6 +66,10 @@ class PipelineConfig:
                 f"train: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
                 "model, dataset, rank, lora_lr and full_lr."
             )
+        from planner.profile import METHODS as INFO_METHODS
+
+        if self.info_method not in INFO_METHODS:
+            raise UserError(f"info_method={self.info_method!r} is not one of {', '.join(INFO_METHODS)}.")
         for name in ("threshold", "threshold_abs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
@@ -84,6 +88,22 @@ class PipelineConfig:
         options = dict(self.train) | {"model": self.model, "dataset": self.dataset, "method": method,
                                       "rank": self.rank, "lr": lr, "output_dir": output_dir} | changes
         return TrainConfig.from_dict(options)
+
+    def plan(self):
+        """The capacity plan (`planner.plan.CapacityPlan`) of this pipeline's LoRA run. Loads the
+        model's tokenizer and profiles the data; writes nothing but the GGUF and token caches."""
+        from planner.plan import build_plan
+        from planner.profile import profile_dataset
+        from trainer.model import load_base_tokenizer
+
+        lora = self.train_config("lora")
+        # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
+        profile = profile_dataset(self.dataset, load_base_tokenizer(self.model), method=self.info_method,
+                                  model_ref=self.model)
+        return build_plan(self.model, self.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
+                          target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                          packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=self.gpu,
+                          fullft_lr=self.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -75,20 +75,9 @@ def check_inputs(config) -> dict:
 @task
 def make_plan(config, out_dir: str) -> dict:
     """Capacity plan of the LoRA run, written as a report; returns its summary and files."""
-    from planner.plan import build_plan
-    from planner.profile import profile_dataset
     from planner.report import summary_lines, write_report
-    from trainer.model import load_base_tokenizer
 
-    lora = config.train_config("lora")
-    # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
-    profile = profile_dataset(config.dataset, load_base_tokenizer(config.model), method=config.info_method,
-                              model_ref=config.model)
-    plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
-                      target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
-                      packing=lora.packing,
-                      batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
-                      fullft_lr=config.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
+    plan = config.plan()
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),

@@ -164,6 +164,46 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def field_docs(cls) -> dict[str, str]:
+    """field name -> its `#:` comment in the class source: the one documentation of a config
+    dataclass's options, which `--help` and the templates print."""
+    import inspect
+    import re
+
+    docs, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        match = re.match(r"(\w+)\s*:", stripped)
+        if match and pending:
+            docs[match.group(1)] = " ".join(pending)
+        pending = []
+    return docs
+
+
+def options_help(cls, prefix: str = "") -> str:
+    """Every option of a config dataclass with its default and its `#:` documentation, for an
+    argparse epilog (RawDescriptionHelpFormatter)."""
+    import textwrap
+
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default is None:
+            shown = "null"
+        elif dataclasses.is_dataclass(default):
+            shown = f"the {type(default).__name__} defaults"
+        else:
+            shown = default if isinstance(default, str) else json.dumps(default)
+        lines.append(f"  {prefix}{f.name} (default {shown})")
+        lines += textwrap.wrap(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML preset (or start from the defaults when `path` is None) and apply `key=value`s.
 
