@@ -124,3 +124,19 @@ def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = No
         messages.append(f"Effective batch {effective_batch} <= {BATCH_SMALL_PENALTY_ABOVE}: LoRA's batch penalty is small.")
     return Advice(lora_lr, rule, multiplier, fullft_lr, family, short, LORA_ALPHA, effective_batch, level,
                   (BATCH_SMALL_PENALTY_ABOVE, BATCH_STRONG_WARNING_ABOVE), tuple(messages))
+
+
+# Configured and advised LoRA LRs further apart than this (x) are called a disagreement.
+LR_DISAGREEMENT_FACTOR = 1.1
+
+
+def lr_disagreement(configured_lora_lr: float, advice: Advice) -> str | None:
+    """A warning when the LoRA LR a run is configured with is not the one the plan advises, else None
+    (also None when the plan gives no LR: a family without a fitted rule and no FullFT LR)."""
+    if advice.lora_lr is None:
+        return None
+    ratio = configured_lora_lr / advice.lora_lr
+    if max(ratio, 1 / ratio) <= LR_DISAGREEMENT_FACTOR:
+        return None
+    return (f"the configured LoRA LR {configured_lora_lr:.3g} is {ratio:.2f}x the plan's advice {advice.lora_lr:.3g} "
+            f"({advice.lr_rule}); the run uses the configured LR.")

@@ -16,6 +16,8 @@ packed, so its loss does not depend on `packing`.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -52,6 +54,13 @@ def to_sequence(example) -> Sequence:
     ids = list(example.input_ids)
     targets = list(example.labels[1:]) + [IGNORE_INDEX]
     return Sequence(ids, targets, list(range(len(ids))))
+
+
+def example_id(seq: Sequence) -> str:
+    """16 hex chars naming a tokenized example (its tokens and targets): two runs scored the same
+    held-out examples exactly when their lists of ids are equal."""
+    payload = json.dumps([seq.input_ids, seq.targets], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence]:
@@ -97,7 +106,7 @@ def split_data(config, tokenizer) -> DataSplit:
 
     data = tokenized_dataset(config.dataset, tokenizer, limit=config.dataset_limit)
     if config.eval_dataset is None:
-        train_idx, held_out_idx = split_indices(data.rows, config.eval_fraction, config.seed)
+        train_idx, held_out_idx = split_indices(data.rows, config.eval_fraction, config.held_out_seed)
         held_out = data
     else:
         held_out = tokenized_dataset(config.eval_dataset, tokenizer)
@@ -110,9 +119,10 @@ def split_data(config, tokenizer) -> DataSplit:
     return DataSplit(data, held_out, train_idx, held_out_idx, held_out_idx[: config.eval_max_examples])
 
 
-def check_data(config, tokenizer):
+def check_data(config, tokenizer) -> DataSplit:
     """`split_data`, and every row the run will use checked against max_length, without building
-    the run's sequences: what a pipeline checks before any run. Returns the dataset's TokenizedDataset.
+    the run's sequences: what a pipeline checks before any run. Returns the split (`.data` is the
+    dataset's TokenizedDataset, `.scored_idx` the held-out rows the runs score).
 
     Raises:
         UserError: as `split_data`, or a prompt that alone fills max_length (names the row).
@@ -120,7 +130,7 @@ def check_data(config, tokenizer):
     split = split_data(config, tokenizer)
     split.data.check_max_length(config.max_length, split.train_idx)
     split.held_out.check_max_length(config.max_length, split.scored_idx)
-    return split.data
+    return split
 
 
 def prepare_data(config, tokenizer) -> PreparedData:

@@ -15,6 +15,7 @@ gradient independent of how the step is split into micro-batches and processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -33,10 +34,10 @@ from planner.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
-from trainer.data import collate, describe_data, micro_batches, prepare_data, step_indices
+from trainer.data import collate, describe_data, example_id, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
 from trainer.model import count_trainable, load_base_model, load_base_tokenizer, prepare_model, save_trained
-from trainer.result import TrainResult
+from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
 
 
 def eval_steps(max_steps: int, points: int) -> list[int]:
@@ -102,11 +103,10 @@ def _preflight_dirs(config: TrainConfig) -> Path | None:
 
 @dataclass(frozen=True)
 class HeldOutNll:
-    """The held-out loss (nats per completion token) and its per-example parts, in example order."""
+    """The held-out loss (nats per completion token) and each example's summed NLL, in example order."""
 
     loss: float
     example_nll: list[float]
-    example_tokens: list[int]
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -117,7 +117,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
-    """Held-out loss and each example's NLL sum and token count; examples sharded over processes.
+    """Held-out loss and each example's NLL sum; examples sharded over processes.
 
     Every process fills its examples' slots of a zero vector and a sum-reduction assembles them, so
     every process ends with all examples, in order.
@@ -125,18 +125,15 @@ def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
     model.eval()
     device = accelerator.device
     nll_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-    tokens_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     mine = list(range(accelerator.process_index, len(seqs), accelerator.num_processes))
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
             rows = mine[i : i + batch_size]
             nll = completion_nll(model, collate([seqs[j] for j in rows], pad_id, packed=False).to(device), head=head)
-            index = torch.tensor(rows, device=device)
-            nll_n[index] = nll.example_nll_B
-            tokens_n[index] = nll.example_tokens_B.double()
+            nll_n[torch.tensor(rows, device=device)] = nll.example_nll_B
     model.train()
-    nll_n, tokens_n = accelerator.reduce(torch.stack([nll_n, tokens_n]), reduction="sum")
-    return HeldOutNll((nll_n.sum() / tokens_n.sum()).item(), nll_n.tolist(), [int(t) for t in tokens_n.tolist()])
+    nll_n = accelerator.reduce(nll_n, reduction="sum")
+    return HeldOutNll(nll_n.sum().item() / sum(s.loss_tokens for s in seqs), nll_n.tolist())
 
 
 def precision(config: TrainConfig, use_cuda: bool) -> tuple[str, str]:
@@ -158,7 +155,8 @@ def build_optimizer(model, config: TrainConfig, use_cuda: bool) -> torch.optim.A
 
 
 def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
-    """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json.
+    """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json
+    and eval_examples.json (per-example held-out NLL, `trainer.result.EVAL_EXAMPLES_FILE`).
 
     `callbacks` (main process only) see the run start, each step's metrics and the result: how
     `lowregret train` logs to MLflow (flows.tracking) without the trainer importing it.
@@ -238,11 +236,12 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     say(f"loss: {loss_path}")
 
     curves: dict[str, list] = {"train": [], "eval": []}
+    eval_nll: list = []  # [step, per-example held-out NLL sums] at each eval step
     start_step, tokens_total = 0, 0
     if resume_state is not None:
         ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
         start_step, tokens_total = resume_state["step"], resume_state["tokens"]
-        curves = resume_state["curves"]
+        curves, eval_nll = resume_state["curves"], resume_state["eval_nll"]
         say(f"resumed from {resume_from} at step {start_step}")
 
     # ---- from here on we write: the partial run directory, renamed to output_dir at the end -----
@@ -259,8 +258,14 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     # ---- train --------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
     evals_at = set(eval_steps(max_steps, config.eval_points))
+
+    def evaluate(at_step: int) -> None:
+        held_out = _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head)
+        curves["eval"].append([at_step, held_out.loss])
+        eval_nll.append([at_step, held_out.example_nll])
+
     if start_step == 0:
-        curves["eval"].append([0, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head).loss])
+        evaluate(0)
         say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
         notify("on_step", 0, {"eval_loss": curves["eval"][-1][1]})
     model.train()
@@ -298,7 +303,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         notify("on_step", step + 1, {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                                      "tokens_per_s": step_tokens_run / step_time})
         if step + 1 in evals_at:
-            curves["eval"].append([step + 1, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head).loss])
+            evaluate(step + 1)
             say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
             notify("on_step", step + 1, {"eval_loss": curves["eval"][-1][1]})
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < max_steps:
@@ -306,7 +311,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
                 ckpt.save_checkpoint(
                     run_dir, step + 1, unwrapped, optimizer, scheduler,
                     {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
-                     "examples_seen": (step + 1) * global_batch, "curves": curves},
+                     "examples_seen": (step + 1) * global_batch, "curves": curves, "eval_nll": eval_nll},
                     keep=config.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
@@ -316,6 +321,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     wall_s = time.perf_counter() - started
     peak_bytes, peak_kind = _peak_memory(accelerator.device)
     sub = "adapter" if config.method == "lora" else "model"
+    held_out_ids = [example_id(s) for s in data.eval]
     result = TrainResult(
         method=config.method,
         output_dir=str(final_dir),
@@ -339,10 +345,14 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         save_trained(unwrapped, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
                      state_dict=state_dict)
         (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
+        (run_dir / EVAL_EXAMPLES_FILE).write_text(json.dumps(
+            {"example_ids": held_out_ids, "tokens": [s.loss_tokens for s in data.eval], "nll": eval_nll}))
         summary = {
             **result.to_dict(),
             "config": config.to_dict(),
             "data": data.stats,
+            "data_fingerprint": data.fingerprint,
+            "heldout_fingerprint": hashlib.sha256(" ".join(held_out_ids).encode()).hexdigest()[:16],
             "resumed_from_step": start_step or None,
             "processes": accelerator.num_processes,
             "global_batch": global_batch,

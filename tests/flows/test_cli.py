@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,15 +10,6 @@ import pytest
 from flows.cli import main
 from flows.commands import DEMO_CONFIG
 from flows.config import load_pipeline_config
-
-
-@pytest.fixture
-def restore_environ():
-    """The handlers export their defaults into os.environ; put it back after each test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_help_lists_the_flow_commands():
@@ -122,8 +112,8 @@ def test_models_lists_versions_aliases_regret_and_verdict(tmp_path, capsys):
     client = registry.client_for(settings)  # explicit URIs: MLflow's global state stays as other tests left it
     client.create_registered_model("qa")
     tags = [{"eval_loss": "1.2345", "regret": "0.0123"},
-            {"eval_loss": "1.2", "regret": "-0.004", "regret_ci_low": "-0.01", "regret_ci_high": "0.002",
-             "verdict": "low regret"}]
+            {"eval_loss": "1.2", "regret": "-0.004", "regret_low": "-0.01", "regret_high": "0.002",
+             "verdict": "PASS"}]
     for version_tags in tags:
         client.create_model_version("qa", "file:///nowhere", tags=version_tags)
     client.set_registered_model_alias("qa", "champion", "2")
@@ -137,7 +127,7 @@ def test_models_lists_versions_aliases_regret_and_verdict(tmp_path, capsys):
     assert lines[1].split()[:5] == ["qa", "1", "(rolled", "back)", "1.2345"]
     assert lines[1].split()[5:7] == ["+0.0123", "-"]  # no interval, no verdict tags: "-"
     assert lines[2].split()[:8] == ["qa", "2", "candidate,champion", "1.2000", "-0.0040", "[-0.0100,", "+0.0020]",
-                                    "low"]
+                                    "PASS"]
     assert main(["models", "qa", "--workdir", str(tmp_path)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
     assert main(["models", "nope", "--workdir", str(tmp_path)]) == 2

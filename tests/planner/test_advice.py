@@ -48,3 +48,12 @@ def test_architecture_only_match_is_flagged():
     a = advise(load_shape("SmolLM2-135M"), 32)  # model_type llama, not a Llama checkpoint
     assert a.family == "llama" and any("only shares the architecture" in m for m in a.messages)
     assert not any("only shares" in m for m in advise(load_shape("Llama-3.1-8B"), 32).messages)
+
+
+def test_lr_disagreement_names_both_lrs():
+    from planner.advice import lr_disagreement
+
+    advice = advise(load_shape("Llama-3.1-8B"), 4, fullft_lr=1.3e-4, steps=16)  # 15 x 1.3e-4 = 1.95e-3
+    assert lr_disagreement(1.95e-3, advice) is None and lr_disagreement(2.0e-3, advice) is None
+    warning = lr_disagreement(1.3e-3, advice)
+    assert "configured LoRA LR 0.0013 is 0.67x the plan's advice 0.00195 (15 × the FullFT LR 0.00013)" in warning

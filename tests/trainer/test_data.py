@@ -184,6 +184,6 @@ def test_check_data_checks_exactly_the_rows_a_run_uses(tmp_path):
     held_out.write_text("\n".join(lines) + "\n")
     tokenizer = build_tokenizer()
     base = dict(dataset=str(rows), eval_dataset=str(held_out), max_length=64)
-    assert check_data(TrainConfig(**base, eval_max_examples=5), tokenizer).rows == 20  # row 5 is never scored
+    assert check_data(TrainConfig(**base, eval_max_examples=5), tokenizer).data.rows == 20  # row 5 is never scored
     with pytest.raises(UserError, match="Row 5: the prompt alone is"):
         check_data(TrainConfig(**base, eval_max_examples=None), tokenizer)
