@@ -108,12 +108,9 @@ def plot_curves(
     Returns:
         The path written.
     """
-    import matplotlib
+    from planner.report_charts import finish_chart, plain_log_axis, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from planner.report_charts import plain_log_axis
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,10 +137,5 @@ def plot_curves(
         plain_log_axis(ax.xaxis)
     ax.set_xlabel("training step (log scale)")
     ax.set_ylabel("loss (nats per completion token)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish_chart(fig, ax, title, path, dpi=120)
     return path

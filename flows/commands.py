@@ -263,7 +263,7 @@ def dry_run(config, sweep=None) -> int:
 
     import yaml
 
-    from planner.report import summary_lines
+    from planner.report_text import summary_lines
 
     resolved = dataclasses.asdict(sweep) if sweep is not None else config.to_dict()
     print("Resolved config:\n  " + yaml.safe_dump(resolved, sort_keys=False).rstrip().replace("\n", "\n  "))

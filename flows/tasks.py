@@ -126,7 +126,8 @@ def make_plan(config, out_dir: str) -> dict:
     """Capacity plan of the LoRA run, written as a report; returns its summary, files, the advised
     LoRA LR and a warning when the configured one disagrees with it."""
     from planner.advice import lr_disagreement
-    from planner.report import summary_lines, write_report
+    from planner.report import write_report
+    from planner.report_text import summary_lines
 
     plan = config.plan()
     files = write_report(plan, out_dir)

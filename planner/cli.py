@@ -220,7 +220,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if files:
             print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
         return 0
-    from planner.report import summary_lines
+    from planner.report_text import summary_lines
 
     print("\n".join(summary_lines(plan)))
     for note in plan.notes:

@@ -1,4 +1,5 @@
-"""Capacity-plan reports: a text summary, Markdown, self-contained HTML and plan.json.
+"""Capacity-plan reports: Markdown, self-contained HTML, the charts and plan.json (the text summary
+is planner/report_text.py).
 
 The report is a list of sections (`report_sections`: tables, charts, lists) rendered twice: as
 plan.md and as one self-contained plan.html (styles inline, charts as base64 PNG) with the verdict
@@ -22,113 +23,11 @@ from planner.gpus import get_gpu
 from planner.plan import CapacityPlan
 from planner.report_charts import capacity_chart, memory_chart
 from planner.report_charts import si_number as _num
+from planner.report_text import duration, gb, measured_line, wall_hours
 
 CHARTS = ("capacity.png", "memory.png")
 _MEMORY_PARTS = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes",
                  "overhead_bytes")
-
-
-def _gb(x: float | None) -> str:
-    return "-" if x is None else f"{x / 1e9:.1f} GB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
-def _hours(plan: CapacityPlan, fit) -> float:
-    """Wall hours of the run on the GPUs a method needs (LoRA FLOPs for lora/qlora)."""
-    r = plan.run
-    gpu_hours = r.fullft_gpu_hours if fit.method.startswith("full") else r.lora_gpu_hours
-    return gpu_hours / fit.num_gpus
-
-
-def _lengths_line(n) -> str:
-    """The token-length distribution, what max_length cuts, and the row width memory is sized at."""
-    width = ("packed rows of max_length" if n.packing else
-             "each micro-batch padded to its longest example, at most max_length")
-    return (f"Lengths ({n.examples:,} examples, tokens): p50 {n.p50_tokens:,}, p95 {n.p95_tokens:,}, max "
-            f"{n.max_tokens:,}; max_length {n.max_length:,} truncates {n.truncated_share:.1%}; suggested max_length "
-            f"{n.suggested_max_length:,} (truncates {n.suggested_truncated_share:.1%}); memory sized at "
-            f"{n.memory_seq_len:,} tokens per row ({width})")
-
-
-def summary_lines(plan: CapacityPlan) -> list[str]:
-    """The plan in a few readable lines (the CLI's output without --json)."""
-    m, lora = plan.model, plan.lora
-    lines = [
-        f"Model {m['name']} ({m['model_type']}): {_num(m['total_params'])} params"
-        + (f", {_num(m['active_params'])} active per token" if m["num_experts"] else ""),
-        f"LoRA rank {plan.rank}" + (f" (experts {lora.expert_rank}, divisor '{plan.expert_rank_divisor}' = "
-                                     f"{lora.divisor_value})" if m["num_experts"] else "")
-        + f", targets {plan.targets}: {plan.adapter_params:,} adapter params "
-        + "(" + ", ".join(f"{role} {n:,}" for role, n in lora.by_role.items()) + ")",
-    ]
-    d = plan.dataset
-    if d is not None:
-        tokens = ("" if d["completion_tokens"] is None else
-                  f", {d['completion_tokens']:,} completion tokens of {d['total_tokens']:,}")
-        lines.append(f"Dataset {d['source']} ({d['format']}): {d['examples']:,} examples{tokens}, "
-                     f"{_num(d['information_bits'])} bits ({d['information_method']})"
-                     + (f", tokenizer {d['tokenizer']}" if d["tokenizer"] else ""))
-    if plan.lengths is not None:
-        lines.append(_lengths_line(plan.lengths))
-    c = plan.capacity
-    if c is not None:
-        ratio = "inf" if c.capacity_over_data is None else f"{c.capacity_over_data:.2f}"
-        lines.append(
-            f"Capacity {_num(c.capacity_bits)} bits ({c.bits_per_param:g} bits/param) vs dataset "
-            f"{_num(c.dataset_bits)} bits ({c.information_method}): ratio {ratio} -> {c.verdict.upper()} "
-            f"(low-regret >= {c.low_regret_ratio:g}x, borderline >= {c.borderline_ratio:g}x)"
-        )
-        lines.append(f"Smallest low-regret rank: {c.min_rank_pow2 or 'none <= 512'} (power of two), "
-                     f"{c.min_rank_exact or 'none'} (exact)")
-        if c.completion_tokens is not None:
-            lines.append(f"Tinker's rule (adapter params >= {c.completion_tokens:,} completion tokens): "
-                         f"{'holds' if c.tinker_rule_holds else 'fails'}; smallest rank "
-                         f"{c.tinker_min_rank_pow2 or '-'} (power of two), {c.tinker_min_rank_exact or '-'} (exact)")
-    else:
-        lines.append("No dataset given: pass --dataset for a capacity verdict.")
-    lines += [f"Advice: {msg}" for msg in plan.advice.messages]
-    f = plan.flops
-    lines.append(f"FLOPs/token at seq_len {f.seq_len}: FullFT {_num(f.fullft_flops_per_token)}, LoRA "
-                 f"{_num(f.lora_flops_per_token)} (LoRA/FullFT {f.lora_over_fullft:.3f})")
-    if plan.run is not None:
-        r = plan.run
-        lines.append(f"Run of {_num(r.tokens)} tokens on {r.gpu} at MFU {r.mfu:g}: FullFT "
-                     f"{r.fullft_gpu_hours:.3g} GPU-hours, LoRA {r.lora_gpu_hours:.3g} GPU-hours")
-    lines.append(f"Fewest {plan.settings['gpu']} per method ({plan.settings['memory_seq_len']} tokens per row, "
-                 f"batch {plan.settings['batch_size']}, FSDP/ZeRO-3 sharding):")
-    for fit in plan.hardware:
-        if fit.num_gpus is None:
-            lines.append(f"  {fit.method:9s}: does not fit on {plan.settings['num_gpus'] or 'up to 1024'} x {fit.gpu}")
-        else:
-            lines.append(f"  {fit.method:9s}: {fit.num_gpus} x {fit.gpu}, micro-batch {fit.micro_batch}, grad accum "
-                         f"{fit.grad_accum_steps}{', gradient checkpointing' if fit.gradient_checkpointing else ''}"
-                         f" ({_gb(fit.total_bytes)}/GPU)"
-                         + (f"; effective batch {fit.effective_batch}" if fit.effective_batch != plan.settings["batch_size"]
-                            else "")
-                         + (f"; {_duration(_hours(plan, fit) * 3600)} wall" if plan.run else ""))
-    if plan.measured:
-        lines.append("Measured peak per GPU (the trainer's own step on fake tensors under PyTorch's MemTracker; "
-                     "allocated bytes, without CUDA context, kernel workspaces or fragmentation):")
-        lines += [_measured_line(row) for row in plan.measured]
-    return lines
-
-
-def _measured_line(row: dict) -> str:
-    where = (f"{row['num_gpus']} GPU{'s' if row['num_gpus'] > 1 else ''}, micro-batch {row['micro_batch']}, "
-             f"grad accum {row['grad_accum_steps']}" + (", gradient checkpointing" if row["gradient_checkpointing"] else ""))
-    if "error" in row:
-        return f"  {row['method']:9s}: not measured ({row['error']}); planner {_gb(row['planner_bytes'])} at {where}"
-    layers = ", ".join(" + ".join(f"{n} {kind}" for kind, n in counts.items()) for counts in row["measured_layers"])
-    return (f"  {row['method']:9s}: measured {_gb(row['measured_bytes'])}, planner {_gb(row['planner_bytes'])} "
-            f"({row['ratio']:.2f}x) at {where}; peak in {row['peak_phase']}; layers run {layers}, extrapolated "
-            f"to the model's depth; {row['seconds']:.0f} s")
 
 
 # --------------------------------------------------------------------------- the page's sections
@@ -193,7 +92,7 @@ def _needs(plan: CapacityPlan) -> str:
     if fit is None:
         return ""
     return (f" LoRA needs {fit.num_gpus} x {fit.gpu} (micro-batch {fit.micro_batch}, grad accum {fit.grad_accum_steps}"
-            f"{', gradient checkpointing' if fit.gradient_checkpointing else ''}; {_gb(fit.total_bytes)} per GPU).")
+            f"{', gradient checkpointing' if fit.gradient_checkpointing else ''}; {gb(fit.total_bytes)} per GPU).")
 
 
 def chart_titles(plan: CapacityPlan) -> dict[str, str]:
@@ -296,15 +195,15 @@ def _memory_section(plan: CapacityPlan, title: str) -> Section:
         if f.num_gpus is None:
             fits.append((f.method, f"does not fit on {s['num_gpus'] or 'up to 1024'}", "-", "-", "-", "-", "-", "-"))
             continue
-        wall = _duration(_hours(plan, f) * 3600) if plan.run else "-"
+        wall = duration(wall_hours(plan, f) * 3600) if plan.run else "-"
         fits.append((f.method, f"{f.num_gpus}", f"{f.micro_batch}", f"{f.grad_accum_steps}",
-                     "yes" if f.gradient_checkpointing else "no", f"{f.effective_batch}", _gb(f.total_bytes), wall))
+                     "yes" if f.gradient_checkpointing else "no", f"{f.effective_batch}", gb(f.total_bytes), wall))
     fit_table = Table(("method", "GPUs", "micro-batch", "grad accum", "gradient checkpointing", "effective batch",
                        "GB per GPU", "run wall time"), tuple(fits), numeric=(1, 2, 3, 5, 6))
     parts = Table(("method", "GPUs", "micro-batch", "weights", "grads", "optimizer", "activations", "temporaries",
                    "overhead", "total", "fits"),
-                  tuple((m.method, str(m.num_gpus), str(m.micro_batch)) + tuple(_gb(getattr(m, p)) for p in _MEMORY_PARTS)
-                        + (_gb(m.total_bytes), "yes" if m.total_bytes <= _gpu_bytes(plan) else "no")
+                  tuple((m.method, str(m.num_gpus), str(m.micro_batch)) + tuple(gb(getattr(m, p)) for p in _MEMORY_PARTS)
+                        + (gb(m.total_bytes), "yes" if m.total_bytes <= _gpu_bytes(plan) else "no")
                         for m in plan.memory), numeric=tuple(range(1, 10)))
     blocks: list = [
         f"The fewest {s['gpu']} GPUs each method fits on (FSDP/ZeRO-3 sharding, {s['memory_seq_len']:,} tokens per "
@@ -317,7 +216,7 @@ def _memory_section(plan: CapacityPlan, title: str) -> Section:
     ]
     if plan.measured:
         blocks += ["Measured peak per GPU (the trainer's own step on fake tensors; allocated bytes):",
-                   tuple(_measured_line(row).strip() for row in plan.measured)]
+                   tuple(measured_line(row).strip() for row in plan.measured)]
     return Section("memory", "Memory per method", tuple(blocks))
 
 
@@ -336,8 +235,8 @@ def _compute_section(plan: CapacityPlan) -> Section:
     if r is not None:
         blocks.append(f"The run: {r.tokens:,} tokens on {r.num_gpus} x {r.gpu} at MFU {r.mfu:g} (assumed):")
         blocks.append(Table(("method", "FLOPs", "GPU-hours", "wall time"),
-                            (("FullFT", _num(r.fullft_flops), f"{r.fullft_gpu_hours:.3g}", _duration(r.fullft_seconds)),
-                             ("LoRA", _num(r.lora_flops), f"{r.lora_gpu_hours:.3g}", _duration(r.lora_seconds))),
+                            (("FullFT", _num(r.fullft_flops), f"{r.fullft_gpu_hours:.3g}", duration(r.fullft_seconds)),
+                             ("LoRA", _num(r.lora_flops), f"{r.lora_gpu_hours:.3g}", duration(r.lora_seconds))),
                             numeric=(1, 2)))
     return Section("compute", "FLOPs and time", tuple(blocks))
 

@@ -40,7 +40,8 @@ def plain_log_axis(axis, formatter=None) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,9 +50,20 @@ def _pyplot():
     return plt
 
 
+def finish_chart(fig, ax, title: str, path: Path, *, grid_axis: str = "both", legend_loc: str = "best",
+                 dpi: int = 110) -> None:
+    """The shared finish of every chart: title, major grid, legend, tight layout, PNG, figure closed."""
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", axis=grid_axis, alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_loc)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def capacity_chart(plan, title: str, path: Path) -> None:
     """Adapter capacity (bits) over ranks 1..512 against the dataset's bits and the low-regret line."""
-    plt = _pyplot()
+    plt = pyplot()
     bits = plan.settings["bits_per_param"]
     ranks = [r for r, _ in plan.rank_curve]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -70,12 +82,7 @@ def capacity_chart(plan, title: str, path: Path) -> None:
     plain_log_axis(ax.yaxis, si_number)
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel("bits")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_chart(fig, ax, title, path)
 
 
 def memory_chart(plan, title: str, path: Path) -> None:
@@ -84,7 +91,7 @@ def memory_chart(plan, title: str, path: Path) -> None:
     the recommended GPU count is starred."""
     from planner.gpus import get_gpu
 
-    plt = _pyplot()
+    plt = pyplot()
     methods = list(dict.fromkeys(m.method for m in plan.memory))
     counts = sorted({m.num_gpus for m in plan.memory})
     fits = {f.method: f for f in plan.hardware}
@@ -111,9 +118,4 @@ def memory_chart(plan, title: str, path: Path) -> None:
     ax.axhline(gpu.memory_bytes / 1e9, color="black", ls="--", label=f"{gpu.name} memory")
     ax.set_xticks(range(len(counts)), [f"{n} GPU" + ("s" if n > 1 else "") for n in counts])
     ax.set_ylabel("GB per GPU (FSDP-sharded)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_chart(fig, ax, title, path, grid_axis="y", legend_loc="upper right")
