@@ -97,7 +97,9 @@ def _needs(plan: CapacityPlan) -> str:
 
 def chart_titles(plan: CapacityPlan) -> dict[str, str]:
     """Chart file -> title naming the model, the data and the verdict."""
-    head = f"{plan.model['name']} on {data_name(plan)}: {verdict(plan)[0].upper()}"
+    level = verdict(plan)[0]
+    head = (f"{plan.model['name']} on {data_name(plan)}: {level.upper()}" if level != "none"
+            else f"{plan.model['name']}, no dataset (no capacity verdict)")
     return {
         "capacity.png": f"{head}\nLoRA capacity over ranks 1-512 vs the data's information",
         "memory.png": f"{head}\nmemory per GPU at each method's recommended micro-batch, "

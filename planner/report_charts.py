@@ -117,5 +117,9 @@ def memory_chart(plan, title: str, path: Path) -> None:
     gpu = get_gpu(plan.settings["gpu"])
     ax.axhline(gpu.memory_bytes / 1e9, color="black", ls="--", label=f"{gpu.name} memory")
     ax.set_xticks(range(len(counts)), [f"{n} GPU" + ("s" if n > 1 else "") for n in counts])
-    ax.set_ylabel("GB per GPU (FSDP-sharded)")
+    totals = [m.total_bytes for m in plan.memory]
+    if max(totals) > 20 * min(totals):  # huge models: the bars near the GPU's line would be flat on a linear axis
+        ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
+    ax.set_ylabel("GB per GPU (FSDP-sharded)" + (", log scale" if ax.get_yscale() == "log" else ""))
     finish_chart(fig, ax, title, path, grid_axis="y", legend_loc="upper right")
