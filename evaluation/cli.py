@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from planner.errors import UserError
+from planner.paths import check_output_file
 
 
 def register(subparsers) -> None:
@@ -152,6 +153,9 @@ def _evaluate_dirs(args: argparse.Namespace) -> dict:
         )
     if args.no_base and not args.adapter:
         raise UserError("--no-base leaves nothing to score without --adapter.")
+    from planner.dataset import check_local_file
+
+    check_local_file(args.dataset)  # a bad local file fails before the tokenizer and model load
     spec = HeldOutSpec(
         model=args.model,
         dataset=args.dataset,
@@ -215,6 +219,9 @@ def format_evaluation(record: dict) -> str:
 
 def run_compare(args: argparse.Namespace) -> int:
     from evaluation.compare import RegretThreshold, compare_runs
+
+    if args.chart:
+        check_output_file(args.chart, "--chart")
 
     threshold = RegretThreshold(
         **{

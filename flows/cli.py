@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from planner.errors import UserError
 
@@ -17,7 +19,6 @@ from planner.errors import UserError
 # `train` is registered by flows.commands: it wires the trainer to MLflow (report_to=mlflow), which
 # trainer/ itself never imports.
 _CLI_MODULES = ("planner.cli", "evaluation.cli", "flows.commands", "serving.cli")
-
 
 # Warnings we have checked and that tell a user nothing they can act on; `--verbose` shows them.
 CHECKED_WARNINGS = (
@@ -86,6 +87,12 @@ def quiet(verbose: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C (`finally` blocks run); inside a flow run Prefect's own handler
+    takes over and marks the run Crashed first."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet(args.verbose)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -101,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lowregret {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        signum = getattr(exc, "signal", None)  # prefect.exceptions.TerminationSignal (SIGTERM in a flow)
+        if not isinstance(signum, int):
+            raise
+        print(f"lowregret {args.command}: stopped by signal {signum}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

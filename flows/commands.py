@@ -8,9 +8,11 @@ only then imports Prefect and MLflow, which read their settings at import time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import re
 from pathlib import Path
+
+from planner.errors import UserError
 
 # Shipped inside the package (package-data), so `lowregret demo` works from a plain pip install too;
 # not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
@@ -19,7 +21,7 @@ DEMO_PROMPT = [{"role": "user", "content": "What does the Python function os.pat
 # Commented templates that `--help` points to (tests/flows/test_cli.py loads each).
 PIPELINE_TEMPLATE = "configs/pipelines/pipeline.yaml"
 SWEEP_TEMPLATE = "configs/sweeps/sweep.yaml"
-STANDALONE_EXPERIMENT = "lowregret/train"  # flows.tracking's; repeated here so --help imports nothing
+STANDALONE_EXPERIMENT = "lowregret/train"  # flows.training_log's; repeated here so --help imports nothing
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -141,22 +143,38 @@ def _config_args(p: argparse.ArgumentParser, template: str, dry_run: bool = True
                        help="print the resolved config and the plan, then exit: nothing trained, nothing written")
 
 
-def _environment(args):
-    from flows.settings import apply_environment, load_settings
+def _settings(args):
+    """The flows' locations under --workdir (an existing, writable folder: a mistyped one is refused,
+    not created). Nothing is written here."""
+    from flows.settings import load_settings
+    from planner.paths import check_existing_dir
 
-    return apply_environment(load_settings(args.workdir))
+    return load_settings(check_existing_dir(args.workdir or os.getcwd(), "--workdir"))
+
+
+def _start(settings) -> None:
+    """From here on we write: export the defaults for Prefect and MLflow and make .lowregret/."""
+    from flows.settings import apply_environment
+
+    apply_environment(settings)
 
 
 def run_train(args) -> int:
     import json
 
+    from planner.dataset import check_local_file
+    from planner.paths import check_output_dir
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)  # UserError here, before any work
+    # Before torch is imported: a bad output path or data file fails at once.
+    check_output_dir(config.output_dir, "output_dir")
+    for source in filter(None, (config.dataset, config.eval_dataset)):
+        check_local_file(source)
     callbacks = []
     if config.report_to == "mlflow":
         from flows.settings import load_settings
-        from flows.tracking import MlflowCallback
+        from flows.training_log import MlflowCallback
 
         callbacks.append(MlflowCallback(load_settings(), STANDALONE_EXPERIMENT))
         callbacks[0].check()
@@ -178,22 +196,27 @@ def run_train(args) -> int:
 
 def run_pipeline(args) -> int:
     from flows.config import load_pipeline_config
+    from flows.preflight import check_inputs
 
+    settings = _settings(args)
+    config = load_pipeline_config(args.config, args.overrides)
+    check_inputs(config)  # UserError here, before any server, MLflow run or file
     if args.dry_run:
-        return dry_run(load_pipeline_config(args.config, args.overrides))
-    settings = _environment(args)
-    config = load_pipeline_config(args.config, args.overrides)  # UserError here, before any work
+        return dry_run(config)
+    _start(settings)
     if args.plan_only:
         from flows.pipeline import plan_report
 
-        plan = plan_report(config, workdir=str(settings.home.parent))
+        with _prefect_server(settings):
+            plan = plan_report(config, workdir=str(settings.home.parent))
         print("\n".join(plan["summary"]))
         print(f"Report: {plan['files'].get('plan.html', plan['files'])}")
         return 0
     from evaluation.compare import EXIT_CODES
     from flows.pipeline import pipeline
 
-    summary = pipeline(config, workdir=str(settings.home.parent))
+    with _prefect_server(settings):
+        summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
     return EXIT_CODES[summary["comparison"]["verdict"]]  # 0 PASS, 1 FAIL, 3 INCONCLUSIVE (2: bad input)
 
@@ -201,16 +224,20 @@ def run_pipeline(args) -> int:
 def run_demo(args) -> int:
     import time
 
-    started = time.perf_counter()
-    settings = _environment(args)
     from flows.config import load_pipeline_config
+    from flows.preflight import check_inputs
 
+    started = time.perf_counter()
+    settings = _settings(args)
     config = load_pipeline_config(args.config, args.overrides)
-    from flows.pipeline import pipeline
-
     print(f"lowregret demo: {config.model} on {config.dataset}, LoRA r={config.rank} vs FullFT "
           f"({config.train.get('max_steps')} steps each). Training progress follows.\n", flush=True)
-    summary = pipeline(config, workdir=str(settings.home.parent))
+    check_inputs(config)
+    _start(settings)
+    from flows.pipeline import pipeline
+
+    with _prefect_server(settings):
+        summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
     import mlflow
 
@@ -232,16 +259,23 @@ def run_demo(args) -> int:
 
 def run_sweep(args) -> int:
     from flows.config import load_sweep_config
+    from flows.preflight import check_inputs
 
-    if args.dry_run:
-        config = load_sweep_config(args.config, args.overrides)
-        return dry_run(config.base, config)
-    settings = _environment(args)
+    settings = _settings(args)
     config = load_sweep_config(args.config, args.overrides)
+    check_inputs(config.base, ranks=tuple(config.ranks) if "lora" in config.methods else None)
+    if args.dry_run:
+        return dry_run(config.base, config)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: run at least 1 cell at a time.")
+    from flows.settings import apply_environment, prepare_folders
+
+    apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
     from flows.sweep import make_task_runner, sweep
 
-    runner = make_task_runner(args.runner, args.workers)
-    with _shared_ephemeral_server(settings, args.runner):
+    runner = make_task_runner(args.runner, args.workers)  # UserError: dask/ray without its package
+    prepare_folders(settings)
+    with _prefect_server(settings):
         summary = sweep.with_options(task_runner=runner)(config, workdir=str(settings.home.parent))
     for group in summary["fit"]["groups"]:
         optimum = group["optimum_lr"]
@@ -283,36 +317,31 @@ def dry_run(config, sweep=None) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _shared_ephemeral_server(settings, runner: str):
-    """Without PREFECT_API_URL, each worker process of the process runner would start an ephemeral
-    server of its own (seen: four for a 3-worker sweep): start Prefect's once and export its URL."""
-    if settings.prefect_api_url is not None or runner != "process":
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def _prefect_server(settings):
+    """Prefect's API for this command: the user's server (PREFECT_API_URL) or an ephemeral one that
+    ends with this process, even when it is killed (flows.ephemeral)."""
+    from flows.ephemeral import prefect_server
 
-    server = SubprocessASGIServer()  # Prefect's own singleton, stopped at exit
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+    return prefect_server(settings)
 
 
-def _client(args):
-    from flows.registry import client_for
-    from flows.settings import configure_mlflow
+def _registry(settings, name: str):
+    """A client on the existing registry, after checking `name` is registered there (UserError), and
+    the lock on `name`'s read-modify-write."""
+    from flows.locks import registry_lock
+    from flows.registry import open_registry, registered_model
 
-    settings = _environment(args)
-    configure_mlflow(settings)
-    return client_for(settings)
+    client = open_registry(settings)
+    registered_model(client, name)
+    return client, registry_lock(settings, name)
 
 
 def run_promote(args) -> int:
     from flows import registry
 
-    decision = registry.promote(_client(args), args.name, args.version, args.reason)
+    client, lock = _registry(_settings(args), args.name)
+    with lock:
+        decision = registry.promote(client, args.name, args.version, args.reason)
     print(f"{args.name} v{decision.version}: {'champion' if decision.promoted else 'unchanged'} ({decision.reason})")
     return 0
 
@@ -320,7 +349,9 @@ def run_promote(args) -> int:
 def run_rollback(args) -> int:
     from flows import registry
 
-    decision = registry.rollback(_client(args), args.name, args.reason)
+    client, lock = _registry(_settings(args), args.name)
+    with lock:
+        decision = registry.rollback(client, args.name, args.reason)
     print(f"{args.name}: champion is v{decision.version} again ({decision.reason})")
     return 0
 
@@ -373,30 +404,47 @@ def format_versions(rows) -> str:
 
 
 def run_deploy(args) -> int:
-    settings = _environment(args)
     from flows.config import load_pipeline_config
+    from flows.settings import apply_environment, load_settings, prepare_folders
 
+    # A work pool's --workdir is a folder of the workers (e.g. /data/lowregret): nothing is checked
+    # or created here. Served runs happen in this process, in a folder that must exist.
+    settings = load_settings(args.workdir) if args.work_pool else _settings(args)
     config = load_pipeline_config(args.config, args.overrides)
+    apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
     _check_cron(args.cron)
+    if not args.work_pool:
+        prepare_folders(settings)
     from flows import deploy
 
     workdir = str(settings.home.parent)
     if args.work_pool:
-        deployment_id = deploy.deploy_to_work_pool(config, args.cron, args.name, args.work_pool, workdir)
+        with _prefect_server(settings):
+            deployment_id = deploy.deploy_to_work_pool(config, args.cron, args.name, args.work_pool, workdir)
         print(f"Deployment lowregret-pipeline/{args.name} ({deployment_id}) on work pool {args.work_pool!r}, "
               f"cron {args.cron!r}. Start a worker: prefect worker start --pool {args.work_pool}")
         return 0
     print(f"Serving lowregret-pipeline/{args.name} on cron {args.cron!r} from this process (Ctrl-C stops).")
-    deploy.serve_pipeline(config, args.cron, args.name, workdir)
+    with _prefect_server(settings):
+        deploy.serve_pipeline(config, args.cron, args.name, workdir)
     return 0
 
 
+_CRON_ITEM = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?$")
+_CRON_MACRO = re.compile(r"^@(yearly|annually|monthly|weekly|daily|midnight|hourly)$")
+
+
 def _check_cron(cron: str) -> None:
-    from prefect.client.schemas.schedules import CronSchedule
-
-    from planner.errors import UserError
-
+    """Five cron fields (checked here without importing Prefect, which creates its home folder), then
+    Prefect's own validation of the values."""
+    fields = cron.split()
+    shaped = _CRON_MACRO.match(cron.strip()) or (
+        len(fields) == 5 and all(_CRON_ITEM.match(item) for field in fields for item in field.split(",")))
     try:
+        if not shaped:
+            raise ValueError(cron)
+        from prefect.client.schemas.schedules import CronSchedule
+
         CronSchedule(cron=cron)
     except ValueError:
         raise UserError(f'--cron {cron!r} is not a cron expression: five fields, e.g. "0 2 * * *" (02:00 daily).') from None

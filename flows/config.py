@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import UserError
+from planner.gpus import get_gpu
+from planner.profile import METHODS as INFO_METHODS
 from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
 
@@ -42,7 +44,8 @@ class PipelineConfig:
     threshold: float = 0.01
     #: Allowed regret in nats/token whatever FullFT's loss (the floor for near-zero losses).
     threshold_abs: float = 0.01
-    #: How the plan measures the data's information (planner.profile): lzma, logloss, prior, exact, auto.
+    #: How the planner measures the dataset's information (planner.profile.METHODS): auto, exact, lzma,
+    #: prior, logloss.
     info_method: str = "lzma"
     #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
     gpu: str = "H100-80GB-SXM"
@@ -69,13 +72,14 @@ class PipelineConfig:
                 f"train: {', '.join(owned)} are set by the pipeline itself: use the top-level keys "
                 "model, dataset, rank, lora_lr and full_lr."
             )
-        from planner.profile import METHODS as INFO_METHODS
-
-        if self.info_method not in INFO_METHODS:
-            raise UserError(f"info_method={self.info_method!r} is not one of {', '.join(INFO_METHODS)}.")
         for name in ("threshold", "threshold_abs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
+        if not isinstance(self.refresh_baseline, bool):
+            raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
+        if self.info_method not in INFO_METHODS:
+            raise UserError(f"info_method={self.info_method!r} is not one of {', '.join(INFO_METHODS)}.")
+        get_gpu(str(self.gpu))  # an unknown GPU is a UserError naming the known ones
         if self.seeds is not None:
             if (not isinstance(self.seeds, list) or len(self.seeds) < 2 or len(set(map(str, self.seeds))) < len(self.seeds)
                     or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):

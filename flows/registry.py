@@ -92,6 +92,29 @@ def client_for(settings):
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
+def open_registry(settings):
+    """A client on a registry that exists (for promote and rollback).
+
+    Raises:
+        UserError: the local SQLite registry does not exist (nothing was registered in this
+            working directory); nothing is created.
+    """
+    from planner.errors import UserError
+
+    if settings.registry_uri.startswith("sqlite:///"):
+        database = Path(settings.registry_uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise UserError(
+                f"No model registry at {database}: nothing has been registered in {settings.home.parent}. "
+                "Run `lowregret pipeline` there first, or pass the --workdir that holds .lowregret/ "
+                "(or set MLFLOW_REGISTRY_URI)."
+            )
+    from flows.settings import configure_mlflow
+
+    configure_mlflow(settings)
+    return client_for(settings)
+
+
 def log_adapter_model(run_id: str, adapter_dir: str | Path, base_model: str, work_dir: str | Path) -> str:
     """Log the verified adapter under `run_id` as a pyfunc model plus the raw peft directory.
 
@@ -253,8 +276,29 @@ def _move_champion(client, name: str, version: str) -> str | None:
 
 
 def _history(client, name: str) -> list[str]:
-    tags = client.get_registered_model(name).tags
+    tags = registered_model(client, name).tags
     return list(json.loads(tags.get(HISTORY_TAG, "[]")))
+
+
+def registered_model(client, name: str):
+    """The registered model `name`.
+
+    Raises:
+        UserError: no model of that name in this registry.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from planner.errors import UserError
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(
+            f"No registered model named {name!r} in this registry: check the name (the pipeline's `name`; "
+            "`mlflow ui` lists them) and --workdir."
+        ) from None
 
 
 def _set_history(client, name: str, history: list[str]) -> None:

@@ -4,8 +4,10 @@ Only the I/O tasks (MLflow tracking and registry writes) retry; training and eva
 deterministic and would fail the same way twice. The FullFT baseline is cached: its key is the
 base model + its hyper-parameters + the dataset fingerprint (`TrainConfig.hash`) + the code
 version (`code_version`: every first-party source file a training run can execute, and the
-versions of the libraries that compute its numbers), and its result is persisted, so a scheduled
-re-run in a new process reuses it. `refresh_baseline` bypasses the cache.
+versions of the libraries that compute its numbers), and its result is persisted (as JSON), so a
+scheduled re-run in a new process reuses it. `refresh_baseline` bypasses the cache. The cache
+transaction is SERIALIZABLE (`serializable_cache`): a second pipeline that needs the baseline while
+the first trains it waits for it and then reads it from the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from prefect import task
@@ -96,29 +99,31 @@ def _baseline_cache_key(context, parameters) -> str:
     return "fullft-" + run_key(parameters["train_config"], parameters["data_fingerprint"], parameters["code"])
 
 
+def serializable_cache(cache_key_fn):
+    """A Prefect cache policy keyed by `cache_key_fn` whose transaction is SERIALIZABLE: the first
+    run of a key holds its lock (`flows.locks.ProcessLockManager`, beside the result records) until
+    its result is committed; a concurrent run of the same key waits, then finds it cached."""
+    from prefect.cache_policies import CachePolicy
+
+    from flows.locks import ProcessLockManager
+
+    return CachePolicy.from_cache_key_fn(cache_key_fn).configure(
+        lock_manager=ProcessLockManager(), isolation_level="SERIALIZABLE")
+
+
 # ------------------------------------------------------------------------ planner / inputs
 
 
 @task
 def check_inputs(config) -> dict:
-    """Load the model's tokenizer, read and tokenize the dataset once (the token cache the plan and
-    both trainings then reuse): a model or dataset that cannot be had (missing file, Hub id
-    offline, bad rows, a prompt that fills max_length) is a UserError before any run or file.
-
-    Returns:
-        {"fingerprint", "examples", "format", "held_out_examples"} of the rows the runs will read
-        (held-out examples before dropping those whose completion max_length cuts away).
-    """
+    """`flows.preflight.check_inputs` as the flow's first step, so a scheduled run is checked too (the
+    CLI has run it already, before starting Prefect)."""
+    from flows import preflight
     from planner.dataset import describe_format
-    from trainer.data import check_data
-    from trainer.model import load_base_tokenizer
 
-    tokenizer = load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
-    split = check_data(config.train_config("lora"), tokenizer)  # both runs read the same rows
-    data = split.data
-    print(f"data: {data.rows:,} rows of {describe_format(data.format)} from {config.dataset}", flush=True)
-    return {"fingerprint": data.fingerprint, "examples": data.rows, "format": data.format,
-            "held_out_examples": len(split.scored_idx)}
+    data = preflight.check_inputs(config)  # the token cache makes the second reading cheap
+    print(f"data: {data['examples']:,} rows of {describe_format(data['format'])} from {config.dataset}", flush=True)
+    return data
 
 
 @task
@@ -141,7 +146,8 @@ def make_plan(config, out_dir: str) -> dict:
 # --------------------------------------------------------------------------------- trainer
 
 
-@task(cache_key_fn=_baseline_cache_key, persist_result=True, cache_expiration=None)
+@task(cache_policy=serializable_cache(_baseline_cache_key), persist_result=True, cache_expiration=None,
+      result_serializer="json")
 def train_baseline(train_config, data_fingerprint: str, code: str):
     """The FullFT baseline (cached; see the module docstring)."""
     from trainer import train
@@ -196,19 +202,23 @@ def fit_sweep(results: list) -> object:
 @task(**IO_RETRIES)
 def start_tracking(settings, experiment: str, run_name: str, params: dict,
                    parent_run_id: str | None = None, tags: dict | None = None) -> str:
-    """Create an MLflow run in `experiment` (nested under `parent_run_id` when given) with params."""
+    """Create an MLflow run in `experiment` (nested under `parent_run_id` when given) with params,
+    tagged with its owner (flows.tracking)."""
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from flows.settings import ensure_experiment
-    from flows.tracking import log_params
+    from flows.tracking import end_orphaned_runs, owner_tags
+    from flows.training_log import log_params
 
     client = MlflowClient(settings.tracking_uri)
-    all_tags = dict(tags or {})
+    experiment_id = ensure_experiment(experiment, settings)
+    all_tags = dict(tags or {}) | owner_tags()
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(ensure_experiment(experiment, settings), run_name=run_name,
-                            tags={k: str(v) for k, v in all_tags.items()})
+    else:  # a new top-level run: first end the ones a killed process left RUNNING
+        end_orphaned_runs(client, experiment_id)
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
@@ -218,7 +228,7 @@ def log_training(settings, run_id: str, result, extra_tags: dict | None = None) 
     """Log a TrainResult into its run: the curves with step=, the final metrics, its files."""
     from mlflow.tracking import MlflowClient
 
-    from flows.tracking import log_result
+    from flows.training_log import log_result
 
     log_result(MlflowClient(settings.tracking_uri), run_id, result, curves=True, tags=extra_tags)
 
@@ -295,33 +305,44 @@ def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, n
                      fingerprint: str, tags: dict, scratch: str, description: str | None = None):
     """Verify, log as pyfunc and register the adapter (or find the version of this fingerprint)."""
     from flows import registry
+    from flows.locks import registry_lock
     from flows.settings import configure_mlflow
 
     configure_mlflow(settings)
     client = registry.client_for(settings)
-    existing = registry.find_version(client, name, fingerprint)
-    if existing is not None:
-        return registry.Registration(name=name, version=str(existing.version), created=False)
-    model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
-    return registry.register_adapter(client, name, model_uri, fingerprint, tags, description)
+    with registry_lock(settings, name):  # find-or-register: one version per fingerprint
+        existing = registry.find_version(client, name, fingerprint)
+        if existing is not None:
+            return registry.Registration(name=name, version=str(existing.version), created=False)
+        model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
+        return registry.register_adapter(client, name, model_uri, fingerprint, tags, description)
 
 
 @task(**IO_RETRIES)
 def promote_adapter(settings, registration, passed: bool, eval_loss: float):
     """Move `champion` to the new version if it passed and does not lose to the champion."""
     from flows import registry
+    from flows.locks import registry_lock
 
     if not registration.created:
         return registry.PromotionDecision(registration.name, registration.version, False,
                                           "identical run already registered; aliases unchanged")
-    return registry.promote_if_better(registry.client_for(settings), registration.name, registration.version,
-                                      passed=passed, eval_loss=eval_loss)
+    with registry_lock(settings, registration.name):  # the champion read and moved as one step
+        return registry.promote_if_better(registry.client_for(settings), registration.name, registration.version,
+                                          passed=passed, eval_loss=eval_loss)
 
 
 @task
 def write_json(path: str, record: dict) -> str:
+    """Write `record` to `path` atomically (a reader, or a concurrent pipeline, never sees half a file)."""
+    import tempfile
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp's file is private; a report is meant to be read
+    os.replace(tmp, path)
     return path
 
 

@@ -1,136 +1,108 @@
-"""MLflow tracking of training runs: the pieces the pipeline's tasks and a standalone
-`lowregret train ... report_to=mlflow` share.
+"""MLflow runs end with their flow: FINISHED, FAILED, or KILLED, never RUNNING forever.
 
-A standalone run logs through `MlflowCallback`, a `trainer.callbacks.TrainCallback` the `train`
-command hands to `trainer.train`: params when the run starts, train loss / LR / tokens per second
-at every step and the held-out loss at each evaluation (MLflow `step=` the optimizer step), then the
-final metrics and files. The trainer itself never imports MLflow (docs/ARCHITECTURE.md).
+Every MLflow run the flows create is tagged with its owner: the Prefect flow run
+(`lowregret.flow_run_id`) and the process (`lowregret.host`, `lowregret.pid`,
+`lowregret.pid_start`). Then:
+- a flow that fails (an exception), crashes (SIGTERM, Ctrl-C) or is cancelled runs Prefect's
+  state hooks (`on_failure`, `on_crashed`, `on_cancellation`), which end its RUNNING runs FAILED or
+  KILLED (`end_flow_runs`);
+- a process killed outright (kill -9, power loss) runs no hook: the next flow in the same
+  experiment ends the runs whose owner process on this host is gone (`end_orphaned_runs`).
+  Runs owned by another host are left alone, as their process cannot be checked from here.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import os
+import socket
 from pathlib import Path
 
-STANDALONE_EXPERIMENT = "lowregret/train"
-_BATCH = 900  # MLflow caps one log_batch at 1000 metrics
+FLOW_RUN_TAG = "lowregret.flow_run_id"
+HOST_TAG = "lowregret.host"
+PID_TAG = "lowregret.pid"
+PID_START_TAG = "lowregret.pid_start"
+ENDED_BY_TAG = "lowregret.ended_by"
 
 
-def log_params(client, run_id: str, params: dict) -> None:
-    """Log a nested dict as `a.b` params (values cut to MLflow's 6000 characters)."""
-    for key, value in flatten(params).items():
-        client.log_param(run_id, key, str(value)[:6000])
+def owner_tags() -> dict[str, str]:
+    """Tags naming the process and Prefect flow run that own a new MLflow run."""
+    from prefect.runtime import flow_run
+
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: _start_ticks(os.getpid())}
+    if flow_run.id:
+        tags[FLOW_RUN_TAG] = str(flow_run.id)
+    return tags
 
 
-def flatten(params: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after "pid (comm)"
 
 
-def log_metrics(client, run_id: str, metrics: list) -> None:
-    """Log `mlflow.entities.Metric`s in batches MLflow accepts."""
-    for start in range(0, len(metrics), _BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + _BATCH])
+def _alive(pid: int, start_ticks: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return True  # not Linux: the pid exists, assume it is the owner
+    return fields[0] != "Z" and (not start_ticks or fields[19] == start_ticks)  # a zombie has ended
 
 
-def log_result(client, run_id: str, result, *, curves: bool, tags: dict | None = None,
-               files: tuple[str, ...] = ()) -> None:
-    """Log a finished `TrainResult`: its curves (when not logged live), final metrics, tags and files.
+def end_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """End (KILLED) the RUNNING runs of `experiment_id` whose owner process on this host is gone.
 
-    Args:
-        curves: also log curves.json as `train_loss` / `eval_loss` with step= (the pipeline logs a
-            run after it finished; a standalone run has logged them step by step already).
-        files: extra files or directories to log beside curves.json and summary.json.
+    Returns:
+        The ids of the runs it ended.
     """
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = []
-    if curves:
-        recorded = json.loads(Path(result.curves_path).read_text())
-        metrics += [Metric(f"{name}_loss", float(loss), now, int(step))
-                    for name in ("train", "eval") for step, loss in recorded.get(name, [])]
-    finals = {"final_train_loss": result.final_train_loss, "final_eval_loss": result.final_eval_loss,
-              "steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
-              "tokens_per_s": result.tokens_per_s, "trainable_params": result.trainable_params,
-              "peak_memory_bytes": result.peak_memory_bytes}
-    metrics += [Metric(k, float(v), now, 0) for k, v in finals.items() if v is not None]
-    log_metrics(client, run_id, metrics)
-    for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash, **(tags or {})}.items():
-        client.set_tag(run_id, key, str(value))
-    for path in (result.curves_path, result.summary_path, *files):
-        if Path(path).is_dir():
-            client.log_artifacts(run_id, path, Path(path).name)
-        else:
-            client.log_artifact(run_id, path)
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if PID_TAG in tags and not _alive(int(tags[PID_TAG]), tags.get(PID_START_TAG, "")):
+            client.set_tag(run.info.run_id, ENDED_BY_TAG, "next start: its process had ended without closing it")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
-class MlflowCallback:
-    """Logs one standalone training run to MLflow as it happens (a `TrainCallback`).
+def end_flow_runs(client, flow_run_id: str, status: str, reason: str) -> list[str]:
+    """End every RUNNING MLflow run owned by Prefect flow run `flow_run_id` with `status`."""
+    from mlflow.entities import ViewType
 
-    The run is created in `on_start`, after the trainer has checked the data and the model, so a
-    bad input leaves no MLflow run behind. `fail()` marks a started run FAILED.
-    """
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not experiments:
+        return []
+    runs = client.search_runs(experiments, f"attributes.status = 'RUNNING' and tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
+    for run in runs:
+        client.set_tag(run.info.run_id, ENDED_BY_TAG, reason)
+        client.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in runs]
 
-    def __init__(self, settings, experiment: str = STANDALONE_EXPERIMENT):
-        self.settings = settings
-        self.experiment = experiment
-        self.run_id: str | None = None
-        self._client = None
 
-    def check(self) -> None:
-        """Fail before training if a tracking server cannot be reached (a local SQLite store always can).
-
-        Raises:
-            UserError: the tracking URI's server did not answer.
-        """
-        if self.settings.tracking_uri.startswith(("sqlite:", "file:", "/")):
-            return
-        from mlflow.tracking import MlflowClient
-
-        from planner.errors import UserError
-
-        try:
-            MlflowClient(self.settings.tracking_uri).search_experiments(max_results=1)
-        except Exception as exc:  # MlflowException, requests' ConnectionError, ...: all mean "not reachable"
-            raise UserError(
-                f"report_to=mlflow, but the MLflow tracking server {self.settings.tracking_uri} did not answer "
-                f"({type(exc).__name__}). Start it, fix MLFLOW_TRACKING_URI, or set report_to=none."
-            ) from exc
-
-    def on_start(self, config, info: dict) -> None:
+def _hook(status: str):
+    def end_runs(flow, flow_run, state) -> None:
         from flows.registry import client_for
-        from flows.settings import ensure_experiment, prepare_folders
+        from flows.settings import load_settings
 
-        prepare_folders(self.settings)
-        self._client = client_for(self.settings)
-        run = self._client.create_run(ensure_experiment(self.experiment, self.settings),
-                                      run_name=Path(info["output_dir"]).name,
-                                      tags={"method": config.method, "config_hash": info["config_hash"]})
-        self.run_id = run.info.run_id
-        log_params(self._client, self.run_id, {**config.to_dict(), "run": {
-            k: info[k] for k in ("steps", "global_batch", "processes", "trainable_params")}, "data": info["data"]})
+        settings = load_settings(flow_run.parameters.get("workdir"))
+        end_flow_runs(client_for(settings), str(flow_run.id), status,
+                      f"flow run {flow_run.name} ended {state.type.value}: {state.message or state.name}"[:5000])
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+    end_runs.__name__ = f"end_mlflow_runs_{status.lower()}"
+    return end_runs
 
-        now = int(time.time() * 1000)
-        log_metrics(self._client, self.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def on_end(self, result) -> None:
-        run_dir = Path(result.output_dir)
-        files = [str(run_dir / "config.json")]
-        if result.method == "lora":
-            files.append(result.model_dir)  # the peft adapter: megabytes; a full model stays on disk
-        log_result(self._client, self.run_id, result, curves=False, files=tuple(files))
-        self._client.set_terminated(self.run_id, "FINISHED")
-
-    def fail(self) -> None:
-        if self.run_id is not None:
-            self._client.set_terminated(self.run_id, "FAILED")
+# Prefect state hooks for a flow that creates MLflow runs: a failure leaves them FAILED; a crash
+# (SIGTERM, SIGINT, a dying worker) or a cancellation leaves them KILLED.
+STATE_HOOKS = {"on_failure": [_hook("FAILED")], "on_crashed": [_hook("KILLED")],
+               "on_cancellation": [_hook("KILLED")]}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
 
 
 def register(subparsers) -> None:
@@ -75,8 +76,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}.")
     if args.dataset and args.rl_episodes:
         raise UserError("Pass either --dataset (SFT) or --rl-episodes (RL), not both.")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out!r} exists and is not a folder: pass a folder path.")
+    if args.out:
+        check_output_dir(args.out, "--out")
 
 
 def _tokenizer_ref(model: str) -> str:
@@ -122,8 +123,10 @@ def _profile(args: argparse.Namespace):
         return profile_rl(args.rl_episodes, args.reward_entropy_bits), []
     if not args.dataset:
         return None, []
+    from planner.dataset import check_local_file
     from planner.profile import profile_dataset
 
+    check_local_file(args.dataset)  # a bad local file fails now, not after the tokenizer loads
     tokenizer, notes = _load_tokenizer(args)
     model_ref = _tokenizer_ref(args.model) if args.info_method == "logloss" else None
     try:
@@ -189,11 +192,13 @@ def _measure(plan, config: dict, shape) -> tuple[dict, ...]:
 def run_plan(args: argparse.Namespace) -> int:
     """Build the plan, write the report if asked, print a summary or the JSON."""
     from planner.gpus import get_gpu
+    from planner.lora import count_run_lora
     from planner.plan import build_plan
     from planner.shapes import load_shape
 
     _validate(args)
-    shape = load_shape(args.model)  # bad model or GPU fails before the (slow) dataset profile
+    shape = load_shape(args.model)  # bad model, rank or GPU fails before the (slow) dataset profile
+    count_run_lora(shape, args.rank, args.targets, args.expert_rank_divisor, args.target_unembedding)
     get_gpu(args.gpu)
     config = None
     if args.measure:

@@ -91,14 +91,28 @@ def load_rows(source: str, limit: int | None = None) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
+def check_local_file(source: str) -> None:
+    """Read and format-check `source` now if it is a local file (cheap), so a bad file fails before
+    a tokenizer or a model is loaded; Hub ids, folders and built-ins are checked when they are read.
+
+    Raises:
+        UserError: unreadable, non-UTF-8, malformed or empty file (see `load_rows`, `detect_format`).
+    """
+    if Path(source).is_file():
+        detect_format(load_rows(source), source=source)
+
+
 def _load_file(path: Path, limit: int | None) -> list[dict]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_json_lines(path, limit)
-    if suffix == ".json":
-        return _read_json(path, limit)
-    if suffix == ".csv":
-        return _read_csv(path, limit)
+    readers = {".jsonl": _read_json_lines, ".json": _read_json, ".csv": _read_csv}
+    if suffix in readers:
+        try:
+            return readers[suffix](path, limit)
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path} is not UTF-8 text ({exc.reason}): JSON Lines, JSON and CSV datasets are read as "
+                "UTF-8. Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            ) from exc
     if suffix == ".parquet":
         return _read_parquet(path, limit)
     raise UserError(

@@ -16,7 +16,7 @@ from planner import memory as memory_mod
 from planner.errors import UserError
 from planner.gpus import get_gpu
 from planner.lengths import LengthPlan, plan_lengths
-from planner.lora import LoraCount, count_lora_params, select_targets
+from planner.lora import LoraCount, count_lora_params, count_run_lora, select_targets
 from planner.shapes import ModelShape, load_shape
 
 DEFAULT_SEQ_LEN = 2048  # a common SFT max length; pass --seq-len for yours
@@ -193,7 +193,7 @@ def build_plan(
         raise UserError(f"mfu must be in (0, 1], got {mfu!r}.")
     shape = model if isinstance(model, ModelShape) else load_shape(model)
     gpu_spec = get_gpu(gpu)
-    lora = count_lora_params(shape, rank, targets, expert_rank_divisor, target_unembedding)
+    lora = count_run_lora(shape, rank, targets, expert_rank_divisor, target_unembedding)
 
     def params_at(r: int) -> int:
         return count_lora_params(shape, r, targets, expert_rank_divisor, target_unembedding).total

@@ -354,10 +354,10 @@ def write_report(plan: CapacityPlan, out_dir: str | Path) -> dict[str, Path]:
         charts = {name: (tmp / name).read_bytes() for name in CHARTS}
         (tmp / "plan.html").write_text(render_html(plan, charts))
         names = sorted(p.name for p in tmp.iterdir())
-        if not out.exists():
-            os.replace(tmp, out)
-        else:  # keep the user's other files; each of ours replaces its old version atomically
-            for name in names:
+        try:
+            os.replace(tmp, out)  # a new report folder appears complete
+        except OSError:  # it exists (maybe just made by another process writing the same report):
+            for name in names:  # keep the user's other files; each of ours replaces its old version
                 os.replace(tmp / name, out / name)
             tmp.rmdir()
     except BaseException:

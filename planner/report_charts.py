@@ -52,13 +52,21 @@ def pyplot():
 
 def finish_chart(fig, ax, title: str, path: Path, *, grid_axis: str = "both", legend_loc: str = "best",
                  dpi: int = 110) -> None:
-    """The shared finish of every chart: title, major grid, legend, tight layout, PNG, figure closed."""
+    """The shared finish of every chart: title, major grid, legend, tight layout, PNG, figure closed.
+    The PNG is written beside and renamed: a reader (or a pipeline drawing the same chart) never sees
+    half a file."""
+    import os
+    import threading
+
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", axis=grid_axis, alpha=0.3)
     ax.legend(fontsize=8, loc=legend_loc)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
     pyplot().close(fig)
+    os.replace(tmp, path)
 
 
 def capacity_chart(plan, title: str, path: Path) -> None:

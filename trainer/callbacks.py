@@ -1,7 +1,7 @@
 """What a training run tells the outside world while it runs (torch-free).
 
 `train(config, callbacks=[...])` calls these on the main process only. They are how the
-`lowregret train` command logs a standalone run to MLflow (`flows.tracking.MlflowCallback`)
+`lowregret train` command logs a standalone run to MLflow (`flows.training_log.MlflowCallback`)
 while trainer/ itself never imports MLflow or Prefect.
 """
 

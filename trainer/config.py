@@ -7,9 +7,11 @@ Torch-free, so `flows` can build and hash configs without loading the trainer. Y
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +227,33 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return TrainConfig.from_dict(data)
 
 
+def parse_yaml(text: str):
+    """`yaml.safe_load` with YAML 1.2's booleans: only true/false (any case) are booleans.
+
+    PyYAML follows YAML 1.1, where yes/no/on/off/y/n are booleans too, so the documented
+    `mixed_precision=no` arrived as False and was refused. Safe: no Python object is constructed.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+@functools.cache
+def _config_loader():
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        """SafeLoader whose implicit booleans are YAML 1.2's."""
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    ConfigLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return ConfigLoader
+
+
 def read_yaml_mapping(path: str | Path | None) -> dict:
     """The mapping a YAML config file holds ({} when `path` is None), or a UserError saying why not."""
     import yaml
@@ -235,7 +264,9 @@ def read_yaml_mapping(path: str | Path | None) -> dict:
     if not path.is_file():
         raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8.") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -252,7 +283,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
         if not sep or not key.strip():
             raise UserError(f"Override {item!r} must look like key=value, e.g. lr=1e-4 or train.max_steps=20.")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise UserError(f"Override {item!r}: value is not a valid YAML scalar ({exc}).") from exc
         *parents, leaf = key.strip().split(".")

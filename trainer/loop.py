@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
+from planner.shapes import check_context
 from trainer import checkpoint as ckpt
 from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
@@ -77,10 +79,11 @@ def _preflight_dirs(config: TrainConfig) -> Path | None:
     """Check the output and resume paths before any work; return the checkpoint to resume, if any.
 
     Raises:
-        UserError: a finished run would be overwritten, a killed run's output would be lost, or the
-            resume path holds no checkpoint.
+        UserError: output_dir cannot be created (under a file, read-only), a finished run would be
+            overwritten, a killed run's output would be lost, or the resume path holds no checkpoint.
     """
     final, partial = _run_dirs(config)
+    check_output_dir(final, "output_dir")
     if final.exists() and not config.overwrite:
         raise UserError(
             f"{final} already exists (a finished run or another folder). Choose another output_dir, "
@@ -159,7 +162,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     and eval_examples.json (per-example held-out NLL, `trainer.result.EVAL_EXAMPLES_FILE`).
 
     `callbacks` (main process only) see the run start, each step's metrics and the result: how
-    `lowregret train` logs to MLflow (flows.tracking) without the trainer importing it.
+    `lowregret train` logs to MLflow (flows.training_log) without the trainer importing it.
 
     Raises:
         UserError: bad input (data, targets, rank, output/resume paths), always before the first step
@@ -210,7 +213,10 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
     config_hash = config.hash(data.fingerprint)
 
-    model, what = prepare_model(load_base_model(config.model, base_dtype), config)
+    model = load_base_model(config.model, base_dtype)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    check_context(config.max_length, getattr(text_config, "max_position_embeddings", None), config.model)
+    model, what = prepare_model(model, config)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
 

@@ -147,6 +147,14 @@ def test_bad_files_are_user_errors(tmp_path):
         load_rows(str(tmp_path / "bad.jsonl"), limit=0)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_non_utf8_text_is_a_user_error(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes('{"prompt": "caf\xe9", "completion": "ol\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_rows(str(path))
+
+
 def test_builtin_via_load_rows_honours_both_limits():
     assert len(load_rows("builtin:facts?n_facts=10&choices=4")) == 10
     assert len(load_rows("builtin:facts?n_facts=10&choices=4", limit=3)) == 3

@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from planner.errors import UserError
-from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, TrainConfig, load_config
+from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, TrainConfig, load_config, parse_yaml
 
 # Trainer presets (configs/<model>/<method>.yaml); configs/pipelines and configs/sweeps hold the
 # flows' templates (tests/flows/test_cli_help.py loads those).
@@ -73,6 +74,17 @@ def test_overrides_are_typed_yaml_scalars(tmp_path):
     config = load_config(path, ["rank=32", "packing=true", "eval_dataset=null", "max_grad_norm=1"])
     assert (config.lr, config.rank, config.packing, config.eval_dataset) == (1e-4, 32, True, None)
     assert config.max_grad_norm == 1.0
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    """YAML 1.1 reads no/yes/on/off as booleans; the documented mixed_precision=no must stay a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\npacking: true\n")
+    assert load_config(path).mixed_precision == "no" and load_config(path).packing is True
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert parse_yaml("a: off\nb: FALSE\nc: Yes") == {"a": "off", "b": False, "c": "Yes"}
+    with pytest.raises(yaml.YAMLError):  # still a safe loader: no Python object is built
+        parse_yaml("!!python/object/apply:os.system [echo hi]")
 
 
 @pytest.mark.parametrize("override", ["lr", "=3", "nope=1"])
