@@ -232,7 +232,7 @@ def card_peak_bytes(setup, device: str) -> int | None:
     from planner.shapes import load_config, shape_from_config
     from trainer.loop import build_optimizer, precision
     from trainer.loss import loss_head, train_micro_batch
-    from trainer.memory import step_batch, step_train_config
+    from trainer.memory import prime_step, step_batch, step_train_config
     from trainer.model import model_from_config, prepare_model
 
     cuda = device == "cuda"
@@ -249,15 +249,7 @@ def card_peak_bytes(setup, device: str) -> int | None:
     optimizer = build_optimizer(model, config, use_cuda=cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
     head, _ = loss_head(accelerator.unwrap_model(model))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:  # a first step creates AdamW's state
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if setup.grad_accum_steps > 1:  # what the earlier micro-batches of the step leave behind
-        for p in trainable:
-            p.grad = torch.zeros_like(p)
+    prime_step(model, optimizer, setup.grad_accum_steps)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

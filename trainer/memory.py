@@ -213,6 +213,20 @@ def step_train_config(method: str, *, seq_len: int, micro_batch: int, grad_accum
                        max_length=seq_len, gradient_checkpointing=gradient_checkpointing, checkpoint_every=0)
 
 
+def prime_step(model, optimizer, grad_accum_steps: int) -> None:
+    """Bring a measured step to its steady state: a first AdamW step creates the optimizer's state,
+    and with gradient accumulation the step's earlier micro-batches leave gradients behind."""
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if grad_accum_steps > 1:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+
+
 def step_batch(seq_len: int, micro_batch: int, vocab_size: int):
     """The trainer's collated micro-batch of `micro_batch` rows `seq_len` wide, every target a
     completion token. With several rows the last is one token shorter: an SFT micro-batch of
@@ -291,15 +305,7 @@ def measure_step_memory(
                 optimizer = build_optimizer(model, config, use_cuda=True)
                 model, optimizer = accelerator.prepare(model, optimizer)
             head, _ = loss_head(accelerator.unwrap_model(model))
-            model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            for p in trainable:  # a first step creates AdamW's state
-                p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if grad_accum_steps > 1:  # what the earlier micro-batches of the step leave behind
-                for p in trainable:
-                    p.grad = torch.zeros_like(p)
+            prime_step(model, optimizer, grad_accum_steps)
             tracker = _StepTracker(_decoder_layers(model, shape.num_layers))
             tracker.track_external(model, optimizer)
             with tracker:
