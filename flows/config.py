@@ -150,6 +150,22 @@ class PipelineConfig(_GatedPipeline):
                                       "seed": self.run_seeds[0], "split_seed": self.run_seeds[0]} | changes
         return TrainConfig.from_dict(options)
 
+    def plan(self):
+        """The capacity plan (`planner.plan.CapacityPlan`) of this pipeline's LoRA run. Loads the
+        model's tokenizer and profiles the data; writes nothing but the GGUF and token caches."""
+        from planner.plan import build_plan
+        from planner.profile import profile_dataset
+        from trainer.model import load_base_tokenizer
+
+        lora = self.train_config("lora")
+        # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
+        profile = profile_dataset(self.dataset, load_base_tokenizer(self.model), method=self.info_method,
+                                  model_ref=self.model)
+        return build_plan(self.model, self.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
+                          target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                          packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=self.gpu,
+                          fullft_lr=self.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
+
 
 @dataclass
 class SweepConfig:

@@ -14,6 +14,7 @@ verdict. Only a PASS registers (alias `candidate`) and may move `champion`.
 
 from prefect import flow
 
+from evaluation.curves import curves_title
 from flows import tasks
 from flows.config import PipelineConfig
 from flows.locks import run_lock
@@ -86,9 +87,10 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
 
         comparison = tasks.compare_runs([r.output_dir for r in loras], [r.output_dir for r in fulls],
                                         config.threshold, config.threshold_abs)
-        curves = {f"FullFT seed {s}": r.curves_path for s, r in zip(seeds, fulls, strict=True)}
-        curves |= {f"LoRA r={config.rank} seed {s}": r.curves_path for s, r in zip(seeds, loras, strict=True)}
-        chart = tasks.plot_runs(curves, str(reports / "curves.png"), comparison.base_loss)
+        curves = {f"FullFT seed {s}": (r.curves_path, "full") for s, r in zip(seeds, fulls, strict=True)}
+        curves |= {f"LoRA r={config.rank} seed {s}": (r.curves_path, "lora") for s, r in zip(seeds, loras, strict=True)}
+        chart = tasks.plot_runs(curves, str(reports / "curves.png"),
+                                curves_title(config.model, config.dataset, comparison.verdict), comparison.base_loss)
         regret = {"regret_nats": comparison.regret_nats, "regret_low": comparison.regret_low,
                   "regret_high": comparison.regret_high, "regret_relative": comparison.regret_relative,
                   "allowed_regret_nats": comparison.allowed_regret_nats}

@@ -3,15 +3,16 @@ second or two, before any server, MLflow run or file.
 
 The config's own values were checked when it was built (`flows.config`). Here, cheapest first: the
 model's shape (config.json, the catalog, or a GGUF header), which the rank must fit (every adapted
-matrix's min(d_in, d_out)) and `train.max_length` (the model's context); then the dataset, read
-and format-checked; last the tokenizer (a GGUF base is converted here, once, and cached for the
-runs). The pipeline's first task runs the same checks, so a scheduled run is checked too.
-`check_inputs` serves the supervised pipeline, `check_rl_inputs` the RL one.
+matrix's min(d_in, d_out)) and `train.max_length` (the model's context); then the tokenizer (a
+GGUF base is converted here, once, and cached for the runs) and the dataset, read, format-checked
+and tokenized into the token cache (planner/token_cache.py), every prompt checked against
+max_length. The pipeline's first task runs the same checks, so a scheduled run is checked too.
+`check_inputs` serves the supervised pipeline, `check_rl_inputs` the RL one (its prompts are read
+and checked against max_prompt_tokens instead).
 """
 
 from __future__ import annotations
 
-from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows
 from planner.lora import count_run_lora
 from planner.shapes import check_context, load_shape
 
@@ -41,21 +42,14 @@ def check_inputs(config, ranks: tuple[int, ...] | None = None) -> dict:
     lora = config.train_config("lora")
     shape = _check_model(config, lora, ranks)
     check_context(lora.max_length, shape.context_length, config.model, option="train.max_length")
-    rows = load_rows(config.dataset, limit=lora.dataset_limit)
-    data_format = detect_format(rows, source=config.dataset)
-    if lora.eval_dataset is not None:
-        eval_rows = load_rows(lora.eval_dataset)
-        detect_format(eval_rows, source=lora.eval_dataset)
-        held_out = len(eval_rows)
-    else:
-        held_out = len(split_rows(rows, lora.eval_fraction, lora.held_out_seed)[1])
-    if lora.eval_max_examples is not None:
-        held_out = min(held_out, lora.eval_max_examples)
-    from trainer.model import load_base_tokenizer  # torch: only once everything cheap has passed
+    from trainer.data import check_data  # torch: only once everything cheap has passed
+    from trainer.model import load_base_tokenizer
 
-    load_base_tokenizer(config.model)
-    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows), "format": data_format,
-            "held_out_examples": held_out}
+    # The data is read, format-checked and tokenized once, into the token cache the plan and both
+    # trainings then read (docs/DATA.md); every prompt the runs use is checked against max_length.
+    split = check_data(lora, load_base_tokenizer(config.model))
+    return {"fingerprint": split.data.fingerprint, "examples": split.data.rows, "format": split.data.format,
+            "held_out_examples": len(split.scored_idx)}
 
 
 def check_rl_inputs(config) -> dict:

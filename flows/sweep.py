@@ -88,8 +88,10 @@ def sweep(config: SweepConfig, workdir: str | None = None) -> dict:
     results = [future.result() for future in futures]
 
     fit = tasks.fit_sweep([((rank, lr), result) for (_, rank, lr, _), result in zip(cells, results, strict=True)])
-    chart = tasks.plot_runs({label: r.curves_path for (*_, label), r in zip(cells, results, strict=True)},
-                            str(reports / "curves.png"))
+    chart = tasks.plot_runs({label: (r.curves_path, method) for (method, *_, label), r in zip(cells, results, strict=True)},
+                            str(reports / "curves.png"),
+                            f"{base.model} on {base.dataset}: sweep of {len(cells)} runs (method x rank x LR)\n"
+                            "held-out (bold) and training (faint) loss")
     parent = tasks.start_tracking(settings, base.experiment, "sweep", {"grid": json.dumps(config.grid())},
                                   tags={"code_version": code})
     for (method, rank, lr, label), result in zip(cells, results, strict=True):

@@ -120,8 +120,11 @@ def check_inputs(config) -> dict:
     """`flows.preflight.check_inputs` as the flow's first step, so a scheduled run is checked too (the
     CLI has run it already, before starting Prefect)."""
     from flows import preflight
+    from planner.dataset import describe_format
 
-    return preflight.check_inputs(config)
+    data = preflight.check_inputs(config)  # the token cache makes the second reading cheap
+    print(f"data: {data['examples']:,} rows of {describe_format(data['format'])} from {config.dataset}", flush=True)
+    return data
 
 
 @task
@@ -129,25 +132,16 @@ def make_plan(config, out_dir: str) -> dict:
     """Capacity plan of the LoRA run, written as a report; returns its summary, files, the advised
     LoRA LR and a warning when the configured one disagrees with it."""
     from planner.advice import lr_disagreement
-    from planner.plan import build_plan
-    from planner.profile import profile_dataset
-    from planner.report import summary_lines, write_report
-    from trainer.model import load_base_tokenizer
+    from planner.report import write_report
+    from planner.report_text import summary_lines
 
-    lora = config.train_config("lora")
-    # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
-    profile = profile_dataset(config.dataset, load_base_tokenizer(config.model), method=config.info_method,
-                              model_ref=config.model)
-    plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
-                      target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
-                      packing=lora.packing,
-                      batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
-                      fullft_lr=config.full_lr, steps=lora.max_steps)
+    plan = config.plan()
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
             "files": {name: str(path) for name, path in files.items()},
-            "advised_lora_lr": plan.advice.lora_lr, "lr_warning": lr_disagreement(lora.lr, plan.advice)}
+            "advised_lora_lr": plan.advice.lora_lr,
+            "lr_warning": lr_disagreement(config.train_config("lora").lr, plan.advice)}
 
 
 # --------------------------------------------------------------------------------- trainer
@@ -217,11 +211,12 @@ def compare_runs(lora_dirs: list[str], full_dirs: list[str], threshold: float, t
 
 
 @task
-def plot_runs(curves_paths: dict[str, str], path: str, base_loss: float | None = None) -> str:
-    """The learning-curves chart of several runs."""
+def plot_runs(runs: dict[str, tuple[str, str]], path: str, title: str, base_loss: float | None = None) -> str:
+    """The learning-curves chart of several runs: label -> (curves.json path, method)."""
     from evaluation.curves import load_curves, plot_curves
 
-    plot_curves({name: load_curves(p) for name, p in curves_paths.items()}, path, base_loss=base_loss)
+    plot_curves({label: load_curves(p) for label, (p, _) in runs.items()}, path,
+                methods={label: method for label, (_, method) in runs.items()}, title=title, base_loss=base_loss)
     return path
 
 
@@ -248,6 +243,7 @@ def start_tracking(settings, experiment: str, run_name: str, params: dict,
 
     from flows.settings import ensure_experiment
     from flows.tracking import end_orphaned_runs, owner_tags
+    from flows.training_log import log_params
 
     client = MlflowClient(settings.tracking_uri)
     experiment_id = ensure_experiment(experiment, settings)
@@ -257,35 +253,18 @@ def start_tracking(settings, experiment: str, run_name: str, params: dict,
     else:  # a new top-level run: first end the ones a killed process left RUNNING
         end_orphaned_runs(client, experiment_id)
     run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
-    for key, value in _flatten(params).items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    log_params(client, run.info.run_id, params)
     return run.info.run_id
-
-
-# curves.json names of the supervised loop's curves -> their MLflow metric names (RL curves keep theirs).
-_CURVE_METRICS = {"train": "train_loss", "eval": "eval_loss"}
 
 
 @task(**IO_RETRIES)
 def log_training(settings, run_id: str, result, extra_tags: dict | None = None) -> None:
-    """Log a TrainResult or RLResult into its run: every curve with step=, the final numbers, its files."""
-    from mlflow.entities import Metric
+    """Log a TrainResult or RLResult into its run: the curves with step=, the final metrics, its files."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(settings.tracking_uri)
-    curves = json.loads(Path(result.curves_path).read_text())
-    metrics = [Metric(_CURVE_METRICS.get(name, name), float(value), 0, int(step))
-               for name, points in curves.items() for step, value in points]
-    finals = {k: v for k, v in result.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items()]
-    for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start:start + 900])
-    for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash,
-                       **(extra_tags or {})}.items():
-        client.set_tag(run_id, key, str(value))
-    for path in (result.curves_path, result.summary_path, getattr(result, "rewards_path", None)):
-        if path is not None:  # rewards_path: an RLResult's per-prompt held-out rewards
-            client.log_artifact(run_id, path)
+    from flows.training_log import log_result
+
+    log_result(MlflowClient(settings.tracking_uri), run_id, result, curves=True, tags=extra_tags)
 
 
 def track_training(settings, config, run_config, result, parent: str, data_fingerprint: str, tags: dict) -> str:
@@ -438,13 +417,3 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _flatten(params: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

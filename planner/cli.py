@@ -101,9 +101,18 @@ def _load_tokenizer(args: argparse.Namespace) -> tuple[object, list[str]]:
     try:
         return load_tokenizer(ref), []
     except (UserError, OSError, ValueError) as exc:
-        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in: {ref!r}'s tokenizer "
-                f"could not be loaded ({str(exc).splitlines()[0][:200]}). Pass --tokenizer for exact counts.")
+        reason = _first_sentences(str(exc.__cause__ or exc).splitlines()[0])
+        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in: the tokenizer of {ref} "
+                f"could not be loaded ({reason.rstrip('.')}). Pass --tokenizer for exact counts.")
         return load_tokenizer(DEFAULT_MODEL), [note]
+
+
+def _first_sentences(text: str, limit: int = 240) -> str:
+    """`text` cut to whole sentences within `limit` characters (else at a word, with an ellipsis)."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut + 1] if cut > 0 else text[:text.rfind(" ", 0, limit)] + " …"
 
 
 def _profile(args: argparse.Namespace):
@@ -216,7 +225,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if files:
             print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
         return 0
-    from planner.report import summary_lines
+    from planner.report_text import summary_lines
 
     print("\n".join(summary_lines(plan)))
     for note in plan.notes:

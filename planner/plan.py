@@ -109,6 +109,23 @@ def _constants(bits_per_param: float, mfu: float) -> tuple[dict, ...]:
     return tuple(c)
 
 
+def _memory_at_fits(shape: ModelShape, adapter_params: int, hardware: tuple[memory_mod.Fit, ...], seq_len: int,
+                    batch_size: int) -> tuple[memory_mod.MemoryEstimate, ...]:
+    """Each method's memory per GPU at CHART_GPU_COUNTS and at its recommended GPU count, with the
+    micro-batch and checkpointing the plan recommends (the micro-batch capped by batch / GPUs).
+    A method that fits nowhere is shown at micro-batch 1 with gradient checkpointing (its least)."""
+    counts = sorted({*CHART_GPU_COUNTS, *(f.num_gpus for f in hardware if f.num_gpus)})
+    rows = []
+    for fit in hardware:
+        micro, checkpointing = (fit.micro_batch, fit.gradient_checkpointing) if fit.num_gpus else (1, True)
+        for n in counts:
+            b = min(micro, max(1, batch_size // n))
+            accum = -(-batch_size // (b * n))
+            rows.append(memory_mod.estimate_memory(shape, adapter_params, fit.method, seq_len, b, n, checkpointing,
+                                                   accum))
+    return tuple(rows)
+
+
 def _positive(name: str, value, integer: bool = True) -> None:
     if value is None:
         return
@@ -205,14 +222,11 @@ def build_plan(
     if tokens:
         run = flops_mod.estimate_run_time(flops, tokens, gpu_spec, num_gpus or 1, mfu)
     methods = tuple(memory_mod.METHODS)
-    memory = tuple(
-        memory_mod.estimate_memory(shape, lora.total, method, memory_seq_len, 1, n)
-        for method in methods for n in CHART_GPU_COUNTS
-    )
     hardware = tuple(
         memory_mod.fit_hardware(shape, lora.total, method, gpu_spec, memory_seq_len, batch_size, num_gpus)
         for method in methods
     )
+    memory = _memory_at_fits(shape, lora.total, hardware, memory_seq_len, batch_size)
     all_notes = list(notes)
     if shape.is_moe:
         all_notes.append(

@@ -109,13 +109,16 @@ def load_tokenizer(ref: str):
     source = resolve_model(ref)
     kwargs = source.pretrained_kwargs()
     try:
+        tokenizer = None
         if not source.local:
             try:
-                return AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kwargs)
             except OSError:
                 if not hub_reachable():
                     raise OSError(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached") from None
-        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer.name_or_path = ref  # reports name the reference, not a package or cache folder
+        return tokenizer
     except OSError as exc:
         raise UserError(
             f"Could not load a tokenizer for {ref!r}: {exc}. Pass a local model directory, a "

@@ -133,7 +133,10 @@ def register(subparsers) -> None:
 
     export = subparsers.add_parser(
         "export",
-        help="write an adapter in the layout vLLM loads with --lora-modules, and print the vllm command",
+        help="export an adapter: for vLLM's --lora-modules (--vllm), or merged into its base (--merged)",
+        description="--vllm writes the LoRA directory vLLM loads with --lora-modules and prints the vllm "
+        "command; --merged writes base + adapter as one plain transformers model (safetensors, config, "
+        "tokenizer) that AutoModelForCausalLM.from_pretrained and vLLM load without peft.",
     )
     export.add_argument(
         "--vllm",
@@ -144,10 +147,23 @@ def register(subparsers) -> None:
         help="export for vLLM; the registered adapter NAME@ALIAS or NAME@VERSION (or give --adapter-dir)",
     )
     export.add_argument(
+        "--merged",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME@ALIAS",
+        help="merge into the base; the registered adapter NAME@ALIAS or NAME@VERSION (or give --adapter-dir)",
+    )
+    export.add_argument(
         "--adapter-dir", help="a local peft adapter directory instead of a registry reference"
     )
     export.add_argument(
-        "--base", help="base model for the printed command (default: the adapter's recorded base)"
+        "--base", help="base model to serve on or merge into (default: the adapter's recorded base)"
+    )
+    export.add_argument(
+        "--dtype",
+        default="auto",
+        help="--merged weights: auto (the base checkpoint's dtype), float32, bfloat16 or float16",
     )
     export.add_argument(
         "--name",
@@ -246,16 +262,27 @@ def run_serve(args) -> int:
 
 
 def run_export(args) -> int:
-    from serving.export import export_vllm
+    from serving.export import export_merged, export_vllm
 
-    if args.vllm is None:
-        raise UserError("Say which format to export: --vllm (the only one so far).")
-    if bool(args.vllm) == bool(args.adapter_dir):
+    if (args.vllm is None) == (args.merged is None):
         raise UserError(
-            "Give exactly one adapter: --vllm NAME@ALIAS (registry) or --vllm --adapter-dir PATH."
+            "Say which format to export: --vllm (a LoRA directory for vLLM's --lora-modules) or --merged "
+            "(base + adapter as one plain transformers model)."
         )
+    flag, ref = ("--vllm", args.vllm) if args.vllm is not None else ("--merged", args.merged)
+    if bool(ref) == bool(args.adapter_dir):
+        raise UserError(f"Give exactly one adapter: {flag} NAME@ALIAS (registry) or {flag} --adapter-dir PATH.")
     check_output_dir(args.out_dir, "export DIR")
-    result = export_vllm(args.vllm or args.adapter_dir, args.out_dir, base=args.base, name=args.name)
+    if args.merged is not None:
+        merged = export_merged(ref or args.adapter_dir, args.out_dir, base=args.base, dtype=args.dtype)
+        for note in merged.notes:
+            print(f"note: {note}")
+        print(f"wrote {merged.out_dir}: {merged.base} + {merged.adapter} merged, "
+              f"{merged.parameters:,} parameters in {merged.dtype}")
+        print(f"load it with AutoModelForCausalLM.from_pretrained({str(merged.out_dir.resolve())!r}), "
+              f"or serve it: vllm serve {merged.out_dir.resolve()}")
+        return 0
+    result = export_vllm(ref or args.adapter_dir, args.out_dir, base=args.base, name=args.name)
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {result.out_dir}")

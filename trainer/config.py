@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ EXPERT_RANK_DIVISORS = ("active", "total", "none")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16")
 BASE_DTYPES = ("auto", "float32", "bfloat16")
+REPORT_TO = ("none", "mlflow")
+DEFAULT_MAX_STEPS = 100
 
 # LoRA's optimal LR is ~10x FullFT's (LoRA Without Regret; tinker-cookbook's
 # get_lora_lr_over_full_finetune_lr). Used when `lr` is left unset.
@@ -32,7 +35,7 @@ DEFAULT_FULL_LR = DEFAULT_LORA_LR / 10
 
 # Fields that change where or how often things are written, not what is trained: they stay out of
 # the config hash, so a resumed run (or a run under another output_dir) counts as the same run.
-_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints")
+_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "report_to")
 
 
 @dataclass
@@ -67,8 +70,9 @@ class RunConfig:
     target_unembedding: bool = False
     #: Peak learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's, in RL too).
     lr: float | None = None
-    #: Optimizer steps; 100 suits a quick check on the built-in sets.
-    max_steps: int = 100
+    #: Optimizer steps; null with num_epochs set (supervised runs), else 100 when unset (a quick check on the
+    #: built-in sets).
+    max_steps: int | None = None
     #: Seed for the held-out split, data order and LoRA init (and RL sampling); LoRA and full with one
     #: seed see the same data in the same order.
     seed: int = 0
@@ -80,7 +84,7 @@ class RunConfig:
     adam_beta2: float = 0.999
     #: Clip the global gradient norm to this value; None = no clipping, so LoRA and FullFT are compared unclipped.
     max_grad_norm: float | None = None
-    #: Held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
+    #: Held-out evaluations in all: step 0 (base model), the last step and log-spaced steps between (fewer if fewer steps).
     eval_points: int = 8
     #: Held-out examples evaluated (the first N of the held-out set); None = all. The regret's interval
     #: narrows as 1/sqrt(examples) (docs/EVALUATION.md); 1000 bounds the cost of each evaluation.
@@ -106,6 +110,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _coerce_types(self)
+        self._resolve_steps()
         validate_run_options(self)
         self._validate_own()
         if self.lr is None:
@@ -113,6 +118,11 @@ class RunConfig:
         if self.output_dir is None:
             self.output_dir = (f"runs/{self._output_prefix}{self.method}"
                                + (f"-r{self.rank}" if self.method == "lora" else ""))
+
+    def _resolve_steps(self) -> None:
+        """Fill in max_steps when unset (a subclass may offer another way to give the steps)."""
+        if self.max_steps is None:
+            self.max_steps = DEFAULT_MAX_STEPS
 
     def _validate_own(self) -> None:
         """Checks of the subclass's own options (raise UserError)."""
@@ -144,6 +154,8 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """One supervised LoRA or FullFT run: `RunConfig`'s options and the ones below."""
 
+    #: Passes over the training rows instead of max_steps: steps = ceil(num_epochs x rows / global batch).
+    num_epochs: float | None = None
     #: Sequences per micro-batch per process; 4 fits a 135M model on a laptop.
     batch_size: int = 4
     #: Micro-batches per optimizer step; global batch = batch_size x grad_accum_steps x processes.
@@ -162,17 +174,47 @@ class TrainConfig(RunConfig):
     mixed_precision: str = "auto"
     #: Recompute activations in the backward pass: saves memory on long sequences at ~30% more compute.
     gradient_checkpointing: bool = False
+    #: Where `lowregret train` also logs the run: "none", or "mlflow" (params, per-step metrics, files).
+    report_to: str = "none"
+
+    def _resolve_steps(self) -> None:
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise UserError(
+                f"max_steps={self.max_steps} and num_epochs={self.num_epochs:g} both set: give one "
+                "(num_epochs=null or max_steps=null), they say the same thing two ways."
+            )
+        if self.max_steps is None and self.num_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
 
     def _validate_own(self) -> None:
-        for name, options in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISIONS)):
+        for name, options in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISIONS),
+                              ("report_to", REPORT_TO)):
             _choice(self, name, options)
+        if self.num_epochs is not None and not self.num_epochs > 0:
+            raise UserError(f"num_epochs={self.num_epochs}: must be positive (fractions are fine, e.g. 0.5).")
         for name in ("batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
         if self.max_length < 8:
             raise UserError(f"max_length={self.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
-        if not 0 <= self.warmup_steps < self.max_steps:
+        if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps >= self.max_steps):
             raise UserError(f"warmup_steps={self.warmup_steps}: must be in [0, max_steps={self.max_steps}).")
+
+    def total_steps(self, train_rows: int, global_batch: int) -> int:
+        """Optimizer steps of the run: max_steps, or ceil(num_epochs x train_rows / global_batch).
+
+        Raises:
+            UserError: warmup_steps does not fit in the steps num_epochs gives.
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        steps = max(1, math.ceil(self.num_epochs * train_rows / global_batch))
+        if self.warmup_steps >= steps:
+            raise UserError(
+                f"warmup_steps={self.warmup_steps} does not fit in the {steps} steps of num_epochs="
+                f"{self.num_epochs:g} ({train_rows} rows, global batch {global_batch}): lower warmup_steps."
+            )
+        return steps
 
     @property
     def held_out_seed(self) -> int:
@@ -186,6 +228,49 @@ def config_hash(config, data_fingerprint: str = "") -> str:
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _UNHASHED_FIELDS}
     payload = json.dumps({"config": fields, "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def field_docs(cls) -> dict[str, str]:
+    """field name -> its `#:` comment in the source of the class (or a dataclass it derives from): the
+    one documentation of a config dataclass's options, which `--help` and the templates print."""
+    import inspect
+    import re
+
+    docs = {}
+    # Base classes first, so a subclass's comment on an option it declares again wins (RunConfig).
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        pending = []
+        for line in inspect.getsource(klass).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                pending.append(stripped[2:].strip())
+                continue
+            match = re.match(r"(\w+)\s*:", stripped)
+            if match and pending:
+                docs[match.group(1)] = " ".join(pending)
+            pending = []
+    return docs
+
+
+def options_help(cls, prefix: str = "") -> str:
+    """Every option of a config dataclass with its default and its `#:` documentation, for an
+    argparse epilog (RawDescriptionHelpFormatter)."""
+    import textwrap
+
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default is None:
+            shown = "null"
+        elif dataclasses.is_dataclass(default):
+            shown = f"the {type(default).__name__} defaults"
+        else:
+            shown = default if isinstance(default, str) else json.dumps(default)
+        lines.append(f"  {prefix}{f.name} (default {shown})")
+        lines += textwrap.wrap(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -327,7 +412,7 @@ def validate_run_options(c) -> None:
         raise UserError(f"targets={c.targets!r}: use all, attention, mlp or a comma list like q_proj,v_proj.")
     if c.lr is not None and not 0 < c.lr < 1:
         raise UserError(f"lr={c.lr}: a learning rate must be in (0, 1); LoRA ~1e-4..1e-3, full ~10x lower.")
-    if c.max_steps < 1:
+    if c.max_steps is not None and c.max_steps < 1:
         raise UserError(f"max_steps={c.max_steps}: must be at least 1.")
     if c.eval_dataset is None and not 0 < c.eval_fraction < 1:
         raise UserError(

@@ -142,6 +142,7 @@ def load_base_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer, ref, "a tokenizer for")
+    tokenizer.name_or_path = ref  # records (the plan's data line) name the reference, not the GGUF cache
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
