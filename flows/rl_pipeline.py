@@ -36,7 +36,8 @@ def make_rl_plan(config: RLPipelineConfig, out_dir: str) -> dict:
     """Capacity plan of the LoRA RL run (episodes × reward entropy against the adapter), as a report."""
     from planner.plan import build_plan
     from planner.profile import profile_rl
-    from planner.report import summary_lines, write_report
+    from planner.report import write_report
+    from planner.report_text import summary_lines
 
     lora = config.train_config("lora")
     plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
