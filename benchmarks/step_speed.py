@@ -11,9 +11,10 @@ Set-ups:
     full-plain-mixed  transformers, fp32 weights + bf16 autocast, model(labels=...) loss
     full-plain-bf16   transformers, pure bf16 weights
     lora-plain        transformers + peft defaults (fp32 adapter on a bf16 base), model(labels=...)
-    full-ours-bf16    pure bf16, chunked completion-token loss (trainer.loss)
+    full-ours-bf16    pure bf16, the trainer's micro-batch step (trainer.loss.train_micro_batch:
+                      chunked completion-token loss)
     lora-ours         peft adapter (fp32 master weights) on a bf16 base under bf16 autocast with
-                      peft's input casting off, chunked completion-token loss
+                      peft's input casting off, the trainer's micro-batch step
 Add `--compile` to also run the `-ours` set-ups under torch.compile.
 """
 
@@ -32,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.loss import completion_nll_sum  # noqa: E402
+from planner.dataset import IGNORE_INDEX  # noqa: E402
+from trainer.data import Sequence, collate  # noqa: E402
+from trainer.loss import loss_head, train_micro_batch  # noqa: E402
 
 # Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json), used with random weights for speed.
 PRESETS = {
@@ -119,23 +122,21 @@ def build(setup: str, cfg, device: str, rank: int, compile_model: bool):
     fused = device == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = core.model
     if compile_model:
-        backbone = torch.compile(backbone)
-    return model, core, backbone, opt, sum(p.numel() for p in params)
+        core.model = torch.compile(core.model)
+    return model, core, opt, sum(p.numel() for p in params)
 
 
-def step_fn(setup: str, model, core, backbone, opt, batch, device: str):
-    ids, labels = batch
+def step_fn(setup: str, model, core, opt, batch, device: str):
+    ids, labels, ours = batch
     autocast = setup in ("full-plain-mixed",) or setup.startswith("lora-ours")
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast and device == "cuda"):
         if "plain" in setup:
             loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
         else:
-            hidden = backbone(input_ids=ids).last_hidden_state
-            nll, count = completion_nll_sum(hidden, core.get_output_embeddings().weight, labels)
-            loss = nll / count
-    loss.backward()
+            count = ours.loss_positions_N.numel()
+            loss = train_micro_batch(model, ours, 1.0 / count, head=loss_head(core)[0]).nll_sum / count
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
@@ -145,17 +146,19 @@ def run_setup(setup, cfg, args, peak_flops) -> Result:
     device = args.device
     compile_model = setup.endswith("+compile")
     base_setup = setup.removesuffix("+compile")
-    model, core, backbone, opt, n_trainable = build(base_setup, cfg, device, args.rank, compile_model)
+    model, core, opt, n_trainable = build(base_setup, cfg, device, args.rank, compile_model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g).to(device)
-    batch = (ids, ids.clone())
+    # Every token is a completion token: the trainer's batch of the same sequences, for the -ours set-ups.
+    ours = collate([Sequence(row, row[1:] + [IGNORE_INDEX], list(range(len(row)))) for row in ids.tolist()], 0, packed=False)
+    batch = (ids, ids.clone(), ours.to(device))
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = step_fn(base_setup, model, core, backbone, opt, batch, device)
+        loss = step_fn(base_setup, model, core, opt, batch, device)
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -163,26 +166,26 @@ def run_setup(setup, cfg, args, peak_flops) -> Result:
         if i >= args.warmup:
             times.append(dt)
     if args.profile and setup in args.profile.split(","):
-        profile_steps(setup, base_setup, model, core, backbone, opt, batch, device, args.profile_rows)
+        profile_steps(setup, base_setup, model, core, opt, batch, device, args.profile_rows)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     step_s = statistics.median(times)
     tokens = args.batch * args.seq_len
     method = "lora" if base_setup.startswith("lora") else "full"
     flops = model_flops_per_token(cfg, args.seq_len, method, args.rank) * tokens
-    del model, core, backbone, opt
+    del model, core, opt
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return Result(setup, step_s * 1e3, tokens / step_s, flops / step_s / peak_flops, peak, losses[0], losses[-1], n_trainable)
 
 
-def profile_steps(setup, base_setup, model, core, backbone, opt, batch, device, rows):
+def profile_steps(setup, base_setup, model, core, opt, batch, device, rows):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(2):
-            step_fn(base_setup, model, core, backbone, opt, batch, device)
+            step_fn(base_setup, model, core, opt, batch, device)
         if device == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"

@@ -1,11 +1,12 @@
 """Held-out negative log-likelihood per completion token, in nats and bits.
 
 The core is `mean_nll` (like tinker-cookbook's `compute_mean_nll`): the token-weighted mean
-−Σ log p / Σ tokens over all completion tokens, not the mean of per-example means, so a long
-example counts for its tokens. `token_logprob_sums` turns logits into those per-example sums,
-`score_examples` runs a model over tokenized examples, and `evaluate_nll` does the loading:
-rows → held-out split → tokens → model → `NllResult`. torch and transformers are imported
-inside the functions that need them.
+Σ NLL / Σ tokens over all completion tokens, not the mean of per-example means, so a long
+example counts for its tokens. `score_examples` runs a model over tokenized examples with the
+trainer's own completion NLL (`trainer.loss.completion_nll`, the one NLL of the project) and keeps
+each example's NLL sum and token count; `evaluate_nll` does the loading: rows → held-out split →
+tokens → model → `NllResult`. torch and transformers are imported inside the functions that need
+them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from planner.dataset import IGNORE_INDEX
 from planner.errors import UserError
 
 LN2 = math.log(2.0)
@@ -28,122 +30,86 @@ class NllResult:
     bits_per_token: float
     """nats / ln 2."""
     tokens: int
-    """Completion tokens scored (labels != -100, after the one-token shift)."""
+    """Completion tokens scored (labels != IGNORE_INDEX, after the one-token shift)."""
     examples: int
+    example_nll: tuple[float, ...] = ()
+    """Each example's summed NLL (nats), in the order the examples were given."""
+    example_tokens: tuple[int, ...] = ()
+    """Each example's completion-token count, in the same order."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def mean_nll(logprob_sums: Sequence[float], token_counts: Sequence[int]) -> float:
-    """Token-weighted mean NLL in nats: −Σ logprob_sums / Σ token_counts.
+def mean_nll(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
+    """Token-weighted mean NLL in nats: Σ nll_sums / Σ token_counts.
 
     Args:
-        logprob_sums: per example, the summed natural-log probability of its completion tokens
-            (≤ 0).
+        nll_sums: per example, the summed negative natural-log probability of its completion
+            tokens (≥ 0).
         token_counts: per example, how many completion tokens that sum covers.
 
     Raises:
         ValueError: the sequences differ in length, a count is negative, or there are no tokens.
     """
-    if len(logprob_sums) != len(token_counts):
-        raise ValueError(f"{len(logprob_sums)} logprob sums but {len(token_counts)} token counts")
+    if len(nll_sums) != len(token_counts):
+        raise ValueError(f"{len(nll_sums)} NLL sums but {len(token_counts)} token counts")
     if any(n < 0 for n in token_counts):
         raise ValueError("token counts must be >= 0")
     total = sum(int(n) for n in token_counts)
     if total == 0:
         raise ValueError("no completion tokens to average over")
-    return -math.fsum(float(s) for s in logprob_sums) / total
+    return math.fsum(float(s) for s in nll_sums) / total
 
 
-def nll_result(logprob_sums: Sequence[float], token_counts: Sequence[int]) -> NllResult:
-    """`mean_nll` packed with its bits-per-token twin and the counts."""
-    nats = mean_nll(logprob_sums, token_counts)
+def nll_result(nll_sums: Sequence[float], token_counts: Sequence[int]) -> NllResult:
+    """`mean_nll` packed with its bits-per-token twin, the counts and the per-example parts."""
+    nats = mean_nll(nll_sums, token_counts)
     return NllResult(
         nats_per_token=nats,
         bits_per_token=nats / LN2,
         tokens=sum(int(n) for n in token_counts),
         examples=len(token_counts),
+        example_nll=tuple(float(s) for s in nll_sums),
+        example_tokens=tuple(int(n) for n in token_counts),
     )
 
 
-def token_logprob_sums(logits_B_T_V, labels_B_T):
-    """Per-example summed log-probability of the labelled tokens, and how many there are.
-
-    Causal-LM convention (as transformers' loss): position t's logits predict labels[t + 1];
-    labels of -100 (prompt and padding) are skipped. The log-softmax is taken in float32 whatever
-    the logits' dtype, and the sums are returned in float64.
-
-    Returns:
-        (logprob_sums_B float64 tensor, token_counts_B int64 tensor)
-    """
-    import torch
-    import torch.nn.functional as F
-
-    logits = logits_B_T_V[:, :-1, :].float()
-    targets = labels_B_T[:, 1:]
-    mask = targets != -100
-    nll_B_T = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1).clamp(min=0),
-        reduction="none",
-    ).view(targets.shape)
-    nll_B_T = torch.where(mask, nll_B_T, torch.zeros_like(nll_B_T))
-    return -nll_B_T.double().sum(dim=1), mask.sum(dim=1)
-
-
-def pad_batch(examples: Sequence, pad_token_id: int):
-    """Right-pad tokenized examples (objects with `input_ids` and `labels`) into tensors.
-
-    Right padding keeps every real token at the position it has alone, and the causal mask keeps
-    it from seeing the pads after it, so a padded batch scores each example as it would alone.
-
-    Returns:
-        (input_ids_B_T, attention_mask_B_T, labels_B_T), padding labelled -100.
-    """
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
-    return input_ids, attention_mask, labels
-
-
-def score_examples(model, examples: Sequence, *, pad_token_id: int, batch_size: int = 8) -> NllResult:
+def score_examples(model, examples: Sequence, *, batch_size: int = 8, pad_token_id: int = 0) -> NllResult:
     """Mean NLL per completion token of `model` over tokenized examples (no grad, eval mode).
 
-    Examples are batched longest-first to waste little compute on padding; the result does not
-    depend on the order or the batch size beyond float rounding.
+    Examples (objects with `input_ids` and unshifted `labels`) are collated as the trainer collates
+    its held-out set (right padding; a real token never attends to the pads after it, so the pad
+    id does not matter) and scored by `trainer.loss.completion_nll`, batched longest-first to waste
+    little compute on padding; the result does not depend on the order or the batch size beyond
+    float rounding.
 
     Raises:
-        UserError: no example has a completion token.
+        UserError: no example has a completion token, or batch_size < 1.
     """
     import torch
+
+    from trainer.data import collate, to_sequence
+    from trainer.loss import completion_nll, loss_head
 
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}.")
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    sums, counts = [], []
+    head, _ = loss_head(model)
+    sequences = [to_sequence(e) for e in examples]
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
+    sums, counts = [0.0] * len(sequences), [0] * len(sequences)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
-                batch = [examples[i] for i in order[start : start + batch_size]]
-                input_ids, attention_mask, labels = pad_batch(batch, pad_token_id)
-                logits = model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-                ).logits
-                batch_sums, batch_counts = token_logprob_sums(logits, labels.to(device))
-                sums += batch_sums.tolist()
-                counts += batch_counts.tolist()
+                rows = order[start : start + batch_size]
+                batch = collate([sequences[i] for i in rows], pad_token_id, packed=False).to(device)
+                nll = completion_nll(model, batch, head=head)
+                for i, total, count in zip(rows, nll.example_nll_B.tolist(), nll.example_tokens_B.tolist(),
+                                           strict=True):
+                    sums[i], counts[i] = total, count
     finally:
         model.train(was_training)
     if sum(counts) == 0:
@@ -201,7 +167,7 @@ def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
         )
     fmt = detect_format(rows)
     examples = [tokenize_example(tokenizer, row, fmt, spec.max_length) for row in rows]
-    kept = [e for e in examples if any(label != -100 for label in e.labels[1:])]
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise UserError(
             f"No held-out example keeps a completion token within max_length={spec.max_length}: "
@@ -217,44 +183,23 @@ def default_device() -> str:
 
 
 def load_model(model_ref: str, model_dir: str | None, *, device: str, dtype=None):
-    """The base model (model_dir None), base + peft adapter (a dir with adapter_config.json) or a
-    fully fine-tuned model (a dir with config.json), in eval mode on `device`.
+    """The base model (model_dir None) or a trained adapter/model on that base, in eval mode.
 
-    The base is loaded by the trainer's `load_base_model` (GGUF converted once and cached, Hub ids
-    from the local cache first), so it is the very model the trainer started from.
+    Both come from the trainer's loaders (`load_base_model`, `load_trained`), so the base is the
+    very model the trainer started from (GGUF converted once and cached, Hub ids from the local
+    cache first). dtype None: bf16 on CUDA, fp32 elsewhere.
 
     Raises:
         UserError: model_dir holds neither an adapter nor a model; the base cannot be loaded.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from trainer.model import load_base_model
+    from trainer.model import load_base_model, load_trained
 
     if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if model_dir is not None:
-        path = _model_path(model_dir)
-        if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    model = load_base_model(model_ref, dtype)
-    if model_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path))
-    return model.to(device).eval()
-
-
-def _model_path(model_dir):
-    from pathlib import Path
-
-    path = Path(model_dir)
-    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
-        raise UserError(
-            f"{path} holds neither a peft adapter (adapter_config.json) nor a model (config.json): "
-            "pass a run's adapter/ or model/ directory, or the run directory with --run."
-        )
-    return path
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if model_dir is None:
+        return load_base_model(model_ref, dtype, device).eval()
+    model, _ = load_trained(model_dir, dtype, device, base_model=model_ref)
+    return model
 
 
 def evaluate_nll(
@@ -308,19 +253,9 @@ def evaluate_models(
     results = []
     for model_dir in model_dirs:
         model = load_model(spec.model, None if model_dir is None else str(model_dir), device=device)
-        results.append(
-            score_examples(model, examples, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
-        )
+        results.append(score_examples(model, examples, batch_size=batch_size))
         del model
     return results
-
-
-def _pad_id(tokenizer) -> int:
-    # Any valid id works: pads sit after the real tokens and carry label -100.
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
 
 
 # ----------------------------------------------------------------------------- a trainer's run
@@ -376,12 +311,14 @@ def spec_from_run(run, max_examples: int | None = None) -> HeldOutSpec:
 
 def run_model_dir(run):
     """The run's adapter/ or model/ directory (the summary's model_dir if neither is present)."""
+    from trainer.model import trained_model_dir
+
     for name in ("adapter", "model"):
         if (run.path / name).is_dir():
             return run.path / name
     recorded = run.get("model_dir")
     if recorded:
-        return _model_path(recorded)
+        return trained_model_dir(recorded)
     raise UserError(f"{run.path} has no adapter/ or model/ directory: the run did not finish.")
 
 

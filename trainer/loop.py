@@ -2,8 +2,8 @@
 
 Runs as is on one CPU or GPU, and under `accelerate launch` (DDP, FSDP) with no distributed code of
 its own: accelerate places the model, wraps it for data parallelism, autocasts to bf16 on GPU and
-reduces the logged numbers. Read it top to bottom; the helpers it calls are in data.py, model.py
-and checkpoint.py.
+reduces the logged numbers. Read it top to bottom; the helpers it calls are in data.py, model.py,
+loss.py (the completion NLL and the micro-batch step) and checkpoint.py.
 
 Loss: nats per completion token. Each optimizer step's loss is the sum of the token losses of all
 its micro-batches on all processes divided by the step's completion-token count, which every
@@ -22,6 +22,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from planner.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
 from trainer.data import collate, micro_batches, prepare_data, step_indices
+from trainer.loss import completion_nll, loss_head, train_micro_batch
 from trainer.model import (
     apply_lora,
     count_trainable,
@@ -95,6 +97,15 @@ def _preflight_dirs(config: TrainConfig) -> Path | None:
     return found
 
 
+@dataclass(frozen=True)
+class HeldOutNll:
+    """The held-out loss (nats per completion token) and its per-example parts, in example order."""
+
+    loss: float
+    example_nll: list[float]
+    example_tokens: list[int]
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
@@ -102,32 +113,27 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process_max_rss"
 
 
-def _evaluate(model, seqs, batch_size, pad_id, accelerator) -> float:
-    """Held-out loss (nats per completion token), examples sharded over processes."""
+def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
+    """Held-out loss and each example's NLL sum and token count; examples sharded over processes.
+
+    Every process fills its examples' slots of a zero vector and a sum-reduction assembles them, so
+    every process ends with all examples, in order.
+    """
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    device = accelerator.device
+    nll_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+    tokens_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     mine = list(range(accelerator.process_index, len(seqs), accelerator.num_processes))
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            inputs, targets = collate([seqs[j] for j in mine[i : i + batch_size]], pad_id, packed=False)
-            total += nll_sum(model, inputs, targets, accelerator.device).double()
-            tokens += (targets != -100).sum()
+            rows = mine[i : i + batch_size]
+            nll = completion_nll(model, collate([seqs[j] for j in rows], pad_id, packed=False).to(device), head=head)
+            index = torch.tensor(rows, device=device)
+            nll_n[index] = nll.example_nll_B
+            tokens_n[index] = nll.example_tokens_B.double()
     model.train()
-    total, tokens = accelerator.reduce(torch.stack([total, tokens]), reduction="sum")
-    return (total / tokens).item()
-
-
-def nll_sum(model, inputs: dict, targets_B_T: torch.Tensor, device) -> torch.Tensor:
-    """Summed next-token NLL (nats) over the tokens whose target is not -100, in fp32.
-
-    use_cache=False: no KV cache is needed, and transformers detects packed rows (position_ids
-    restarting at 0) only when there is none.
-    """
-    logits_B_T_V = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits_B_T_V.float().flatten(0, 1), targets_B_T.to(device).flatten(), ignore_index=-100, reduction="sum"
-    )
+    nll_n, tokens_n = accelerator.reduce(torch.stack([nll_n, tokens_n]), reduction="sum")
+    return HeldOutNll((nll_n.sum() / tokens_n.sum()).item(), nll_n.tolist(), [int(t) for t in tokens_n.tolist()])
 
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -212,6 +218,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     unwrapped = accelerator.unwrap_model(model)
+    # The chunked completion loss wherever it is exact (trainer/loss.py), else full logits.
+    head, full_logits_reason = loss_head(unwrapped, sharded=accelerator.distributed_type == DistributedType.FSDP)
+    loss_path = "chunked" if head is not None else f"full logits: {full_logits_reason}"
+    say(f"loss: {loss_path}")
 
     curves: dict[str, list] = {"train": [], "eval": []}
     start_step, tokens_total = 0, 0
@@ -233,7 +243,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     evals_at = set(eval_steps(config.max_steps, config.eval_points))
     if start_step == 0:
-        curves["eval"].append([0, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator)])
+        curves["eval"].append([0, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head).loss])
         say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
     model.train()
     step_time, step_tokens_run = 0.0, 0
@@ -247,13 +257,13 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         nll_step = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         input_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for k, batch in enumerate(mine):
-            inputs, targets = collate([data.train[i] for i in batch], pad_id, packed=config.packing)
+            micro = collate([data.train[i] for i in batch], pad_id, packed=config.packing).to(accelerator.device)
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = accelerator.no_sync(model) if k < len(mine) - 1 else contextlib.nullcontext()
             with sync:
-                nll = nll_sum(model, inputs, targets, accelerator.device)
-                accelerator.backward(nll / loss_tokens * accelerator.num_processes)
-            nll_step += nll.detach().double()
+                nll = train_micro_batch(model, micro, accelerator.num_processes / loss_tokens, head=head,
+                                        backward=accelerator.backward)
+            nll_step += nll.nll_sum.double()
             input_tokens += sum(len(data.train[i].input_ids) for i in batch)
         if config.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -268,7 +278,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         curves["train"].append([step + 1, train_loss])
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_tokens_run / step_time:,.0f}")
         if step + 1 in evals_at:
-            curves["eval"].append([step + 1, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator)])
+            curves["eval"].append([step + 1, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head).loss])
             say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
             if accelerator.is_main_process:
@@ -317,6 +327,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             "global_batch": global_batch,
             "device": str(accelerator.device),
             "mixed_precision": mixed_precision,
+            "loss_path": loss_path,
             "versions": _versions(),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -310,34 +310,60 @@ def save_trained(model: nn.Module, tokenizer, directory: Path, *, method: str, b
     tokenizer.save_pretrained(directory)
 
 
-def load_trained(run_or_model_dir: str | Path, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device | None = None):
-    """Load a trained result: (model, tokenizer); for LoRA, the base model with the adapter on top.
-
-    Accepts a run directory (with adapter/ or model/) or the adapter/model directory itself.
+def trained_model_dir(run_or_model_dir: str | Path) -> Path:
+    """The adapter/ or model/ directory of a run directory, or the directory itself.
 
     Raises:
         UserError: the directory holds neither a peft adapter nor a saved model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(run_or_model_dir)
     for sub in ("adapter", "model"):
         if (path / sub).is_dir():
             path = path / sub
             break
+    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+        raise UserError(
+            f"{path} holds neither a peft adapter (adapter_config.json) nor a model (config.json): pass a "
+            "trainer run directory or its adapter/ or model/ directory."
+        )
+    return path
+
+
+def load_trained(run_or_model_dir: str | Path, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device | None = None, *, base_model: str | None = None):
+    """Load a trained result: (model, tokenizer). The one place that decides "adapter or full model".
+
+    A directory with adapter_config.json is a peft adapter: its base (`base_model`, else the
+    adapter's base_model_name_or_path) is loaded by `load_base_model` and the adapter put on top.
+    A directory with config.json alone is a fully fine-tuned model. The model is in eval mode.
+
+    Args:
+        run_or_model_dir: a trainer run directory (with adapter/ or model/) or that directory itself.
+        dtype, device: as `load_base_model`.
+        base_model: the base reference to put an adapter on (default: the adapter's own record).
+
+    Returns:
+        (model, tokenizer); the tokenizer is the directory's own, else its base model's, else None.
+
+    Raises:
+        UserError: the directory holds neither an adapter nor a model; the base cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = trained_model_dir(run_or_model_dir)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = base_model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         with _quiet_peft():
             model = PeftModel.from_pretrained(load_base_model(base, dtype), path)
-    elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     else:
-        raise UserError(f"{path} holds neither adapter_config.json nor config.json: pass a trainer run directory.")
+        info = path / RUN_INFO_FILE
+        base = base_model or (json.loads(info.read_text()).get("base_model") if info.is_file() else None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = load_base_tokenizer(str(path))
+    else:
+        tokenizer = load_base_tokenizer(base) if base else None
     return (model.to(device) if device is not None else model), tokenizer

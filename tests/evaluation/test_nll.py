@@ -1,50 +1,58 @@
-"""Per-token NLL: the token-weighted mean by hand, logits to log-prob sums, padding-proof batching."""
+"""Per-token NLL: the token-weighted mean by hand, per-example sums by hand, padding-proof batching."""
 
 import math
 from collections import namedtuple
 
 import pytest
 
-from evaluation.nll import LN2, mean_nll, nll_result, score_examples, token_logprob_sums
+from evaluation.nll import LN2, mean_nll, nll_result, score_examples
 
 Example = namedtuple("Example", "input_ids labels")
 
 
 def test_mean_nll_is_token_weighted_not_mean_of_means():
-    # example A: 1 token, log p = -3.0 ; example B: 3 tokens, log p sum = -3.0 (1.0 each)
+    # example A: 1 token, NLL 3.0 ; example B: 3 tokens, NLL sum 3.0 (1.0 each)
     # token-weighted: 6 / 4 = 1.5 ; a mean of per-example means would give (3 + 1) / 2 = 2.0
-    assert mean_nll([-3.0, -3.0], [1, 3]) == pytest.approx(1.5)
+    assert mean_nll([3.0, 3.0], [1, 3]) == pytest.approx(1.5)
 
 
 def test_nll_result_bits_and_counts():
-    r = nll_result([-2 * LN2, -6 * LN2], [2, 2])
+    r = nll_result([2 * LN2, 6 * LN2], [2, 2])
     assert r.nats_per_token == pytest.approx(2 * LN2)
     assert r.bits_per_token == pytest.approx(2.0)
     assert (r.tokens, r.examples) == (4, 2)
+    assert r.example_nll == (2 * LN2, 6 * LN2) and r.example_tokens == (2, 2)
 
 
 @pytest.mark.parametrize(
     "sums, counts, match",
-    [([-1.0], [1, 2], "logprob sums"), ([-1.0], [0], "no completion tokens"), ([-1.0], [-1], ">= 0")],
+    [([1.0], [1, 2], "NLL sums"), ([1.0], [0], "no completion tokens"), ([1.0], [-1], ">= 0")],
 )
 def test_mean_nll_rejects_bad_input(sums, counts, match):
     with pytest.raises(ValueError, match=match):
         mean_nll(sums, counts)
 
 
-def test_token_logprob_sums_by_hand():
+def test_per_example_sums_by_hand():
+    """A one-layer "model" whose logits we choose: position 0 predicts labels[1], position 1 labels[2]."""
     import torch
 
-    # vocab 2; logits (0, 0) give log p = -ln 2 for either token; (ln 3, 0) gives p(0) = 3/4.
-    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [9.0, 9.0]]])
-    # position 0 predicts labels[1] = 1 (-ln 2); position 1 predicts labels[2] = 0 (ln 3/4);
-    # labels[0] is never predicted and -100 would be skipped.
-    sums, counts = token_logprob_sums(logits, torch.tensor([[-100, 1, 0]]))
-    assert counts.tolist() == [2]
-    assert sums.item() == pytest.approx(-math.log(2) + math.log(0.75))
-    sums, counts = token_logprob_sums(logits, torch.tensor([[-100, -100, 0]]))
-    assert counts.tolist() == [1]
-    assert sums.item() == pytest.approx(math.log(0.75))
+    class Fixed(torch.nn.Module):
+        config = None  # no model type: the full-logits path
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            # vocab 2: logits (0, 0) give log p = -ln 2 for either token; (ln 3, 0) give p(0) = 3/4.
+            row = torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [9.0, 9.0]])
+            return namedtuple("Out", "logits")(row.expand(input_ids.shape[0], 3, 2))
+
+    examples = [Example([1, 1, 0], [-100, 1, 0]), Example([1, 1, 0], [-100, -100, 0])]
+    r = score_examples(Fixed(), examples, batch_size=2)
+    assert r.example_tokens == (2, 1)
+    assert r.example_nll == pytest.approx((math.log(2) - math.log(0.75), -math.log(0.75)))
 
 
 def _examples(n=5):

@@ -2,8 +2,9 @@
 
 import torch
 
+from planner.dataset import IGNORE_INDEX as IGNORE
 from tests.tiny import build_tokenizer, tiny_config
-from trainer.data import IGNORE, Sequence, collate, micro_batches, pack, step_indices
+from trainer.data import Sequence, collate, micro_batches, pack, step_indices
 
 
 def test_step_order_is_a_function_of_the_seed_and_covers_each_epoch():
@@ -40,16 +41,16 @@ def test_pack_keeps_whole_examples_within_max_length():
 def test_packed_row_gives_each_example_its_own_logits_and_loss():
     from transformers import AutoModelForCausalLM
 
-    from trainer.loop import nll_sum
+    from trainer.loss import completion_nll, loss_head
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(build_tokenizer()))).eval()
     a = Sequence([5, 9, 13, 17, 21], [9, 13, IGNORE, 21, IGNORE], list(range(5)))
     b = Sequence([30, 31, 32], [31, 32, IGNORE], list(range(3)))
     (row,) = pack([a, b], max_length=16, seed=0)
-    inputs, targets = collate([row, a], pad_id=0, packed=True)  # row 2: a, then a padding tail
+    batch = collate([row, a], pad_id=0, packed=True)  # row 2: a, then a padding tail
     with torch.no_grad():
-        logits = model(**inputs, use_cache=False).logits
+        logits = model(**batch.inputs, use_cache=False).logits
         alone = {s.input_ids[0]: model(input_ids=torch.tensor([s.input_ids])).logits[0] for s in (a, b)}
         start = 0
         for n in _segment_lengths(row):
@@ -57,18 +58,20 @@ def test_packed_row_gives_each_example_its_own_logits_and_loss():
             start += n
         torch.testing.assert_close(logits[1, :5], alone[5], atol=1e-5, rtol=0)
         # The loop's loss on the packed batch = the losses of the examples alone (a counted twice).
-        packed_loss = nll_sum(model, inputs, targets, "cpu")
-        single = [nll_sum(model, *collate([s], 0, packed=False), "cpu") for s in (a, b, a)]
+        head, _ = loss_head(model)
+        packed_loss = completion_nll(model, batch, head=head).nll_sum
+        single = [completion_nll(model, collate([s], 0, packed=False), head=head).nll_sum for s in (a, b, a)]
     torch.testing.assert_close(packed_loss, sum(single), atol=1e-4, rtol=0)
 
 
 def test_unpacked_collate_masks_padding():
     a = Sequence([5, 6, 7], [6, 7, IGNORE], [0, 1, 2])
     b = Sequence([8], [IGNORE], [0])
-    inputs, targets = collate([a, b], pad_id=0, packed=False)
-    assert inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert inputs["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert targets.tolist() == [[6, 7, IGNORE], [IGNORE] * 3]
+    batch = collate([a, b], pad_id=0, packed=False)
+    assert batch.inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.inputs["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.targets_B_T.tolist() == [[6, 7, IGNORE], [IGNORE] * 3]
+    assert batch.loss_positions_N.tolist() == [0, 1]  # flat row·width + t of the targets that count
 
 
 def test_lora_and_full_get_the_same_examples_in_the_same_order(tmp_path):

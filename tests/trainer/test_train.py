@@ -16,10 +16,11 @@ def _heldout_loss(model, config):
 
     from trainer.data import prepare_data
     from trainer.loop import _evaluate
+    from trainer.loss import loss_head
     from trainer.model import load_base_tokenizer
 
     data = prepare_data(config, load_base_tokenizer(config.model))
-    return _evaluate(model, data.eval, config.batch_size, 0, Accelerator(cpu=True))
+    return _evaluate(model, data.eval, config.batch_size, 0, Accelerator(cpu=True), loss_head(model)[0]).loss
 
 
 @pytest.mark.parametrize("method, lr", [("lora", 1e-2), ("full", 1e-3)])
@@ -75,7 +76,8 @@ def _never_step(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a forward pass ran before the bad input was reported")
 
-    monkeypatch.setattr("trainer.loop.nll_sum", fail)
+    monkeypatch.setattr("trainer.loop.train_micro_batch", fail)
+    monkeypatch.setattr("trainer.loop.completion_nll", fail)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +142,23 @@ def test_gradient_checkpointing_and_clipping_keep_the_losses(tiny_config, tmp_pa
     assert want["train"][-1][1] != want["train"][0][1]  # the steps did change the model
     for kind in ("train", "eval"):
         assert [loss for _, loss in got[kind]] == pytest.approx([loss for _, loss in want[kind]], abs=1e-5)
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 1e-2), ("full", 1e-3)])
+def test_chunked_loss_trains_exactly_like_full_logits(tiny_config, tmp_path, monkeypatch, method, lr):
+    """The loop's chunked completion loss gives the full-logits path's curves (tied embeddings: the
+    head's weight is the input embedding, trained by FullFT)."""
+    chunked = train(tiny_config(method=method, lr=lr, max_steps=3, eval_points=2,
+                                output_dir=str(tmp_path / "chunked")), progress=False)
+    monkeypatch.setattr("trainer.loop.loss_head", lambda model, sharded: (None, "forced by the test"))
+    full = train(tiny_config(method=method, lr=lr, max_steps=3, eval_points=2,
+                             output_dir=str(tmp_path / "full")), progress=False)
+    summaries = [json.loads(open(r.summary_path).read()) for r in (chunked, full)]
+    assert [s["loss_path"] for s in summaries] == ["chunked", "full logits: forced by the test"]
+    want, got = (json.loads(open(r.curves_path).read()) for r in (full, chunked))
+    for kind in ("train", "eval"):
+        assert [loss for _, loss in got[kind]] == pytest.approx([loss for _, loss in want[kind]], abs=1e-5)
+    assert want["eval"][-1][1] < want["eval"][0][1]
 
 
 def test_packed_run_trains_on_fewer_rows(tiny_config):
