@@ -40,8 +40,8 @@ def run_parts(parts: list, settings, code: str) -> list:
     from study.analysis import Cell
 
     inputs, futures, records = {}, {}, []
-    for part in parts:
-        config = sweep_config_from_dict(part.sweep)
+    configs = [sweep_config_from_dict(part.sweep) for part in parts]  # every UserError before any training
+    for part, config in zip(parts, configs, strict=True):
         key = (config.base.model, config.base.dataset, config.base.train.get("dataset_limit"))
         if key not in inputs:
             inputs[key] = tasks.check_inputs(config.base)
@@ -141,16 +141,17 @@ def study(scale_name: str = "full", workdir: str | None = None, calibrate_path: 
     code = tasks.code_version()
     root = settings.runs_dir / f"study-{scale.name}"
     random_base = prepare_facts_model(str(root / "facts-model-init"), scale.name)
-    # Stage 1: teach the capacity model the facts format.
+    # Stage 1: teach the capacity model the facts format, then to store facts.
     (pretrained,) = run_parts([d.pretrain_part(scale, random_base)], settings, code)
-    base = str(Path(pretrained.run_dir) / "model")
+    (memorised,) = run_parts([d.memorise_part(scale, str(Path(pretrained.run_dir) / "model"))], settings, code)
+    base = str(Path(memorised.run_dir) / "model")
     # Stage 2: the LR sweeps (facts model; the real model on real corpora).
     lr_parts = d.lr_parts(scale, base)
     stage2 = run_parts([d.facts_lr_part(scale, base), *lr_parts], settings, code)
     # Stage 3: everything at the LRs stage 2 found, and one more LR where a sweep hit its edge.
     lrs = choose_lrs(stage2, scale.name)
     stage3 = run_parts(d.stage3_parts(scale, base, lrs, edge_extensions(stage2, lr_parts)), settings, code)
-    cells = [pretrained, *stage2, *stage3]
+    cells = [pretrained, memorised, *stage2, *stage3]
 
     provenance = calibrate.provenance(command, started, scale.name, [c.run_key for c in cells])
     out_dir = settings.reports_dir / f"study-{scale.name}"

@@ -48,9 +48,11 @@ def regret(lora: Cell, full: Cell) -> dict:
     from evaluation.compare import compare_runs
 
     comparison, _, _ = compare_runs(lora.run_dir, full.run_dir)
-    return {"regret_nats": comparison.regret_nats, "regret_relative": comparison.regret_relative,
+    return {"regret_nats": comparison.regret_nats, "regret_low": getattr(comparison, "regret_low", None),
+            "regret_high": getattr(comparison, "regret_high", None), "regret_relative": comparison.regret_relative,
             "allowed_nats": comparison.allowed_regret_nats, "passed": comparison.passed,
-            "verdict": "PASS" if comparison.passed else "FAIL", "lora_run": lora.run_key, "full_run": full.run_key}
+            "verdict": getattr(comparison, "verdict", "PASS" if comparison.passed else "FAIL").split(":")[0],
+            "lora_run": lora.run_key, "full_run": full.run_key}
 
 
 def _final(cell: Cell) -> float:

@@ -155,7 +155,12 @@ def layers_chart(results: dict, path: Path) -> Path | None:
     titles = {"facts": "facts model (memorisation)", "lr": "LR model, first corpus"}
     for ax, (model, rows) in zip(axes[0], panels, strict=True):
         names = [f"{r['targets']}\nr={r['rank']}, {r['adapter_params']:,} params" for r in rows]
-        ax.bar(names, [r["regret_nats"] for r in rows], color=["C0", "C1", "C2"][: len(rows)])
+        colors = {"all": "C0", "mlp": "C1", "attention": "C2"}
+        errors = None
+        if all(r.get("regret_low") is not None for r in rows):
+            errors = [[r["regret_nats"] - r["regret_low"] for r in rows], [r["regret_high"] - r["regret_nats"] for r in rows]]
+        ax.bar(names, [r["regret_nats"] for r in rows], yerr=errors, capsize=4,
+               color=[colors.get(r["targets"], "C3") for r in rows])
         ax.axhline(0, color="k", lw=0.8)
         if rows:
             ax.axhline(rows[0]["allowed_nats"], color="k", ls=":", lw=1, label="allowed regret")

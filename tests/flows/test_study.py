@@ -20,7 +20,7 @@ def test_every_part_of_both_scales_is_a_valid_sweep_config():
     lrs = design.ChosenLrs(facts_lora=1e-2, facts_full=3e-3, lr_lora=1e-3, lr_full=1e-4)
     for scale in (design.FULL, design.QUICK):
         base = "/tmp/model"
-        parts = [design.pretrain_part(scale, base), design.facts_lr_part(scale, base), *design.lr_parts(scale, base),
+        parts = [design.pretrain_part(scale, base), design.memorise_part(scale, base), design.facts_lr_part(scale, base), *design.lr_parts(scale, base),
                  *design.stage3_parts(scale, base, lrs, [])]
         assert {p.experiment for p in parts} == set(design.EXPERIMENTS)
         for part in parts:
@@ -48,7 +48,7 @@ def test_quick_study_runs_every_experiment_and_resumes(prefect_harness, flow_set
         assert size["predicted"]["min_rank_pow2"] is not None
         for row in size["ranks"]:  # the planner's adapter count is the trainer's
             assert row["adapter_params"] == size["predicted"]["adapter_params_per_rank"] * row["rank"]
-    assert set(results["lr"]["corpora"]) == {"pydoc", "numpydoc"}
+    assert set(results["lr"]["corpora"]) == {"numpydoc"}
     assert [r["seed"] for r in results["noise"]["seeds"]] == list(design.QUICK.noise_seeds)
     assert [r["batch"] for r in results["batch"]["batches"]] == list(design.QUICK.batch_sizes)
     assert len(results["charts"]) >= 5 and all(Path(p).stat().st_size > 5000 for p in results["charts"])
