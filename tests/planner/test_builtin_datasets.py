@@ -16,8 +16,8 @@ from planner.builtin_datasets import (
     facts_information_bits,
     facts_max_facts,
     facts_rows,
-    parse_builtin,
     numpydoc_rows,
+    parse_builtin,
     pydoc_rows,
 )
 from planner.dataset import dataset_fingerprint, detect_format, load_rows
