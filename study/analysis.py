@@ -43,16 +43,21 @@ def _load(cell: Cell):
     return load_run(cell.run_dir)
 
 
-def regret(lora: Cell, full: Cell) -> dict:
-    """LoRA − FullFT held-out loss (nats/token) and the gate's verdict, via `lowregret compare`'s code."""
+def regret(lora: Cell | list[Cell], full: Cell | list[Cell]) -> dict:
+    """LoRA − FullFT held-out loss (nats/token), its paired 95% interval and the gate's verdict,
+    via `lowregret compare`'s code (`evaluation.compare.compare_runs`); lists are seed replicates."""
     from evaluation.compare import compare_runs
 
-    comparison, _, _ = compare_runs(lora.run_dir, full.run_dir)
-    return {"regret_nats": comparison.regret_nats, "regret_low": getattr(comparison, "regret_low", None),
-            "regret_high": getattr(comparison, "regret_high", None), "regret_relative": comparison.regret_relative,
+    loras, fulls = (lora if isinstance(lora, list) else [lora]), (full if isinstance(full, list) else [full])
+    comparison, _, _ = compare_runs([c.run_dir for c in loras], [c.run_dir for c in fulls])
+    interval = comparison.interval
+    return {"regret_nats": comparison.regret_nats, "regret_low": comparison.regret_low,
+            "regret_high": comparison.regret_high, "regret_relative": comparison.regret_relative,
             "allowed_nats": comparison.allowed_regret_nats, "passed": comparison.passed,
-            "verdict": getattr(comparison, "verdict", "PASS" if comparison.passed else "FAIL").split(":")[0],
-            "lora_run": lora.run_key, "full_run": full.run_key}
+            "verdict": comparison.verdict, "examples": interval.examples, "seed_regrets": list(interval.seed_regrets),
+            "full_seed_sd": interval.full_seed_sd, "recovered": interval.recovered,
+            "lora_run": [c.run_key for c in loras] if len(loras) > 1 else loras[0].run_key,
+            "full_run": [c.run_key for c in fulls] if len(fulls) > 1 else fulls[0].run_key}
 
 
 def _final(cell: Cell) -> float:
@@ -68,6 +73,20 @@ def absorbed(cell: Cell, information_bits: float) -> cap.Absorbed:
     base_loss = dict(run.curves["eval"])[0]
     tokens = int(run.summary["data"]["eval_completion_tokens"])
     return cap.bits_absorbed(base_loss, float(run.get("final_eval_loss")), tokens, information_bits)
+
+
+def late_drop(cell: Cell) -> float | None:
+    """The share of a run's whole training-loss drop made in its last fifth of steps (mean train loss
+    of the last tenth against that of the tenth before the last fifth): near 0 once it has converged."""
+    train = _load(cell).curves["train"]
+    n = len(train)
+    if n < 20:
+        return None
+    losses = [loss for _, loss in train]
+    tenth = n // 10
+    before, last = statistics.fmean(losses[n - 3 * tenth: n - 2 * tenth]), statistics.fmean(losses[n - tenth:])
+    total = losses[0] - last
+    return (before - last) / total if total > 0 else None
 
 
 def planner_prediction(base_model: str, dataset: str, bits_per_param: float | None = None) -> dict:
@@ -113,14 +132,15 @@ def knee_table(cells: list[Cell], base_model: str, choices: int) -> dict:
             verdicts[rank] = r["passed"]
             params = int(_load(lora).get("trainable_params"))
             rows.append({"rank": rank, "adapter_params": params, "bits": bits.to_dict(), **r,
-                         "stored_bits_per_param": bits.stored_bits / params, "run": lora.run_key})
+                         "stored_bits_per_param": bits.stored_bits / params, "late_drop": late_drop(lora),
+                         "run": lora.run_key})
             points.append({"params": params, "bits": bits.stored_bits, "full_bits": full_bits.stored_bits,
                            "size": n, "label": f"n{n}-r{rank}", "run": lora.run_key})
         prediction = planner_prediction(base_model, facts_dataset(n, choices))
         measured = cap.smallest_matching_rank(verdicts)
         sizes.append({
             "n_facts": n, "information_bits": info, "full": {"bits": full_bits.to_dict(), "run": full.run_key,
-                                                            "lr": full.lr},
+                                                            "lr": full.lr, "late_drop": late_drop(full)},
             "lora_lr": next(iter(loras.values())).lr, "ranks": rows, "measured_min_rank": measured,
             "predicted": prediction,
             "within_2x": cap.within_factor(prediction["min_rank_pow2"], measured),
@@ -163,11 +183,33 @@ def lr_table(cells: list[Cell]) -> dict:
         corpora[corpus_label(corpus)] = {
             "corpus": corpus, "fit": fit.to_dict(), "loss_by_lr": dict(curves), "lora_optimum_by_rank": optima,
             "optimum_max_over_min": moves, "early_curves": early_curves(group),
+            "verdicts": verdicts_at_best_lr(group, corpus),
             "runs": sorted(c.run_key for c in group),
         }
     ratios = [r["ratio"] for v in corpora.values() for r in v["fit"]["lr_ratios"]]
     return {"corpora": corpora, "ratios": ratios,
             "ratio_geometric_mean": math.exp(statistics.fmean(map(math.log, ratios))) if ratios else None}
+
+
+def verdicts_at_best_lr(group: list[Cell], corpus: str) -> list[dict]:
+    """Each rank at its best grid LR against FullFT at its own, beside the planner's verdict for that
+    rank (literature priors, the dataset's information measured by lzma as `lowregret plan` does)."""
+    from planner.plan import build_plan
+    from planner.profile import profile_dataset
+
+    fulls = [c for c in group if c.method == "full"]
+    if not fulls:
+        return []
+    full = min(fulls, key=_final)
+    model = _load(full).config["model"]
+    profile = profile_dataset(corpus, model, method="lzma")
+    rows = []
+    for rank in sorted({c.rank for c in group if c.method == "lora"}):
+        lora = min((c for c in group if c.method == "lora" and c.rank == rank), key=_final)
+        plan = build_plan(model, rank, profile=profile, calibration={})
+        rows.append({"rank": rank, "lora_lr": lora.lr, "full_lr": full.lr, "planner_verdict": plan.capacity.verdict,
+                     "capacity_over_data": plan.capacity.capacity_over_data, **regret(lora, full)})
+    return rows
 
 
 def early_curves(group: list[Cell]) -> dict:
@@ -239,9 +281,12 @@ def noise_table(cells: list[Cell]) -> dict:
     regrets = [r["regret_nats"] for r in rows]
     fulls = [r["full_loss"] for r in rows]
     spread = statistics.stdev(regrets) if len(regrets) > 1 else None
+    seeds = sorted(by_seed)
+    pooled = regret([by_seed[s]["lora"] for s in seeds], [by_seed[s]["full"] for s in seeds]) if len(seeds) > 1 else None
     return {"seeds": rows, "regret_mean": statistics.fmean(regrets), "regret_sd": spread,
             "regret_range": max(regrets) - min(regrets), "full_loss_sd": statistics.stdev(fulls) if len(fulls) > 1 else None,
-            "suggested_threshold_abs": 2 * spread if spread is not None else None}
+            "example_half_width_mean": statistics.fmean((r["regret_high"] - r["regret_low"]) / 2 for r in rows),
+            "replicates": pooled, "suggested_threshold_abs": 2 * spread if spread is not None else None}
 
 
 # ----------------------------------------------------------------------------------------- batch
