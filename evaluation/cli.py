@@ -48,15 +48,19 @@ def register(subparsers) -> None:
 
     cmp = subparsers.add_parser(
         "compare",
-        help="LoRA-vs-FullFT regret on held-out loss, with a pass/fail verdict",
+        help="LoRA-vs-FullFT regret with a 95%% paired interval and a PASS/FAIL/INCONCLUSIVE verdict",
         description=(
-            "Regret = LoRA eval loss - FullFT eval loss (nats/token), at the end of training and at "
-            "every step both runs evaluated. LoRA passes when regret <= max(--threshold x FullFT "
-            "loss, --threshold-abs)."
+            "Regret = LoRA held-out loss - FullFT held-out loss (nats/token) on the same held-out examples, "
+            "with a 95%% paired-bootstrap interval over examples (and seeds, given replicates). PASS when the "
+            "whole interval is <= max(--threshold x FullFT loss, --threshold-abs), FAIL when it is entirely "
+            "above, INCONCLUSIVE otherwise. Refuses (exit 2) a run against itself, two runs of one method, "
+            "and runs on different base models, data or held-out examples."
         ),
     )
-    cmp.add_argument("--lora", required=True, metavar="RUN_DIR", help="the LoRA run's output directory")
-    cmp.add_argument("--full", required=True, metavar="RUN_DIR", help="the FullFT run's output directory")
+    cmp.add_argument("--lora", required=True, nargs="+", metavar="RUN_DIR",
+                     help="the LoRA run's output directory (several: seed replicates)")
+    cmp.add_argument("--full", required=True, nargs="+", metavar="RUN_DIR",
+                     help="the FullFT run's output directory (several: one per LoRA seed)")
     cmp.add_argument(
         "--threshold",
         type=float,
@@ -69,20 +73,10 @@ def register(subparsers) -> None:
         default=None,
         help="allowed regret in nats/token whatever FullFT's loss (default 0.01)",
     )
-    cmp.add_argument(
-        "--base-loss",
-        type=float,
-        default=None,
-        help="the base model's held-out loss (default: the runs' step-0 eval point)",
-    )
     cmp.add_argument("--chart", metavar="PATH", help="also draw both runs' learning curves into this PNG")
     cmp.add_argument(
-        "--allow-mismatch",
-        action="store_true",
-        help="compare even if the runs' held-out settings differ",
-    )
-    cmp.add_argument(
-        "--exit-code", action="store_true", help="exit 1 when the verdict is FAIL (for CI gates)"
+        "--exit-code", action="store_true",
+        help="exit 0 on PASS, 1 on FAIL, 3 on INCONCLUSIVE (for CI gates; 2 is always bad input)",
     )
     cmp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp.set_defaults(func=run_compare)
@@ -229,36 +223,32 @@ def run_compare(args: argparse.Namespace) -> int:
             if v is not None
         }
     )
-    comparison, lora, full = compare_runs(
-        args.lora,
-        args.full,
-        threshold=threshold,
-        base_loss=args.base_loss,
-        allow_mismatch=args.allow_mismatch,
-    )
+    comparison, lora, full = compare_runs(args.lora, args.full, threshold=threshold)
     chart = None
     if args.chart:
         from evaluation.curves import plot_curves
 
         chart = plot_curves(
-            {f"LoRA ({lora.path.name})": lora.curves, f"FullFT ({full.path.name})": full.curves},
+            {f"{label} ({r.path.name})": r.curves for label, runs in (("LoRA", lora), ("FullFT", full)) for r in runs},
             args.chart,
             base_loss=comparison.base_loss,
             title="LoRA vs FullFT: held-out (bold) and training (faint) loss",
         )
+    names = (", ".join(str(r.path) for r in lora), ", ".join(str(r.path) for r in full))
     if args.json:
         record = comparison.to_dict()
-        record.update(lora_run=str(lora.path), full_run=str(full.path), chart=str(chart) if chart else None)
+        record.update(lora_runs=names[0], full_runs=names[1], chart=str(chart) if chart else None)
         print(json.dumps(record, indent=2))
     else:
-        print(format_comparison(comparison, str(lora.path), str(full.path)))
+        print(format_comparison(comparison, *names))
         if chart:
             print(f"\nchart: {chart}")
-    return 1 if (args.exit_code and not comparison.passed) else 0
+    return comparison.exit_code if args.exit_code else 0
 
 
 def format_comparison(c, lora_name: str = "LoRA", full_name: str = "FullFT") -> str:
-    """The compare table: regret at matched steps and at the end, the base loss, the verdict."""
+    """The compare table: regret at matched steps and at the end, its interval, the verdict, hints."""
+    i = c.interval
     lines = [f"LoRA run:   {lora_name}", f"FullFT run: {full_name}", ""]
     lines.append(f"{'step':>8}  {'LoRA':>8}  {'FullFT':>8}  {'regret':>9}  {'relative':>9}")
     for p in c.matched:
@@ -270,15 +260,29 @@ def format_comparison(c, lora_name: str = "LoRA", full_name: str = "FullFT") -> 
     )
     lines.append("(held-out loss in nats per completion token; regret = LoRA - FullFT)")
     lines.append("")
+    covers = "examples and seeds" if i.seeds > 1 else "held-out examples; seed noise not included"
+    lines.append(f"held-out: {i.examples:,} examples, {i.tokens:,} completion tokens, the same for both methods")
+    lines.append(f"regret {c.regret_nats:+.4f} nats/token, {i.confidence:.0%} interval "
+                 f"[{c.regret_low:+.4f}, {c.regret_high:+.4f}] (paired bootstrap over {covers})")
+    if i.seeds > 1:
+        lines.append(f"seeds: {i.seeds} pairs, regret per seed {', '.join(f'{r:+.4f}' for r in i.seed_regrets)}; "
+                     f"FullFT seed-to-seed sd {i.full_seed_sd:.4f} nats/token (the noise floor)")
     if c.base_loss is not None:
-        lines.append(f"base model loss: {c.base_loss:.4f} nats/token")
-    if c.recovered_fraction is not None:
-        lines.append(f"LoRA recovered {c.recovered_fraction:.1%} of FullFT's improvement over the base model")
+        recovered = ""
+        if i.recovered is not None:
+            recovered = (f"; LoRA recovered {i.recovered:.1%} [{i.recovered_low:.1%}, {i.recovered_high:.1%}] "
+                         "of FullFT's improvement")
+        lines.append(f"base model loss {c.base_loss:.4f} nats/token{recovered}")
     lines.append(
-        f"threshold: regret <= max({c.threshold.relative:.2%} of FullFT's loss, "
+        f"allowed regret: max({c.threshold.relative:.2%} of FullFT's loss, "
         f"{c.threshold.absolute_nats:.4f} nats/token) = {c.allowed_regret_nats:.4f} nats/token"
     )
-    lines.append(c.verdict)
+    f = c.facts
+    if f.lora_lr and f.full_lr:
+        lines.append(f"run: LoRA LR {f.lora_lr:.3g} = {f.lora_lr / f.full_lr:.3g}x FullFT's {f.full_lr:.3g}; "
+                     f"global batch {f.global_batch}; {f.steps} steps")
+    lines.append(c.message)
+    lines += list(c.hints)
     lines += [f"note: {n}" for n in c.notes]
     return "\n".join(lines)
 

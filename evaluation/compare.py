@@ -1,36 +1,51 @@
-"""LoRA-vs-FullFT regret: how much higher LoRA's held-out loss is than full fine-tuning's.
+"""LoRA-vs-FullFT regret on the same held-out examples: a paired interval and a three-way verdict.
 
-regret = LoRA eval loss − FullFT eval loss (nats per completion token), at the end of training
-and at every step where both runs measured eval loss. Relative regret = regret / FullFT loss.
-Negative regret means LoRA did better. "Recovered" = (base − LoRA) / (base − FullFT): the
-fraction of FullFT's improvement over the base model that LoRA also achieved.
+regret = LoRA held-out loss − FullFT held-out loss (nats per completion token), with a 95%
+paired-bootstrap interval over the held-out examples (`evaluation.regret`; with seed replicates
+the interval also covers training noise). PASS when the whole interval is within the allowed
+regret, FAIL when it is entirely above, INCONCLUSIVE otherwise, with the number of held-out
+examples that would likely decide it. Relative regret = regret / FullFT loss. "Recovered" =
+(base − LoRA) / (base − FullFT), with its interval. Matched steps show how the gap developed, and
+the hints say what the runs' own settings and curve shapes suggest.
+
+`compare_runs` reads trainer output directories and refuses what is not a comparison: a run
+against itself, two runs of one method, different base models, held-out sets or training data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.curves import Curve, load_curves
+from evaluation.regret import FAIL, INCONCLUSIVE, PASS, RegretInterval, decide, regret_interval
+from planner.advice import (
+    BATCH_SMALL_PENALTY_ABOVE,
+    LORA_OVER_FULLFT_LR,
+    SHORT_RUN_LORA_OVER_FULLFT_LR,
+    SHORT_RUN_STEPS,
+)
 from planner.errors import UserError
+from trainer.result import EVAL_EXAMPLES_FILE
 
 # Default pass mark. "LoRA Without Regret" (Thinking Machines, 2025) finds that LoRA at adequate
 # rank with ~10x FullFT's LR matches FullFT's loss curve, i.e. the two differ by no more than
-# run-to-run noise. We turn "within noise" into: LoRA's final held-out loss may exceed FullFT's
-# by at most 1% of FullFT's loss, with a floor of 0.01 nats/token for runs whose loss gets close
-# to zero (where 1% of it is below any seed noise). Both runs are scored on the same held-out
-# examples, so eval-set sampling noise cancels in the difference; what remains is training noise,
-# which the user should measure (two FullFT seeds compared with `lowregret compare`) and use to
-# set --threshold / --threshold-abs. See docs/EVALUATION.md.
+# run-to-run noise. We turn "within noise" into: LoRA's held-out loss may exceed FullFT's by at
+# most 1% of FullFT's loss, with a floor of 0.01 nats/token for runs whose loss gets close to zero
+# (where 1% of it is below any seed noise). The verdict asks the whole 95% interval to be within
+# it. See docs/EVALUATION.md.
 DEFAULT_RELATIVE_THRESHOLD = 0.01
 DEFAULT_ABSOLUTE_THRESHOLD_NATS = 0.01
-
-# Two runs' step-0 eval losses (both the base model on the same examples) may differ by float
-# noise only; more than this means different held-out sets or base models.
-_STEP0_RELATIVE_TOLERANCE = 1e-3
+# Exit codes of `compare --exit-code` and `pipeline` (2 is bad input, as for every command).
+EXIT_CODES = {PASS: 0, FAIL: 1, INCONCLUSIVE: 3}
+# Below these the pipeline warns before training that the comparison may not decide.
+MIN_DECISIVE_EXAMPLES = 200
+# A LoRA/FullFT LR ratio this far (×) from the advised multiplier is called out in the hints.
+LR_RATIO_TOLERANCE = 1.5
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,7 @@ class RegretThreshold:
 
 @dataclass(frozen=True)
 class MatchedPoint:
-    """LoRA and FullFT eval loss at one step both runs evaluated."""
+    """LoRA and FullFT eval loss at one step both runs evaluated (means over seeds)."""
 
     step: int
     lora_loss: float
@@ -66,31 +81,65 @@ class MatchedPoint:
 
 
 @dataclass(frozen=True)
+class HeldOutLosses:
+    """Per held-out example: completion tokens and summed NLL (nats) of each run, seeds as rows."""
+
+    tokens: tuple[int, ...]
+    lora: tuple[tuple[float, ...], ...]
+    full: tuple[tuple[float, ...], ...]
+    base: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What was run, for the hints: the LoRA and FullFT learning rates, global batch and steps."""
+
+    lora_lr: float | None = None
+    full_lr: float | None = None
+    global_batch: int | None = None
+    steps: int | None = None
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """The regret of a LoRA run against a FullFT run, with the verdict. Losses in nats/token."""
+    """The regret of LoRA against FullFT with its interval and verdict. Losses in nats/token."""
 
     lora_final: float
     full_final: float
     regret_nats: float
+    regret_low: float
+    regret_high: float
     regret_relative: float
     allowed_regret_nats: float
-    passed: bool
     verdict: str
+    """PASS, FAIL or INCONCLUSIVE."""
+    message: str
+    """The verdict as one sentence."""
+    interval: RegretInterval
+    examples_needed: int | None = None
     threshold: RegretThreshold = field(default_factory=RegretThreshold)
     base_loss: float | None = None
-    recovered_fraction: float | None = None
     matched: tuple[MatchedPoint, ...] = ()
+    facts: RunFacts = field(default_factory=RunFacts)
+    hints: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
     @property
-    def worst_matched(self) -> MatchedPoint | None:
-        """The matched step where LoRA trails FullFT most (None when no step matched)."""
-        return max(self.matched, key=lambda p: p.regret_nats, default=None)
+    def passed(self) -> bool:
+        return self.verdict == PASS
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    @property
+    def recovered_fraction(self) -> float | None:
+        return self.interval.recovered
 
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
-        worst = self.worst_matched
-        record["worst_matched"] = dataclasses.asdict(worst) if worst else None
+        record.update(passed=self.passed, recovered_fraction=self.recovered_fraction)
         return record
 
 
@@ -100,143 +149,144 @@ def _relative(regret: float, full_loss: float) -> float:
     return 0.0 if regret == 0 else math.copysign(math.inf, regret)
 
 
-def matched_points(lora_eval: Curve, full_eval: Curve) -> tuple[MatchedPoint, ...]:
-    """Regret at every step > 0 present in both eval curves (no interpolation).
+def matched_points(lora_evals: list[Curve], full_evals: list[Curve]) -> tuple[MatchedPoint, ...]:
+    """Regret at every step > 0 that every run evaluated, losses averaged over seeds (no interpolation).
 
-    Step 0 is left out: both runs are still the base model there, so its regret says nothing about
-    the methods (it is used as the base loss instead).
+    Step 0 is left out: both runs are still the base model there.
     """
-    full_by_step = dict(full_eval)
+    loras, fulls = [dict(c) for c in lora_evals], [dict(c) for c in full_evals]
+    steps = sorted(set.intersection(*(set(c) for c in loras + fulls)) - {0}) if loras and fulls else []
     points = []
-    for step, lora_loss in lora_eval:
-        if step > 0 and step in full_by_step:
-            full_loss = full_by_step[step]
-            regret = lora_loss - full_loss
-            points.append(MatchedPoint(step, lora_loss, full_loss, regret, _relative(regret, full_loss)))
+    for step in steps:
+        lora = sum(c[step] for c in loras) / len(loras)
+        full = sum(c[step] for c in fulls) / len(fulls)
+        points.append(MatchedPoint(step, lora, full, lora - full, _relative(lora - full, full)))
     return tuple(points)
 
 
-def _base_from_step0(lora_eval: Curve, full_eval: Curve, notes: list[str]) -> float | None:
-    lora0 = dict(lora_eval).get(0)
-    full0 = dict(full_eval).get(0)
-    if lora0 is None or full0 is None:
-        return None
-    if abs(lora0 - full0) > _STEP0_RELATIVE_TOLERANCE * max(abs(full0), 1e-12):
-        notes.append(
-            f"The runs' step-0 eval losses differ ({lora0:.4f} vs {full0:.4f}) although both are the "
-            "base model: they were probably scored on different held-out examples or base models."
-        )
-        return None
-    return full0
-
-
 def compare(
-    lora_curves: dict[str, Curve],
-    full_curves: dict[str, Curve],
+    held_out: HeldOutLosses,
     *,
-    lora_final: float | None = None,
-    full_final: float | None = None,
     threshold: RegretThreshold | float | None = None,
-    base_loss: float | None = None,
+    lora_evals: list[Curve] = (),
+    full_evals: list[Curve] = (),
+    facts: RunFacts | None = None,
 ) -> Comparison:
-    """Regret of LoRA against FullFT, at the end and at matched steps, with a pass/fail verdict.
+    """Regret of LoRA against FullFT on the same held-out examples, with interval and verdict.
 
     Args:
-        lora_curves, full_curves: curves records ({"train": ..., "eval": ...}); only "eval" is used.
-        lora_final, full_final: final held-out losses (nats/token); None takes the curve's last
-            eval point.
+        held_out: per-example tokens and NLL sums (seed replicates as rows; base for "recovered").
         threshold: a `RegretThreshold`, or a float meaning a relative threshold with the default
             absolute floor; None is the default (1%, floor 0.01 nats/token).
-        base_loss: the base model's loss on the same held-out examples; None takes the runs'
-            step-0 eval point when both have one and they agree.
-
-    Returns:
-        A `Comparison`; `passed` is regret <= threshold.allowed_nats(full_final).
-
-    Raises:
-        UserError: a final loss is missing and the run has no eval curve to take it from.
+        lora_evals, full_evals: each run's eval curve, for the matched steps and the shape hints.
+        facts: what was run (LRs, batch, steps) for the hints.
     """
     if threshold is None:
         threshold = RegretThreshold()
     elif not isinstance(threshold, RegretThreshold):
         threshold = RegretThreshold(relative=float(threshold))
-    lora_eval, full_eval = lora_curves.get("eval", []), full_curves.get("eval", [])
-    lora_final = _final(lora_final, lora_eval, "LoRA")
-    full_final = _final(full_final, full_eval, "FullFT")
-    notes: list[str] = []
-
-    regret = lora_final - full_final
-    relative = _relative(regret, full_final)
+    facts = facts or RunFacts()
+    tokens = sum(held_out.tokens)
+    lora_final = sum(sum(row) for row in held_out.lora) / len(held_out.lora) / tokens
+    full_final = sum(sum(row) for row in held_out.full) / len(held_out.full) / tokens
+    interval = regret_interval(held_out.tokens, held_out.lora, held_out.full, held_out.base)
     allowed = threshold.allowed_nats(full_final)
-    passed = regret <= allowed
-
-    if base_loss is None:
-        base_loss = _base_from_step0(lora_eval, full_eval, notes)
-    recovered = None
-    if base_loss is not None:
-        if base_loss - full_final > 0:
-            recovered = (base_loss - lora_final) / (base_loss - full_final)
-        else:
-            notes.append("FullFT did not improve on the base model, so 'recovered' is undefined.")
-
-    matched = matched_points(lora_eval, full_eval)
+    verdict = decide(interval, allowed)
+    matched = matched_points(list(lora_evals), list(full_evals))
+    notes = []
+    if held_out.base is not None and interval.recovered is None:
+        notes.append("FullFT did not improve on the base model, so 'recovered' is undefined.")
     if not matched:
-        notes.append(
-            "No eval step (> 0) is common to both runs, so only the final losses are compared; "
-            "give both runs the same max_steps and eval_points to compare along the curve."
-        )
-    verdict = _verdict(passed, regret, relative, allowed)
+        notes.append("No eval step (> 0) is common to the runs: give them the same max_steps and eval_points "
+                     "to compare along the curve.")
     return Comparison(
         lora_final=lora_final,
         full_final=full_final,
-        regret_nats=regret,
-        regret_relative=relative,
+        regret_nats=interval.regret_nats,
+        regret_low=interval.low,
+        regret_high=interval.high,
+        regret_relative=_relative(interval.regret_nats, full_final),
         allowed_regret_nats=allowed,
-        passed=passed,
-        verdict=verdict,
+        verdict=verdict.label,
+        message=_message(verdict.label, interval, allowed, verdict.examples_needed),
+        interval=interval,
+        examples_needed=verdict.examples_needed,
         threshold=threshold,
-        base_loss=base_loss,
-        recovered_fraction=recovered,
+        base_loss=None if held_out.base is None else sum(held_out.base) / tokens,
         matched=matched,
+        facts=facts,
+        hints=tuple(hints(verdict.label, interval, allowed, matched, facts)),
         notes=tuple(notes),
     )
 
 
-def _final(final: float | None, eval_curve: Curve, name: str) -> float:
-    if final is not None:
-        return float(final)
-    if not eval_curve:
-        raise UserError(
-            f"The {name} run has no final eval loss and no eval curve: train it with eval_points > 0 "
-            "or score it with `lowregret evaluate` and pass the loss."
-        )
-    return eval_curve[-1][1]
+def _message(label: str, interval: RegretInterval, allowed: float, needed: int | None) -> str:
+    ci = f"{interval.confidence:.0%} interval [{interval.low:+.4f}, {interval.high:+.4f}]"
+    if label == PASS:
+        return f"PASS: LoRA matches FullFT: the whole {ci} is within the allowed {allowed:.4f} nats/token."
+    if label == FAIL:
+        return f"FAIL: LoRA trails FullFT: the whole {ci} is above the allowed {allowed:.4f} nats/token."
+    if needed is not None:
+        decide_it = (f"about {needed:,} held-out examples would likely decide it "
+                     f"(this comparison had {interval.examples:,})")
+    elif interval.seed_half_width >= abs(allowed - interval.regret_nats) > 0:
+        decide_it = "seed noise alone spans the threshold: more seed replicates, not more examples, would decide it"
+    else:
+        decide_it = "the regret sits on the threshold: no amount of held-out data would decide it"
+    return f"INCONCLUSIVE: the {ci} contains the allowed {allowed:.4f} nats/token; {decide_it}."
 
 
-def _verdict(passed: bool, regret: float, relative: float, allowed: float) -> str:
-    gap = f"{regret:+.4f} nats/token ({relative:+.2%} of FullFT's loss; allowed {allowed:.4f})"
-    if passed:
-        return f"PASS: LoRA matches FullFT within the threshold, regret {gap}."
-    return (
-        f"FAIL: LoRA trails FullFT by {gap}. Try a higher rank, a LoRA LR about 10x FullFT's, "
-        "or a smaller batch (LoRA pays more at large batch sizes)."
-    )
+def hints(label: str, interval: RegretInterval, allowed: float, matched: tuple[MatchedPoint, ...],
+          facts: RunFacts) -> list[str]:
+    """Advice from what was run, labelled by what it points to; none for a PASS.
+
+    The LR ratio, batch and steps are the runs' own; the curve shape reads the matched steps: a gap
+    already at the first eval that stays points to the LR or too few steps, a gap that opens late
+    and keeps growing is the capacity signature of "LoRA Without Regret".
+    """
+    if label == PASS:
+        return []
+    found = []
+    short = facts.steps is not None and facts.steps < SHORT_RUN_STEPS
+    if facts.lora_lr and facts.full_lr:
+        ratio = facts.lora_lr / facts.full_lr
+        advised = SHORT_RUN_LORA_OVER_FULLFT_LR if short else LORA_OVER_FULLFT_LR
+        if max(ratio / advised, advised / ratio) > LR_RATIO_TOLERANCE:
+            run = f" for a run of {facts.steps} steps" if facts.steps is not None else ""
+            found.append(f"hint (LR): the LoRA LR was {ratio:.3g}x FullFT's; the blog's optimum is ~{advised:g}x"
+                         f"{run}: try LoRA LR {facts.full_lr * advised:.3g}.")
+    if facts.global_batch is not None and facts.global_batch > BATCH_SMALL_PENALTY_ABOVE:
+        found.append(f"hint (batch): global batch {facts.global_batch} > {BATCH_SMALL_PENALTY_ABOVE}: LoRA pays a "
+                     "loss penalty that grows with batch size and rank does not remove; try a smaller batch.")
+    if short:
+        found.append(f"hint (steps): {facts.steps} steps (< {SHORT_RUN_STEPS}): both methods are early in "
+                     "training, where a fixed LR ratio matters most; train longer before judging capacity.")
+    if len(matched) >= 2 and interval.regret_nats > 0:
+        first, last = matched[0], matched[-1]
+        if first.regret_nats >= 0.5 * last.regret_nats:
+            found.append(f"hint (LR or steps): the gap was already {first.regret_nats:+.4f} at the first eval "
+                         f"(step {first.step}) and is {last.regret_nats:+.4f} at step {last.step}: an offset "
+                         "from the start points to the learning rate or too few steps, not to capacity.")
+        elif last.regret_nats > allowed:
+            found.append(f"hint (capacity): the gap grew from {first.regret_nats:+.4f} (step {first.step}) to "
+                         f"{last.regret_nats:+.4f} (step {last.step}): a late divergence is the capacity "
+                         f"signature; try a higher rank than {facts.rank}.")
+    return found
+
+
+def design_warnings(steps: int, held_out_examples: int) -> list[str]:
+    """Warnings, before any training, that a comparison of this size will likely not decide."""
+    found = []
+    if held_out_examples < MIN_DECISIVE_EXAMPLES:
+        found.append(
+            f"{held_out_examples} held-out examples (< {MIN_DECISIVE_EXAMPLES}): the regret's interval will be wide "
+            "and the verdict may be INCONCLUSIVE; raise eval_max_examples or the held-out share.")
+    if steps < SHORT_RUN_STEPS:
+        found.append(f"{steps} steps (< {SHORT_RUN_STEPS}): the comparison measures early training only.")
+    return found
 
 
 # ----------------------------------------------------------------------------- runs on disk
-
-# Config keys that decide which held-out examples a run was scored on (and against which base
-# model). Two runs that differ in any of them cannot be compared loss for loss.
-HELD_OUT_KEYS = (
-    "model",
-    "dataset",
-    "eval_dataset",
-    "eval_fraction",
-    "seed",
-    "max_length",
-    "eval_max_examples",
-    "dataset_limit",
-)
 
 
 @dataclass(frozen=True)
@@ -260,6 +310,28 @@ class RunRecord:
     @property
     def method(self) -> str | None:
         return self.get("method") or self.config.get("method")
+
+    @functools.cached_property
+    def eval_examples(self) -> dict:
+        """The run's per-example held-out losses (`trainer.result.EVAL_EXAMPLES_FILE`).
+
+        Raises:
+            UserError: the file is missing (a run from before per-example losses were kept) or bad.
+        """
+        path = self.path / EVAL_EXAMPLES_FILE
+        if not path.is_file():
+            raise UserError(
+                f"{self.path} has no {EVAL_EXAMPLES_FILE} (per-example held-out losses), so no interval can be "
+                "computed: it was trained by an older LowRegret. Re-train it with `lowregret train`."
+            )
+        try:
+            record = json.loads(path.read_text())
+            ids, tokens, nll = record["example_ids"], record["tokens"], record["nll"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{path} is not a per-example loss file ({exc}); re-train the run.") from exc
+        if not nll or any(len(values) != len(ids) for _, values in nll) or len(tokens) != len(ids):
+            raise UserError(f"{path} is inconsistent (example counts differ); re-train the run.")
+        return record
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -289,61 +361,81 @@ def load_run(run_dir: str | Path) -> RunRecord:
     return RunRecord(path=run_dir, summary=summary, curves=load_curves(curves_path))
 
 
-def held_out_mismatches(lora: RunRecord, full: RunRecord) -> list[str]:
-    """The HELD_OUT_KEYS on which two runs' configs disagree, as readable lines."""
-    keys = HELD_OUT_KEYS
-    if lora.config.get("eval_dataset") and full.config.get("eval_dataset"):
-        # A separate eval set is read whole: the split's fraction, seed and row limit do not touch it.
-        keys = tuple(k for k in keys if k not in ("eval_fraction", "seed", "dataset_limit"))
-    return [
-        f"{key}: LoRA {lora.config.get(key)!r} vs FullFT {full.config.get(key)!r}"
-        for key in keys
-        if lora.config.get(key) != full.config.get(key)
-    ]
+def check_comparable(lora: list[RunRecord], full: list[RunRecord]) -> None:
+    """Refuse what is not a LoRA-vs-FullFT comparison on one held-out set.
+
+    Raises:
+        UserError: a run given twice; a FullFT run among the LoRA runs or the reverse; unequal
+            numbers of runs or seeds that do not pair up; different base models, training data
+            (data fingerprint) or held-out examples.
+    """
+    runs = lora + full
+    resolved = [r.path.resolve() for r in runs]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p in resolved if resolved.count(p) > 1)
+        raise UserError(f"{twice} is given twice: a run compared with itself has no regret. Pass a LoRA run "
+                        "and a FullFT run trained on the same data.")
+    for flag, wanted, group in (("--lora", "lora", lora), ("--full", "full", full)):
+        for run in group:
+            if run.method != wanted:
+                raise UserError(
+                    f"{flag} {run.path} is a {run.method!r} run, not a {wanted!r} run: compare needs LoRA runs "
+                    "as --lora and FullFT runs as --full (two runs of one method measure noise, not regret; "
+                    "use seed replicates for that).")
+    if len(lora) != len(full):
+        raise UserError(f"{len(lora)} LoRA runs but {len(full)} FullFT runs: give one FullFT run per LoRA seed.")
+    lora_seeds, full_seeds = [r.config.get("seed") for r in lora], [r.config.get("seed") for r in full]
+    if len(lora) > 1 and (len(set(lora_seeds)) < len(lora) or sorted(lora_seeds) != sorted(full_seeds)):
+        raise UserError(f"Seed replicates must pair up: LoRA seeds {lora_seeds}, FullFT seeds {full_seeds}. "
+                        "Give each seed once per method.")
+    first = runs[0]
+    for run in runs[1:]:
+        for key, what in (("model", "base model"),):
+            if run.config.get(key) != first.config.get(key):
+                raise UserError(f"{run.path} and {first.path} start from different {what}s "
+                                f"({run.config.get(key)!r} vs {first.config.get(key)!r}): their losses do not compare.")
+        if run.get("data_fingerprint") != first.get("data_fingerprint"):
+            raise UserError(
+                f"{run.path} and {first.path} were trained on different data (data fingerprints "
+                f"{run.get('data_fingerprint')} vs {first.get('data_fingerprint')}): train both on the same "
+                "dataset, limit and held-out split (split_seed).")
+        if run.eval_examples["example_ids"] != first.eval_examples["example_ids"]:
+            raise UserError(
+                f"{run.path} and {first.path} were scored on different held-out examples: a paired comparison needs "
+                "the same ones. Give the runs the same eval_dataset (or dataset, eval_fraction, split_seed), "
+                "max_length and eval_max_examples.")
 
 
 def compare_runs(
-    lora_dir: str | Path,
-    full_dir: str | Path,
+    lora_dirs: str | Path | list,
+    full_dirs: str | Path | list,
     *,
     threshold: RegretThreshold | float | None = None,
-    base_loss: float | None = None,
-    allow_mismatch: bool = False,
-) -> tuple[Comparison, RunRecord, RunRecord]:
-    """`compare` two trainer output directories (final losses from summary.json).
+) -> tuple[Comparison, list[RunRecord], list[RunRecord]]:
+    """`compare` trainer output directories: one LoRA and one FullFT run, or seed replicates of each.
+
+    Replicates pair by seed. Losses come from each run's per-example held-out file (the final eval);
+    the base model's from the step-0 eval of the FullFT runs.
 
     Raises:
-        UserError: a run is missing or unreadable, the methods are swapped (a FullFT run as
-            --lora and a LoRA run as --full), or the runs were scored on different held-out sets
-            (unless allow_mismatch). Two runs of one method are compared, with a note: that is
-            how run-to-run noise is measured.
+        UserError: a run is missing or unreadable, or `check_comparable` refuses the runs.
     """
-    lora, full = load_run(lora_dir), load_run(full_dir)
-    if (lora.method, full.method) == ("full", "lora"):
-        raise UserError(f"--lora {lora.path} is a FullFT run and --full {full.path} a LoRA run: swap them.")
-    notes = []
-    if lora.method is not None and lora.method == full.method:
-        # Two runs of one method (e.g. two seeds) measure run-to-run noise: allowed, and said so.
-        notes.append(
-            f"Both runs are {lora.method!r} runs: the 'regret' is run-to-run noise, not LoRA's regret."
-        )
-    mismatches = held_out_mismatches(lora, full)
-    if mismatches and not allow_mismatch:
-        raise UserError(
-            "The runs were not scored on the same held-out examples, so their losses do not "
-            "compare: " + "; ".join(mismatches) + ". Retrain one of them to match, or pass "
-            "--allow-mismatch if you know the differences do not matter."
-        )
-    comparison = compare(
-        lora.curves,
-        full.curves,
-        lora_final=lora.get("final_eval_loss"),
-        full_final=full.get("final_eval_loss"),
-        threshold=threshold,
-        base_loss=base_loss,
+    lora_dirs = lora_dirs if isinstance(lora_dirs, list) else [lora_dirs]
+    full_dirs = full_dirs if isinstance(full_dirs, list) else [full_dirs]
+    lora = sorted((load_run(d) for d in lora_dirs), key=lambda r: r.config.get("seed") or 0)
+    full = sorted((load_run(d) for d in full_dirs), key=lambda r: r.config.get("seed") or 0)
+    check_comparable(lora, full)
+    lora_nll = [dict(r.eval_examples["nll"]) for r in lora]
+    full_nll = [dict(r.eval_examples["nll"]) for r in full]
+    held_out = HeldOutLosses(
+        tokens=tuple(lora[0].eval_examples["tokens"]),
+        lora=tuple(tuple(nll[max(nll)]) for nll in lora_nll),
+        full=tuple(tuple(nll[max(nll)]) for nll in full_nll),
+        base=tuple(full_nll[0][0]) if 0 in full_nll[0] else None,
     )
-    if mismatches:
-        notes.append("Compared despite differing held-out settings: " + "; ".join(mismatches) + ".")
-    if notes:
-        comparison = dataclasses.replace(comparison, notes=comparison.notes + tuple(notes))
+    config = lora[0].config
+    facts = RunFacts(lora_lr=config.get("lr"), full_lr=full[0].config.get("lr"),
+                     global_batch=lora[0].get("global_batch"), steps=lora[0].get("steps"), rank=config.get("rank"))
+    comparison = compare(held_out, threshold=threshold, lora_evals=[r.curves["eval"] for r in lora],
+                         full_evals=[r.curves["eval"] for r in full], facts=facts)
     return comparison, lora, full

@@ -279,7 +279,7 @@ class RunEvaluation:
 
 
 def spec_from_run(run, max_examples: int | None = None) -> HeldOutSpec:
-    """The held-out examples a run used, from its summary.json config (see HELD_OUT_KEYS).
+    """The held-out examples a run used, from its summary.json config.
 
     Args:
         run: a `evaluation.compare.RunRecord`.
@@ -302,7 +302,7 @@ def spec_from_run(run, max_examples: int | None = None) -> HeldOutSpec:
         model=config["model"],
         dataset=config["eval_dataset"] if separate else config["dataset"],
         eval_fraction=None if separate else float(config["eval_fraction"]),
-        seed=int(config.get("seed", 0)),
+        seed=int(config["split_seed"] if config.get("split_seed") is not None else config.get("seed", 0)),
         max_length=int(config.get("max_length") or 1024),
         max_examples=max_examples if max_examples is not None else config.get("eval_max_examples"),
         dataset_limit=None if separate else config.get("dataset_limit"),

@@ -89,11 +89,12 @@ def run_pipeline(args) -> int:
         print("\n".join(plan["summary"]))
         print(f"Report: {plan['files'].get('plan.html', plan['files'])}")
         return 0
+    from evaluation.compare import EXIT_CODES
     from flows.pipeline import pipeline
 
     summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
-    return 0
+    return EXIT_CODES[summary["comparison"]["verdict"]]  # 0 PASS, 1 FAIL, 3 INCONCLUSIVE (2: bad input)
 
 
 def run_demo(args) -> int:
@@ -118,11 +119,12 @@ def run_demo(args) -> int:
     uri = f"models:/{config.name}@champion"
     try:
         model = mlflow.pyfunc.load_model(uri)
-    except mlflow.exceptions.MlflowException as exc:
-        print(f"{uri} cannot be loaded: {exc}")
-        return 1
-    answer = model.predict([DEMO_PROMPT], params={"max_new_tokens": 48})[0]
-    print(f"\nSample from {uri}:\n  user: {DEMO_PROMPT[0]['content']}\n  assistant: {answer.strip()}")
+    except mlflow.exceptions.MlflowException:
+        print(f"\nNo {uri} to answer from: no run of this pipeline has passed the regret gate yet.")
+    else:
+        answer = model.predict([DEMO_PROMPT], params={"max_new_tokens": 48})[0]
+        print(f"\nSample from {uri}:\n  user: {DEMO_PROMPT[0]['content']}\n  assistant: {answer.strip()}")
+    # The demo shows the product working end to end; its verdict is printed above, not its exit code.
     print(f"\nDemo finished in {time.perf_counter() - started:.0f} s.")
     return 0
 
@@ -258,28 +260,38 @@ def _check_cron(cron: str) -> None:
 
 
 def format_summary(summary: dict, settings) -> str:
-    """The regret table and where to look, for the terminal."""
-    comparison, full, lora = summary["comparison"], summary["baseline"], summary["lora"]
-    plan = summary["plan"]
+    """The regret table, the verdict and where to look, for the terminal."""
+    comparison, plan, seeds = summary["comparison"], summary["plan"], summary["seeds"]
+    rank = summary["config"]["rank"]
     lines = [
         "",
-        f"Capacity plan: {plan['verdict'].upper()} ({plan['adapter_params']:,} adapter parameters at rank "
-        f"{summary['config']['rank']})",
-        f"{'run':<16}{'eval loss (nats/tok)':>22}{'steps':>7}{'wall s':>9}",
-        f"{'FullFT' + (' (cached)' if summary['baseline_cached'] else ''):<16}"
-        f"{full['final_eval_loss']:>22.4f}{full['steps']:>7}{full['wall_s']:>9.1f}",
-        f"{'LoRA r=' + str(summary['config']['rank']):<16}{lora['final_eval_loss']:>22.4f}"
-        f"{lora['steps']:>7}{lora['wall_s']:>9.1f}",
-        f"regret {comparison['regret_nats']:+.4f} nats/token ({comparison['regret_relative']:+.2%}), "
-        f"allowed {comparison['allowed_regret_nats']:.4f}",
-        comparison["verdict"],
+        f"Capacity plan: {plan['verdict'].upper()} ({plan['adapter_params']:,} adapter parameters at rank {rank})",
+        f"{'run':<24}{'eval loss (nats/tok)':>22}{'steps':>7}{'wall s':>9}",
     ]
+    for seed, full, lora, cached in zip(seeds, summary["baselines"], summary["loras"], summary["baselines_cached"],
+                                        strict=True):
+        tag = f" seed {seed}" if len(seeds) > 1 else ""
+        lines.append(f"{'FullFT' + tag + (' (cached)' if cached else ''):<24}{full['final_eval_loss']:>22.4f}"
+                     f"{full['steps']:>7}{full['wall_s']:>9.1f}")
+        lines.append(f"{'LoRA r=' + str(rank) + tag:<24}{lora['final_eval_loss']:>22.4f}{lora['steps']:>7}"
+                     f"{lora['wall_s']:>9.1f}")
+    interval = comparison["interval"]
+    lines.append(
+        f"regret {comparison['regret_nats']:+.4f} nats/token, {interval['confidence']:.0%} interval "
+        f"[{comparison['regret_low']:+.4f}, {comparison['regret_high']:+.4f}] over {interval['examples']} held-out "
+        f"examples ({comparison['regret_relative']:+.2%}), allowed {comparison['allowed_regret_nats']:.4f}")
+    if interval["full_seed_sd"] is not None:
+        lines.append(f"FullFT seed-to-seed sd {interval['full_seed_sd']:.4f} nats/token over {len(seeds)} seeds "
+                     "(the noise floor)")
+    lines.append(comparison["message"])
+    lines += comparison["hints"]
+    lines += [f"warning: {w}" for w in summary["warnings"]]
     reg, promo = summary.get("registration"), summary.get("promotion")
     if reg:
         lines.append(f"Registered {reg['name']} v{reg['version']}" + ("" if reg["created"] else " (already registered)")
                      + f"; champion: {'yes' if promo['promoted'] else 'no'} ({promo['reason']})")
     else:
-        lines.append("Not registered: the regret gate did not pass.")
+        lines.append(f"Not registered: only a PASS registers and promotes (verdict {comparison['verdict']}).")
     db = settings.tracking_uri
     lines += [
         "",

@@ -18,7 +18,7 @@ from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
 
 # Keys the pipeline sets on each TrainConfig itself; `train:` may not override them.
-_PIPELINE_OWNED = ("model", "dataset", "method", "rank", "lr", "output_dir", "resume", "overwrite")
+_PIPELINE_OWNED = ("model", "dataset", "method", "rank", "lr", "output_dir", "resume", "overwrite", "split_seed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -48,6 +48,9 @@ class PipelineConfig:
     gpu: str = "H100-80GB-SXM"
     #: Retrain the FullFT baseline even when a cached one matches.
     refresh_baseline: bool = False
+    #: Seed replicates, e.g. [0, 1, 2]: LoRA and FullFT are trained once per seed on one held-out split
+    #: (the first seed's), and the regret's interval covers seed noise too. None: one run each (train.seed).
+    seeds: list | None = None
     #: TrainConfig options shared by both runs (max_steps, batch_size, max_length, eval_points, …).
     train: dict = field(default_factory=dict)
 
@@ -69,6 +72,13 @@ class PipelineConfig:
         for name in ("threshold", "threshold_abs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
+        if self.seeds is not None:
+            if (not isinstance(self.seeds, list) or len(self.seeds) < 2 or len(set(map(str, self.seeds))) < len(self.seeds)
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):
+                raise UserError(f"seeds={self.seeds!r}: give at least two different whole numbers, e.g. [0, 1, 2], "
+                                "or leave seeds out for a single run of each method.")
+            if "seed" in self.train:
+                raise UserError("Set either seeds (replicates) or train.seed (one run), not both.")
         self.train_config("full")  # TrainConfig validates model-independent options now
         self.train_config("lora")
 
@@ -76,13 +86,22 @@ class PipelineConfig:
     def experiment(self) -> str:
         return f"lowregret/{self.name}"
 
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seed of each replicate: `seeds`, or the one `train.seed` (default 0)."""
+        return list(self.seeds) if self.seeds else [int(self.train.get("seed", 0))]
+
     def train_config(self, method: str, output_dir: str | None = None, **changes):
-        """The TrainConfig of one run of this pipeline ('full' or 'lora')."""
+        """The TrainConfig of one run of this pipeline ('full' or 'lora'); `seed=` picks a replicate.
+
+        Every replicate holds out the same examples: the split is the first seed's (split_seed).
+        """
         from trainer.config import TrainConfig
 
         lr = self.lora_lr if method == "lora" else self.full_lr
         options = dict(self.train) | {"model": self.model, "dataset": self.dataset, "method": method,
-                                      "rank": self.rank, "lr": lr, "output_dir": output_dir} | changes
+                                      "rank": self.rank, "lr": lr, "output_dir": output_dir,
+                                      "seed": self.run_seeds[0], "split_seed": self.run_seeds[0]} | changes
         return TrainConfig.from_dict(options)
 
     def to_dict(self) -> dict:

@@ -22,10 +22,15 @@ import mlflow.pyfunc
 
 BASE_MODEL_FILE = "base_model.json"
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+# Logged with the model (input_example.json, serving_input_example.json): one chat, one new token.
+INPUT_EXAMPLE = ([[{"role": "user", "content": "What does the Python function os.path.join do?"}]],
+                 {"max_new_tokens": 1})
 
 
 def params_signature():
-    """The signature: free-form input (strings or chats), typed generation params."""
+    """The signature: typed generation params. The input has no column schema on purpose: it is a
+    string, a chat, or a list of either (see the module docstring), and an MLflow column schema
+    would turn a chat into DataFrame rows; `INPUT_EXAMPLE` shows its shape."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 

@@ -109,11 +109,13 @@ def log_adapter_model(run_id: str, adapter_dir: str | Path, base_model: str, wor
     base_ref = pyfunc_model.write_base_reference(scratch, base_model)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(adapter_dir), artifact_path=ADAPTER_ARTIFACT)
+        # MLflow checks the input example by loading the model once and answering it (1 new token).
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=pyfunc_model.LoraAdapterModel(),
             artifacts={"adapter": str(adapter_dir), "base_model": str(base_ref)},
             signature=pyfunc_model.params_signature(),
+            input_example=pyfunc_model.INPUT_EXAMPLE,
             pip_requirements=_requirements(),
         )
     return info.model_uri
@@ -145,9 +147,10 @@ def find_version(client, name: str, fingerprint: str):
     return min(matches, key=lambda v: int(v.version)) if matches else None
 
 
-def register_adapter(client, name: str, model_uri: str, fingerprint: str, tags: dict) -> Registration:
-    """Register `model_uri` as a new version of `name` with `tags` and alias `candidate`, unless a
-    version with the same fingerprint exists (then return it, moving no alias)."""
+def register_adapter(client, name: str, model_uri: str, fingerprint: str, tags: dict,
+                     description: str | None = None) -> Registration:
+    """Register `model_uri` as a new version of `name` with `tags`, `description` and alias `candidate`,
+    unless a version with the same fingerprint exists (then return it, moving no alias)."""
     import mlflow
 
     existing = find_version(client, name, fingerprint)
@@ -155,6 +158,8 @@ def register_adapter(client, name: str, model_uri: str, fingerprint: str, tags: 
         return Registration(name=name, version=str(existing.version), created=False)
     all_tags = {key: str(value) for key, value in tags.items()} | {FINGERPRINT_TAG: fingerprint}
     version = mlflow.register_model(model_uri, name, tags=all_tags)
+    if description:
+        client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return Registration(name=name, version=str(version.version), created=True)
 

@@ -3,8 +3,9 @@
 Only the I/O tasks (MLflow tracking and registry writes) retry; training and evaluation are
 deterministic and would fail the same way twice. The FullFT baseline is cached: its key is the
 base model + its hyper-parameters + the dataset fingerprint (`TrainConfig.hash`) + the code
-version (package version and a hash of trainer/'s sources), and its result is persisted, so a
-scheduled re-run in a new process reuses it. `refresh_baseline` bypasses the cache.
+version (`code_version`: every first-party source file a training run can execute, and the
+versions of the libraries that compute its numbers), and its result is persisted, so a scheduled
+re-run in a new process reuses it. `refresh_baseline` bypasses the cache.
 """
 
 from __future__ import annotations
@@ -23,20 +24,65 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": 2}
 # ------------------------------------------------------------------------------------ keys
 
 
+# First-party packages; a training run's numbers depend on the files of these it can execute.
+FIRST_PARTY = ("planner", "trainer", "evaluation", "flows", "serving")
+# Libraries whose versions change a run's numbers (kernels, model code, adapters, data loading).
+NUMERIC_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets")
+
+
+def training_sources(root: Path) -> list[Path]:
+    """Every first-party source file a training run can execute, relative to the checkout `root`.
+
+    Starts from trainer/*.py and follows each `import` and `from ... import` of a first-party
+    module, at module level or inside functions (the data code imports planner.dataset lazily),
+    plus the `__init__.py` of every package on the way. Read with `ast`: nothing is imported.
+    """
+    import ast
+
+    todo, seen = sorted((root / "trainer").glob("*.py")), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] not in FIRST_PARTY:
+                    continue
+                candidates = [root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")]
+                candidates += [root.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts))]
+                todo += [c for c in candidates if c.is_file() and c not in seen]
+    return sorted(seen)
+
+
 @functools.cache
-def code_version() -> str:
-    """`<lowregret version>+<12 hex of trainer/'s sources>`: a trainer change invalidates the cache."""
+def code_version(root: Path | None = None) -> str:
+    """`<lowregret version>+<12 hex>`: a hash of `training_sources` (path and content) and of the
+    NUMERIC_LIBRARIES' versions, so any change that can move a run's numbers invalidates the cache."""
     from importlib.metadata import PackageNotFoundError, version
 
     import trainer
 
+    root = root or Path(trainer.__file__).resolve().parent.parent
     try:
         package = version("lowregret")
     except PackageNotFoundError:
         package = "0+unknown"
     digest = hashlib.sha256()
-    for path in sorted(Path(trainer.__file__).parent.rglob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in training_sources(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for library in NUMERIC_LIBRARIES:
+        try:
+            digest.update(f"{library}=={version(library)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{library} absent".encode())
     return f"{package}+{digest.hexdigest()[:12]}"
 
 
@@ -59,20 +105,30 @@ def check_inputs(config) -> dict:
     (missing file, Hub id offline, bad rows) is a UserError before any run or file.
 
     Returns:
-        {"fingerprint", "examples", "format"} of the rows the runs will read.
+        {"fingerprint", "examples", "format", "held_out_examples"} of the rows the runs will read
+        (held-out examples before dropping those whose completion max_length cuts away).
     """
-    from planner.dataset import dataset_fingerprint, detect_format, load_rows
+    from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows
     from trainer.model import load_base_tokenizer
 
     load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
     rows = load_rows(config.dataset, limit=config.train.get("dataset_limit"))
+    run = config.train_config("lora")
+    if run.eval_dataset is not None:
+        held_out = len(load_rows(run.eval_dataset))
+    else:
+        held_out = len(split_rows(rows, run.eval_fraction, run.held_out_seed)[1])
+    if run.eval_max_examples is not None:
+        held_out = min(held_out, run.eval_max_examples)
     return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows),
-            "format": detect_format(rows, source=config.dataset)}
+            "format": detect_format(rows, source=config.dataset), "held_out_examples": held_out}
 
 
 @task
 def make_plan(config, out_dir: str) -> dict:
-    """Capacity plan of the LoRA run, written as a report; returns its summary and files."""
+    """Capacity plan of the LoRA run, written as a report; returns its summary, files, the advised
+    LoRA LR and a warning when the configured one disagrees with it."""
+    from planner.advice import lr_disagreement
     from planner.plan import build_plan
     from planner.profile import profile_dataset
     from planner.report import summary_lines, write_report
@@ -84,12 +140,14 @@ def make_plan(config, out_dir: str) -> dict:
                               model_ref=config.model)
     plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                       target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                      packing=lora.packing,
                       batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
                       fullft_lr=config.full_lr, steps=lora.max_steps)
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
-            "files": {name: str(path) for name, path in files.items()}}
+            "files": {name: str(path) for name, path in files.items()},
+            "advised_lora_lr": plan.advice.lora_lr, "lr_warning": lr_disagreement(lora.lr, plan.advice)}
 
 
 # --------------------------------------------------------------------------------- trainer
@@ -115,12 +173,12 @@ def train_adapter(train_config):
 
 
 @task
-def compare_runs(lora_dir: str, full_dir: str, threshold: float, threshold_abs: float):
-    """Regret of the LoRA run against the baseline on the same held-out examples."""
+def compare_runs(lora_dirs: list[str], full_dirs: list[str], threshold: float, threshold_abs: float):
+    """Regret of the LoRA runs against the baselines on the same held-out examples (seeds paired)."""
     from evaluation.compare import RegretThreshold
     from evaluation.compare import compare_runs as compare
 
-    comparison, _, _ = compare(lora_dir, full_dir, threshold=RegretThreshold(threshold, threshold_abs))
+    comparison, _, _ = compare(lora_dirs, full_dirs, threshold=RegretThreshold(threshold, threshold_abs))
     return comparison
 
 
@@ -207,6 +265,50 @@ def log_files(settings, run_id: str, paths: list[str], metrics: dict | None = No
 
 
 @task(**IO_RETRIES)
+def log_dataset(settings, run_id: str, source: str, fingerprint: str, context: str = "training") -> None:
+    """Record the dataset as the run's input (`mlflow.log_input`'s entity): its reference as the name,
+    the fingerprint of the rows read as the digest, and where it comes from as the source."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    from planner.builtin_datasets import is_builtin
+
+    if is_builtin(source):
+        origin = CodeDatasetSource({"lowregret_builtin": source})
+    elif Path(source).exists():
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
+            warnings.simplefilter("ignore")
+            origin = resolve_dataset_source(str(Path(source).resolve()))
+    else:
+        origin = HuggingFaceDatasetSource(path=source)
+    dataset = MetaDataset(origin, name=source, digest=fingerprint)
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    MlflowClient(settings.tracking_uri).log_inputs(run_id, datasets=[entity])
+
+
+@task(**IO_RETRIES)
+def record_verdict(verdict: str, message: str) -> None:
+    """Put the gate's verdict on this Prefect flow run: a `verdict:<VERDICT>` tag and a Markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if flow_run.id is None:  # called outside a flow run (a unit test of the task): nothing to tag
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(flow_run.id, tags=sorted({*run.tags, f"verdict:{verdict}"}))
+    create_markdown_artifact(markdown=f"**{verdict}**\n\n{message}", key="regret-verdict",
+                             description="LoRA-vs-FullFT regret gate")
+
+
+@task(**IO_RETRIES)
 def end_tracking(settings, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 
@@ -215,7 +317,7 @@ def end_tracking(settings, run_id: str, status: str = "FINISHED") -> None:
 
 @task(**IO_RETRIES)
 def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, name: str,
-                     fingerprint: str, tags: dict, scratch: str):
+                     fingerprint: str, tags: dict, scratch: str, description: str | None = None):
     """Verify, log as pyfunc and register the adapter (or find the version of this fingerprint)."""
     from flows import registry
     from flows.settings import configure_mlflow
@@ -226,7 +328,7 @@ def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, n
     if existing is not None:
         return registry.Registration(name=name, version=str(existing.version), created=False)
     model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
-    return registry.register_adapter(client, name, model_uri, fingerprint, tags)
+    return registry.register_adapter(client, name, model_uri, fingerprint, tags, description)
 
 
 @task(**IO_RETRIES)

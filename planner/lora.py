@@ -14,17 +14,32 @@ from dataclasses import dataclass
 from planner.errors import UserError
 from planner.shapes import Matrix, ModelShape
 
-TARGET_PRESETS = ("all", "attention", "mlp")
+TARGET_PRESETS = ("all", "attention", "mlp", "all-linear")
 EXPERT_RANK_DIVISORS = ("active", "total", "none")
-# Which roles each preset adapts. The router and the embedding are never adapted: the router is
-# not an nn.Linear in transformers 5 and the blog adapts neither; the unembedding only on request.
+# Which roles each preset adapts. The router and the embedding are never adapted by our presets:
+# the blog adapts neither; the unembedding only on request. `all-linear` is what peft's own
+# `target_modules="all-linear"` builds (see `_PEFT_CONVERTED_MOE`), reported for comparison.
 _PRESET_ROLES: dict[str, frozenset[str]] = {
     "all": frozenset({"attention", "mlp", "routed_expert", "shared_expert"}),
     "attention": frozenset({"attention"}),
     "mlp": frozenset({"mlp", "routed_expert", "shared_expert"}),
+    "all-linear": frozenset({"attention", "mlp", "routed_expert", "shared_expert", "router"}),
 }
 _NEVER_ROLES = frozenset({"router", "embedding"})
 _EXPERT_ROLES = frozenset({"routed_expert"})
+# With transformers 5, peft converts the LoRA targets of these MoE families from transformers 4
+# names to the fused expert parameters (peft 0.21 `utils/transformers_weight_conversion.py`,
+# `_convert_peft_config_moe`; the families are transformers 5.23 `conversion_mapping.py`'s
+# `_MODEL_TO_CONVERSION_PATTERN` entries for "qwen2_moe", plus peft's "mixtral"): a target named
+# gate_proj, up_proj or down_proj becomes `experts.gate_up_proj` / `experts.down_proj`, so a dense
+# MLP or shared expert with those names gets no adapter (DeepSeek-V3's first 3 layers and shared
+# experts). With `target_modules="all-linear"` peft also adapts the router (`gate.weight`), gives
+# every expert the full rank r and `experts.gate_up_proj` rank 2r (gate and up fused).
+_PEFT_CONVERTED_MOE = frozenset({
+    "qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "deepseek_v32", "olmoe", "flex_olmo",
+    "glm4_moe", "glm4_moe_lite", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "exaone_moe", "mixtral", "minimax",
+})
+_PEFT_REMAPPED_NAMES = frozenset({"gate_proj", "up_proj", "down_proj"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ class LoraCount:
 
     Attributes:
         rank: the rank of every non-expert adapter.
+        unadapted: matrices a preset asks for that peft does not adapt in this family (dense MLPs
+            and shared experts named gate_proj/up_proj/down_proj in `_PEFT_CONVERTED_MOE`).
         expert_rank: the rank of each routed expert's adapter (equals `rank` for dense models).
         expert_rank_divisor: `active`, `total` or `none`, and `divisor_value` the number used.
         targets: the matrix names adapted (peft's `target_modules` / `target_parameters` suffixes).
@@ -64,10 +81,11 @@ class LoraCount:
     total: int
     by_role: dict[str, int]
     per_layer: dict[str, int]
+    unadapted: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
-            "rank": self.rank, "expert_rank": self.expert_rank,
+            "rank": self.rank, "expert_rank": self.expert_rank, "unadapted": list(self.unadapted),
             "expert_rank_divisor": self.expert_rank_divisor, "divisor_value": self.divisor_value,
             "targets": list(self.targets), "total": self.total, "by_role": dict(self.by_role),
             "per_layer": dict(self.per_layer),
@@ -108,6 +126,8 @@ def select_targets(
     """
     if isinstance(targets, str) and targets in _PRESET_ROLES:
         roles = _PRESET_ROLES[targets]
+        if targets == "all-linear" and shape.model_type not in _PEFT_CONVERTED_MOE:
+            roles = roles - {"routed_expert", "router"}  # 3-D experts and routers are not nn.Linear
         chosen = [m for m in shape.matrices if m.role in roles]
     else:
         names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
@@ -128,7 +148,17 @@ def select_targets(
             chosen += [m for m in hits if m not in chosen]
     if target_unembedding:
         chosen += [m for m in shape.matrices if m.role == "unembedding" and m not in chosen]
-    return tuple(chosen)
+    return tuple(m for m in chosen if not _peft_remaps(shape, m))
+
+
+def peft_retargets(model_type: str, linear_name: str) -> bool:
+    """True for an MLP or shared-expert linear (by name) that peft re-targets to the fused experts in
+    this model family, so that it gets no adapter of its own (see `_PEFT_CONVERTED_MOE`)."""
+    return model_type in _PEFT_CONVERTED_MOE and _short(linear_name) in _PEFT_REMAPPED_NAMES
+
+
+def _peft_remaps(shape: ModelShape, m: Matrix) -> bool:
+    return m.role in ("mlp", "shared_expert") and peft_retargets(shape.model_type, m.name)
 
 
 def count_lora_params(
@@ -145,13 +175,18 @@ def count_lora_params(
     """
     if int(rank) != rank or rank < 1:
         raise UserError(f"LoRA rank must be a positive integer, got {rank!r}.")
-    divisor = expert_divisor(shape, expert_rank_divisor)
+    peft_all_linear = targets == "all-linear"
+    divisor = 1 if peft_all_linear else expert_divisor(shape, expert_rank_divisor)
     expert_rank = max(1, rank // divisor)
     chosen = select_targets(shape, targets, target_unembedding)
     per_matrix = []
     for m in chosen:
         r = expert_rank if m.role in _EXPERT_ROLES else rank
+        if peft_all_linear and m.name == "experts.gate_up_proj":  # peft fuses gate and up: rank 2r
+            r *= 2
         per_matrix.append(MatrixLora(m.name, m.role, m.d_in, m.d_out, m.count, r, r * (m.d_in + m.d_out) * m.count))
+    asked = _PRESET_ROLES.get(targets, ()) if isinstance(targets, str) else ()
+    unadapted = tuple(m.name for m in shape.matrices if m.role in asked and _peft_remaps(shape, m))
     by_role: dict[str, int] = {}
     for ml in per_matrix:
         by_role[ml.role] = by_role.get(ml.role, 0) + ml.params
@@ -164,7 +199,7 @@ def count_lora_params(
         rank=rank, expert_rank=expert_rank if shape.is_moe else rank,
         expert_rank_divisor=expert_rank_divisor, divisor_value=divisor,
         targets=tuple(m.name for m in chosen), matrices=tuple(per_matrix),
-        total=sum(ml.params for ml in per_matrix), by_role=by_role, per_layer=per_layer,
+        total=sum(ml.params for ml in per_matrix), by_role=by_role, per_layer=per_layer, unadapted=unadapted,
     )
 
 

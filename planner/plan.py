@@ -15,6 +15,7 @@ from planner import flops as flops_mod
 from planner import memory as memory_mod
 from planner.errors import UserError
 from planner.gpus import get_gpu
+from planner.lengths import LengthPlan, plan_lengths
 from planner.lora import LoraCount, count_lora_params, select_targets
 from planner.shapes import ModelShape, load_shape
 
@@ -44,6 +45,8 @@ class CapacityPlan:
     settings: dict
     constants: tuple[dict, ...]
     notes: tuple[str, ...]
+    lengths: LengthPlan | None = None
+    measured: tuple[dict, ...] = ()
 
     @property
     def adapter_params(self) -> int:
@@ -69,6 +72,8 @@ class CapacityPlan:
             "settings": self.settings,
             "constants": list(self.constants),
             "notes": list(self.notes),
+            "lengths": self.lengths.to_dict() if self.lengths else None,
+            "measured": list(self.measured),
         }
 
 
@@ -98,11 +103,10 @@ def _constants(bits_per_param: float, bits_source: str, short_run: dict, mfu: fl
     for m in memory_mod.METHODS.values():
         add(f"bytes_per_param.{m.name}", {k: v for k, v in dataclasses.asdict(m).items() if k.endswith("param")},
             m.source)
-    add("activation_bytes_per_sbh", memory_mod.ACTIVATION_BYTES_PER_SBH, "Korthikanti et al. 2022, eq. 2")
-    add("attention_score_bytes_coef", memory_mod.ATTENTION_SCORE_BYTES_COEF,
-        "Korthikanti et al. 2022 (5·a·s/h; dropped with memory-efficient attention)")
-    add("checkpoint_bytes_per_sbh", memory_mod.CHECKPOINT_BYTES_PER_SBH, "Korthikanti et al. 2022 §4")
-    add("logits_bytes_per_element", memory_mod.LOGITS_BYTES_PER_ELEMENT, "bf16 logits + fp32 upcast + fp32 grad")
+    for (method, checkpointing), measured in memory_mod.MEASURED.items():
+        add(f"step_bytes.{method}{'.checkpointing' if checkpointing else ''}",
+            {"layer": measured.layer, "phases": measured.phases}, measured.source)
+    add("chunk_tokens", memory_mod.CHUNK_TOKENS, "trainer/loss.py: positions per chunk of the completion loss")
     add("overhead_fixed_bytes", memory_mod.OVERHEAD_FIXED_BYTES, "prior: CUDA context and workspaces")
     add("overhead_fraction", memory_mod.OVERHEAD_FRACTION, "prior: allocator fragmentation")
     return tuple(c)
@@ -132,6 +136,7 @@ def build_plan(
     bits_per_param: float | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    packing: bool = False,
     gpu: str = DEFAULT_GPU,
     num_gpus: int | None = None,
     fullft_lr: float | None = None,
@@ -152,7 +157,9 @@ def build_plan(
         profile: a `planner.profile.DatasetProfile`, or None for no capacity verdict.
         bits_per_param: adapter capacity per parameter; None: the study's measurement when
             planner/calibration.json has one, else the 2 bits/param prior.
-        seq_len, batch_size: tokens per sequence and sequences per optimizer step (effective).
+        seq_len, batch_size: max_length (tokens per sequence) and sequences per optimizer step (effective).
+        packing: the run packs examples into rows of seq_len (else each micro-batch is padded to
+            its longest example); with a profile, memory is sized at the row width this gives.
         gpu, num_gpus: the GPU kind, and a fixed count (None: the fewest that fit).
         fullft_lr: the FullFT LR to scale (None: tinker-cookbook's formula).
         steps: optimizer steps (None: from the profile and `epochs` when there is one).
@@ -200,6 +207,9 @@ def build_plan(
             tokens = round(epochs * int(profile.total_tokens))
     if tokens is None and steps is not None:
         tokens = steps * batch_size * seq_len  # every sequence full: an upper bound
+    token_lengths = getattr(profile, "token_lengths", ())
+    lengths = plan_lengths(token_lengths, seq_len, packing) if token_lengths else None
+    memory_seq_len = lengths.memory_seq_len if lengths else seq_len
 
     advice = advice_mod.advise(shape, batch_size, fullft_lr, steps, calibration)
     flops = flops_mod.estimate_flops(shape, lora, seq_len)
@@ -208,11 +218,11 @@ def build_plan(
         run = flops_mod.estimate_run_time(flops, tokens, gpu_spec, num_gpus or 1, mfu)
     methods = tuple(memory_mod.METHODS)
     memory = tuple(
-        memory_mod.estimate_memory(shape, lora.total, method, seq_len, 1, n)
+        memory_mod.estimate_memory(shape, lora.total, method, memory_seq_len, 1, n)
         for method in methods for n in CHART_GPU_COUNTS
     )
     hardware = tuple(
-        memory_mod.fit_hardware(shape, lora.total, method, gpu_spec, seq_len, batch_size, num_gpus)
+        memory_mod.fit_hardware(shape, lora.total, method, gpu_spec, memory_seq_len, batch_size, num_gpus)
         for method in methods
     )
     all_notes = list(notes)
@@ -224,17 +234,35 @@ def build_plan(
                 "total": "all experts, peft's docs",
                 "none": "no division"}[expert_rank_divisor] + ")."
         )
+        if lora.unadapted:
+            all_notes.append(
+                f"peft re-targets gate_proj/up_proj/down_proj of {shape.model_type} models to the fused experts "
+                f"(transformers 5 weight conversion), so {', '.join(lora.unadapted)} get no adapter: the count is "
+                "what the trainer builds; the blog's rule adapts every MLP."
+            )
+        if targets != "all-linear":
+            peft_all = count_lora_params(shape, rank, "all-linear", expert_rank_divisor, target_unembedding).total
+            if peft_all != lora.total:
+                all_notes.append(
+                    f"peft's own target_modules='all-linear' would build {peft_all:,} adapter parameters "
+                    f"({peft_all / lora.total:.2f}x this plan): every expert at rank {rank} instead of the blog's "
+                    f"rank per expert {lora.expert_rank}, experts.gate_up_proj at rank {2 * rank} (gate and up fused), "
+                    "and the router adapted. Plan it with --targets all-linear."
+                )
         if lora.by_role.get("routed_expert"):
             all_notes.append(
                 "peft adapts the fused 3-D expert weights through target_parameters, which rebuilds W + ΔW "
-                "for all experts with torch parametrize on every forward; its transient memory and FLOPs "
-                "(per step, not per token) are not modelled: check them on a GPU."
+                "for all experts with torch parametrize on every forward and keeps it for the backward: 2 bytes per "
+                "expert weight per layer in the LoRA memory (measured), and FLOPs per step that are not modelled."
             )
     all_notes.append("Attention-score FLOPs count the full s×s matrix (MFU convention); causal kernels do about half.")
-    all_notes.append("Memory: activations per Korthikanti et al. 2022 for a GPT block with memory-efficient "
-                     "attention; QLoRA assumes every matrix but the embedding and lm_head is 4-bit.")
+    all_notes.append("Memory: allocated bytes at the step's peak from constants measured on the trainer's own step "
+                     "(planner/memory.py); CUDA context, kernel workspaces and fragmentation are a stated overhead. "
+                     "QLoRA (not measured: the trainer has no QLoRA path) assumes every matrix but the embedding and "
+                     "lm_head is 4-bit and LoRA's activations.")
     settings = {
-        "seq_len": seq_len, "batch_size": batch_size, "gpu": gpu_spec.name, "num_gpus": num_gpus,
+        "seq_len": seq_len, "memory_seq_len": memory_seq_len, "packing": packing, "batch_size": batch_size,
+        "gpu": gpu_spec.name, "num_gpus": num_gpus,
         "steps": steps, "epochs": epochs, "tokens": tokens, "mfu": mfu, "bits_per_param": bits_per_param,
         "bits_per_param_source": bits_source, "target_unembedding": target_unembedding,
     }
@@ -256,4 +284,5 @@ def build_plan(
         constants=_constants(bits_per_param, bits_source,
                              advice_mod.short_run_multiplier_constant(calibration).to_dict(), mfu),
         notes=tuple(all_notes),
+        lengths=lengths,
     )

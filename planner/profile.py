@@ -50,6 +50,8 @@ class DatasetProfile:
         bits_per_completion_token: information_bits / completion_tokens (None for RL).
         tokenizer: the tokenizer's name or path (None for RL).
         notes: what the numbers mean and how they were obtained, one sentence each.
+        token_lengths: the tokenized examples' lengths (prompt + completion, untruncated), sorted;
+            the sample's when sampled; empty for RL. `planner.lengths` turns them into a plan.
     """
 
     source: str
@@ -65,15 +67,18 @@ class DatasetProfile:
     bits_per_completion_token: float | None
     tokenizer: str | None
     notes: tuple[str, ...] = ()
+    token_lengths: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["notes"] = list(self.notes)
+        data["token_lengths"] = list(self.token_lengths)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> DatasetProfile:
-        return cls(**{**data, "notes": tuple(data.get("notes", ()))})
+        return cls(**{**data, "notes": tuple(data.get("notes", ())),
+                      "token_lengths": tuple(data.get("token_lengths", ()))})
 
 
 def extrapolate_total(values: list[float], population: int) -> tuple[float, float]:
@@ -226,6 +231,7 @@ def profile_dataset(
         bits_per_completion_token=bits / completion_tokens if completion_tokens else None,
         tokenizer=tokenizer_name,
         notes=tuple(notes),
+        token_lengths=tuple(sorted(len(e.input_ids) for e in examples)),
     )
 
 

@@ -22,7 +22,7 @@ CHARTS = {
     "capacity.png": "Adapter capacity (bits) vs dataset bits over ranks 1-512",
     "memory.png": "Memory per GPU by method and GPU count (micro-batch 1)",
 }
-_MEMORY_PARTS = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "logits_bytes",
+_MEMORY_PARTS = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes",
                  "overhead_bytes")
 
 
@@ -52,6 +52,16 @@ def _hours(plan: CapacityPlan, fit) -> float:
     return gpu_hours / fit.num_gpus
 
 
+def _lengths_line(n) -> str:
+    """The token-length distribution, what max_length cuts, and the row width memory is sized at."""
+    width = ("packed rows of max_length" if n.packing else
+             "each micro-batch padded to its longest example, at most max_length")
+    return (f"Lengths ({n.examples:,} examples, tokens): p50 {n.p50_tokens:,}, p95 {n.p95_tokens:,}, max "
+            f"{n.max_tokens:,}; max_length {n.max_length:,} truncates {n.truncated_share:.1%}; suggested max_length "
+            f"{n.suggested_max_length:,} (truncates {n.suggested_truncated_share:.1%}); memory sized at "
+            f"{n.memory_seq_len:,} tokens per row ({width})")
+
+
 def summary_lines(plan: CapacityPlan) -> list[str]:
     """The plan in a few readable lines (the CLI's output without --json)."""
     m, lora = plan.model, plan.lora
@@ -70,6 +80,8 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
         lines.append(f"Dataset {d['source']} ({d['format']}): {d['examples']:,} examples{tokens}, "
                      f"{_num(d['information_bits'])} bits ({d['information_method']})"
                      + (f", tokenizer {d['tokenizer']}" if d["tokenizer"] else ""))
+    if plan.lengths is not None:
+        lines.append(_lengths_line(plan.lengths))
     c = plan.capacity
     if c is not None:
         ratio = "inf" if c.capacity_over_data is None else f"{c.capacity_over_data:.2f}"
@@ -98,7 +110,7 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
         r = plan.run
         lines.append(f"Run of {_num(r.tokens)} tokens on {r.gpu} at MFU {r.mfu:g}: FullFT "
                      f"{r.fullft_gpu_hours:.3g} GPU-hours, LoRA {r.lora_gpu_hours:.3g} GPU-hours")
-    lines.append(f"Fewest {plan.settings['gpu']} per method (seq_len {plan.settings['seq_len']}, "
+    lines.append(f"Fewest {plan.settings['gpu']} per method ({plan.settings['memory_seq_len']} tokens per row, "
                  f"batch {plan.settings['batch_size']}, FSDP/ZeRO-3 sharding):")
     for fit in plan.hardware:
         if fit.num_gpus is None:
@@ -110,7 +122,22 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
                          + (f"; effective batch {fit.effective_batch}" if fit.effective_batch != plan.settings["batch_size"]
                             else "")
                          + (f"; {_duration(_hours(plan, fit) * 3600)} wall" if plan.run else ""))
+    if plan.measured:
+        lines.append("Measured peak per GPU (the trainer's own step on fake tensors under PyTorch's MemTracker; "
+                     "allocated bytes, without CUDA context, kernel workspaces or fragmentation):")
+        lines += [_measured_line(row) for row in plan.measured]
     return lines
+
+
+def _measured_line(row: dict) -> str:
+    where = (f"{row['num_gpus']} GPU{'s' if row['num_gpus'] > 1 else ''}, micro-batch {row['micro_batch']}, "
+             f"grad accum {row['grad_accum_steps']}" + (", gradient checkpointing" if row["gradient_checkpointing"] else ""))
+    if "error" in row:
+        return f"  {row['method']:9s}: not measured ({row['error']}); planner {_gb(row['planner_bytes'])} at {where}"
+    layers = ", ".join(" + ".join(f"{n} {kind}" for kind, n in counts.items()) for counts in row["measured_layers"])
+    return (f"  {row['method']:9s}: measured {_gb(row['measured_bytes'])}, planner {_gb(row['planner_bytes'])} "
+            f"({row['ratio']:.2f}x) at {where}; peak in {row['peak_phase']}; layers run {layers}, extrapolated "
+            f"to the model's depth; {row['seconds']:.0f} s")
 
 
 def _capacity_chart(plan: CapacityPlan, path: Path) -> None:
@@ -159,7 +186,7 @@ def _memory_chart(plan: CapacityPlan, path: Path) -> None:
     ax.axhline(gpu.memory_bytes / 1e9, color="black", ls="--", label=f"{gpu.name} memory")
     ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=90)
     ax.set_ylabel("GB per GPU")
-    ax.set_title(f"{plan.model['name']}: memory at seq_len {plan.settings['seq_len']}, micro-batch 1")
+    ax.set_title(f"{plan.model['name']}: memory at {plan.settings['memory_seq_len']} tokens per row, micro-batch 1")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -176,7 +203,7 @@ def render_markdown(plan: CapacityPlan) -> str:
     lines += [f"| {m.name} | {m.role} | {m.d_in} | {m.d_out} | {m.count} | {m.rank} | {m.params:,} |"
               for m in plan.lora.matrices]
     lines += ["", "## Memory per GPU (micro-batch 1)", "",
-              "| method | GPUs | weights | grads | optimizer | activations | logits | overhead | total |",
+              "| method | GPUs | weights | grads | optimizer | activations | temporaries | overhead | total |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {m.method} | {m.num_gpus} | " + " | ".join(_gb(getattr(m, p)) for p in _MEMORY_PARTS)
               + f" | {_gb(m.total_bytes)} |" for m in plan.memory]

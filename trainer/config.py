@@ -73,6 +73,8 @@ class TrainConfig:
     packing: bool = False
     #: Seed for the held-out split, data order and LoRA init; LoRA and full with one seed see the same data.
     seed: int = 0
+    #: Seed of the held-out split alone; None = `seed`. Seed replicates fix it so all score the same examples.
+    split_seed: int | None = None
     #: "constant" (the paper's protocol) or "cosine" decay to 0 at max_steps.
     lr_schedule: str = "constant"
     #: Linear warm-up steps from 0 to `lr`; 0 as in the paper.
@@ -87,8 +89,9 @@ class TrainConfig:
     max_grad_norm: float | None = None
     #: Held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
     eval_points: int = 8
-    #: Held-out examples evaluated (the first N of the held-out set); None = all. 256 keeps evals cheap.
-    eval_max_examples: int | None = 256
+    #: Held-out examples evaluated (the first N of the held-out set); None = all. The regret's interval
+    #: narrows as 1/sqrt(examples) (docs/EVALUATION.md); 1000 bounds the cost of each evaluation.
+    eval_max_examples: int | None = 1000
     #: Save a resumable checkpoint every N optimizer steps; 0 = never. 50 bounds lost work to 50 steps.
     checkpoint_every: int = 50
     #: Checkpoints kept on disk (newest first); 1 is enough to resume.
@@ -113,6 +116,11 @@ class TrainConfig:
             self.lr = DEFAULT_LORA_LR if self.method == "lora" else DEFAULT_FULL_LR
         if self.output_dir is None:
             self.output_dir = f"runs/{self.method}" + (f"-r{self.rank}" if self.method == "lora" else "")
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed `split_rows` uses to choose the held-out examples."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

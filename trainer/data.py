@@ -16,6 +16,8 @@ packed, so its loss does not depend on `packing`.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -54,6 +56,13 @@ def to_sequence(example) -> Sequence:
     return Sequence(ids, targets, list(range(len(ids))))
 
 
+def example_id(seq: Sequence) -> str:
+    """16 hex chars naming a tokenized example (its tokens and targets): two runs scored the same
+    held-out examples exactly when their lists of ids are equal."""
+    payload = json.dumps([seq.input_ids, seq.targets], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence]:
     """Greedily concatenate whole sequences (in a seeded order) into rows of <= max_length tokens."""
     order = list(range(len(sequences)))
@@ -88,7 +97,7 @@ def prepare_data(config, tokenizer) -> PreparedData:
         raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
     fmt = detect_format(rows, source=config.dataset)
     if config.eval_dataset is None:
-        train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
+        train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.held_out_seed)
         eval_fmt = fmt
     else:
         train_rows = rows

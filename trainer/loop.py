@@ -15,6 +15,7 @@ gradient independent of how the step is split into micro-batches and processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,17 +32,10 @@ import torch
 from planner.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
-from trainer.data import collate, micro_batches, prepare_data, step_indices
+from trainer.data import collate, example_id, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
-from trainer.model import (
-    apply_lora,
-    count_trainable,
-    load_base_model,
-    load_base_tokenizer,
-    resolve_targets,
-    save_trained,
-)
-from trainer.result import TrainResult
+from trainer.model import count_trainable, load_base_model, load_base_tokenizer, prepare_model, save_trained
+from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
 
 
 def eval_steps(max_steps: int, points: int) -> list[int]:
@@ -99,11 +93,10 @@ def _preflight_dirs(config: TrainConfig) -> Path | None:
 
 @dataclass(frozen=True)
 class HeldOutNll:
-    """The held-out loss (nats per completion token) and its per-example parts, in example order."""
+    """The held-out loss (nats per completion token) and each example's summed NLL, in example order."""
 
     loss: float
     example_nll: list[float]
-    example_tokens: list[int]
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -114,7 +107,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
-    """Held-out loss and each example's NLL sum and token count; examples sharded over processes.
+    """Held-out loss and each example's NLL sum; examples sharded over processes.
 
     Every process fills its examples' slots of a zero vector and a sum-reduction assembles them, so
     every process ends with all examples, in order.
@@ -122,22 +115,38 @@ def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
     model.eval()
     device = accelerator.device
     nll_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-    tokens_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     mine = list(range(accelerator.process_index, len(seqs), accelerator.num_processes))
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
             rows = mine[i : i + batch_size]
             nll = completion_nll(model, collate([seqs[j] for j in rows], pad_id, packed=False).to(device), head=head)
-            index = torch.tensor(rows, device=device)
-            nll_n[index] = nll.example_nll_B
-            tokens_n[index] = nll.example_tokens_B.double()
+            nll_n[torch.tensor(rows, device=device)] = nll.example_nll_B
     model.train()
-    nll_n, tokens_n = accelerator.reduce(torch.stack([nll_n, tokens_n]), reduction="sum")
-    return HeldOutNll((nll_n.sum() / tokens_n.sum()).item(), nll_n.tolist(), [int(t) for t in tokens_n.tolist()])
+    nll_n = accelerator.reduce(nll_n, reduction="sum")
+    return HeldOutNll(nll_n.sum().item() / sum(s.loss_tokens for s in seqs), nll_n.tolist())
+
+
+def precision(config: TrainConfig, use_cuda: bool) -> tuple[str, str]:
+    """(mixed_precision, base_dtype) of a run: on CUDA bf16 autocast and, for LoRA, a bf16 frozen base;
+    on CPU fp32 throughout (CPU bf16 kernels are slow). Explicit config values win."""
+    mixed_precision = {"auto": "bf16" if use_cuda else "no"}.get(config.mixed_precision, config.mixed_precision)
+    base_dtype = config.base_dtype
+    if base_dtype == "auto":
+        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
+    return mixed_precision, base_dtype
+
+
+def build_optimizer(model, config: TrainConfig, use_cuda: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel on CUDA (one launch, no foreach copies)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay, fused=True if use_cuda else None,
+    )
 
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json.
+    """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json
+    and eval_examples.json (per-example held-out NLL, `trainer.result.EVAL_EXAMPLES_FILE`).
 
     Raises:
         UserError: bad input (data, targets, rank, output/resume paths), always before the first step
@@ -153,7 +162,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     resume_from = _preflight_dirs(config)
     final_dir, run_dir = _run_dirs(config)
     use_cuda = torch.cuda.is_available()
-    mixed_precision = {"auto": "bf16" if use_cuda else "no"}.get(config.mixed_precision, config.mixed_precision)
+    mixed_precision, base_dtype = precision(config, use_cuda)
     # cpu=True without CUDA: under torchrun / accelerate launch, accelerate then runs DDP over gloo.
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
     if accelerator.distributed_type == DistributedType.FSDP and (config.checkpoint_every or resume_from):
@@ -183,19 +192,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
     config_hash = config.hash(data.fingerprint)
 
-    base_dtype = config.base_dtype
-    if base_dtype == "auto":
-        base_dtype = "bfloat16" if (config.method == "lora" and use_cuda) else "float32"
-    model = load_base_model(config.model, base_dtype)
-    if config.method == "lora":
-        plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor,
-                               config.target_unembedding)
-        model = apply_lora(model, config.rank, config.alpha, plan)
-        what = f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
-    else:
-        what = "full fine-tuning"
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, what = prepare_model(load_base_model(config.model, base_dtype), config)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
 
@@ -210,10 +207,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                 "or start a fresh run in another output_dir."
             )
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay, fused=True if use_cuda else None,
-    )
+    optimizer = build_optimizer(model, config, use_cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -224,11 +218,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     say(f"loss: {loss_path}")
 
     curves: dict[str, list] = {"train": [], "eval": []}
+    eval_nll: list = []  # [step, per-example held-out NLL sums] at each eval step
     start_step, tokens_total = 0, 0
     if resume_state is not None:
         ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
         start_step, tokens_total = resume_state["step"], resume_state["tokens"]
-        curves = resume_state["curves"]
+        curves, eval_nll = resume_state["curves"], resume_state["eval_nll"]
         say(f"resumed from {resume_from} at step {start_step}")
 
     # ---- from here on we write: the partial run directory, renamed to output_dir at the end -----
@@ -242,8 +237,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     # ---- train --------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
     evals_at = set(eval_steps(config.max_steps, config.eval_points))
+
+    def evaluate(at_step: int) -> None:
+        held_out = _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head)
+        curves["eval"].append([at_step, held_out.loss])
+        eval_nll.append([at_step, held_out.example_nll])
+
     if start_step == 0:
-        curves["eval"].append([0, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head).loss])
+        evaluate(0)
         say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
     model.train()
     step_time, step_tokens_run = 0.0, 0
@@ -278,14 +279,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         curves["train"].append([step + 1, train_loss])
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_tokens_run / step_time:,.0f}")
         if step + 1 in evals_at:
-            curves["eval"].append([step + 1, _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head).loss])
+            evaluate(step + 1)
             say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(
                     run_dir, step + 1, unwrapped, optimizer, scheduler,
                     {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
-                     "examples_seen": (step + 1) * global_batch, "curves": curves},
+                     "examples_seen": (step + 1) * global_batch, "curves": curves, "eval_nll": eval_nll},
                     keep=config.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
@@ -295,6 +296,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     wall_s = time.perf_counter() - started
     peak_bytes, peak_kind = _peak_memory(accelerator.device)
     sub = "adapter" if config.method == "lora" else "model"
+    held_out_ids = [example_id(s) for s in data.eval]
     result = TrainResult(
         method=config.method,
         output_dir=str(final_dir),
@@ -318,10 +320,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         save_trained(unwrapped, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
                      state_dict=state_dict)
         (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
+        (run_dir / EVAL_EXAMPLES_FILE).write_text(json.dumps(
+            {"example_ids": held_out_ids, "tokens": [s.loss_tokens for s in data.eval], "nll": eval_nll}))
         summary = {
             **result.to_dict(),
             "config": config.to_dict(),
             "data": data.stats,
+            "data_fingerprint": data.fingerprint,
+            "heldout_fingerprint": hashlib.sha256(" ".join(held_out_ids).encode()).hexdigest()[:16],
             "resumed_from_step": start_step or None,
             "processes": accelerator.num_processes,
             "global_batch": global_batch,

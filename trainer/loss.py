@@ -39,17 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.dataset import IGNORE_INDEX
-
-# Causal LMs whose logits are exactly `lm_head(final hidden states)` in transformers 5 (read in
-# each `modeling_<type>.py`: no soft-capping, no logit scale after the head). Gemma 2/3 (soft-capping),
-# Cohere (logit_scale) and Granite (logits_scaling) are not, and use the full-logits path.
-CHUNKED_MODEL_TYPES = frozenset({
-    "deepseek_v3", "gemma", "gpt_oss", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
-    "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
-})
-# Positions per chunk: bounds the fp32 logits held at once to CHUNK_TOKENS × V × 4 bytes
-# (128k vocabulary: 2.1 GB) while keeping each matmul large enough to run at full speed.
-CHUNK_TOKENS = 4096
+from planner.memory import CHUNK_TOKENS, CHUNKED_MODEL_TYPES  # torch-free: the planner sizes the same loss
 
 
 @dataclass(frozen=True)

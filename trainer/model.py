@@ -122,6 +122,20 @@ def load_base_model(ref: str, dtype: str | torch.dtype = "float32", device: str 
     return model.to(device) if device is not None else model
 
 
+def model_from_config(model_config: dict, dtype: str | torch.dtype = "float32"):
+    """A causal LM built from a config.json dictionary, with freshly initialised weights in `dtype`:
+    the architecture `load_base_model` would load, without the checkpoint (e.g. on fake or meta
+    tensors, to count or measure)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {k: v for k, v in model_config.items() if k != "model_type"}
+    try:
+        config = AutoConfig.for_model(model_config.get("model_type", ""), **values)
+    except (ValueError, TypeError) as exc:  # unknown model_type, or a config transformers rejects
+        raise UserError(f"transformers cannot build this model config: {exc}") from exc
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+
+
 def load_base_tokenizer(ref: str):
     """The tokenizer of `ref` (from the GGUF cache for GGUF bases); pad token = EOS if it has none."""
     from transformers import AutoTokenizer
@@ -187,11 +201,17 @@ def resolve_targets(
     Raises:
         UserError: an unknown target name, or a rank the model cannot take.
     """
+    from planner.lora import peft_retargets
+
     output = model.get_output_embeddings()
+    model_type = getattr(model.config, "model_type", "")
     linears: dict[str, nn.Linear] = {}
     experts: dict[str, torch.Tensor] = {}  # "…mlp.experts.gate_up_proj" -> (E, d_out, d_in)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not output:
+        # peft re-targets gate/up/down_proj of these MoE families to the fused experts: such a linear
+        # (a dense MLP, a shared expert) would get no adapter, so it is not offered as a target.
+        if isinstance(module, nn.Linear) and module is not output and not (
+                _role(name) == "mlp" and peft_retargets(model_type, name)):
             linears[name] = module
         for pname, param in module.named_parameters(recurse=False):
             if param.ndim == 3 and _role(name) == "mlp":
@@ -284,7 +304,28 @@ def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*target_parameters.*", category=UserWarning)
         warnings.filterwarnings("ignore", message="The following rank_pattern keys", category=RuntimeWarning)
+        # transformers 5 deprecates the attribute peft 0.21 reads; nothing for us to change.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def prepare_model(model: nn.Module, config) -> tuple[nn.Module, str]:
+    """What a run trains, on a loaded base model: peft LoRA adapters (method lora) and gradient
+    checkpointing when asked; returns the model and a description (`config` is a TrainConfig).
+
+    Raises:
+        UserError: targets or rank the model cannot take (from `resolve_targets`).
+    """
+    if config.method == "lora":
+        plan = resolve_targets(model, config.rank, config.targets, config.expert_rank_divisor,
+                               config.target_unembedding)
+        model = apply_lora(model, config.rank, config.alpha, plan)
+        what = f"LoRA r={config.rank} alpha={config.alpha:g} on {plan.describe()}"
+    else:
+        what = "full fine-tuning"
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, what
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# Written by the trainer next to curves.json: each held-out example's id (`trainer.data.example_id`),
+# completion-token count and summed NLL (nats) at every eval step, {"example_ids": [...],
+# "tokens": [...], "nll": [[step, [per-example NLL, ...]], ...]}. The paired regret statistics of
+# `evaluation.compare` read it.
+EVAL_EXAMPLES_FILE = "eval_examples.json"
+
 
 @dataclass(frozen=True)
 class TrainResult:

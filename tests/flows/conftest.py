@@ -15,6 +15,17 @@ def _no_user_stores(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+@pytest.fixture
+def restore_environ():
+    """The CLI handlers export their defaults into os.environ; put it back after each test."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def flow_settings(tmp_path_factory):
     """FlowSettings rooted in a temporary working directory; MLflow's fluent API points there."""

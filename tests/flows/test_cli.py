@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-
-import pytest
 
 from flows.cli import main
 from flows.commands import DEMO_CONFIG
 from flows.config import load_pipeline_config
-
-
-@pytest.fixture
-def restore_environ():
-    """The handlers export their defaults into os.environ; put it back after each test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_help_lists_the_flow_commands():

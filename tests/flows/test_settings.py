@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from flows.settings import apply_environment, ensure_experiment, load_settings
 
 
@@ -27,13 +25,6 @@ def test_user_variables_win(tmp_path):
     assert str(settings.result_storage) == "/data/results"
     assert load_settings(tmp_path, environ=env | {"MLFLOW_REGISTRY_URI": "sqlite:///r.db"}).registry_uri == "sqlite:///r.db"
 
-
-@pytest.fixture
-def restore_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_apply_environment_keeps_what_is_set(tmp_path, restore_environ):

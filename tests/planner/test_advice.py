@@ -3,7 +3,6 @@
 import pytest
 
 from planner.advice import advise, batch_level
-from planner.errors import UserError
 from planner.shapes import load_shape
 
 
@@ -30,9 +29,12 @@ def test_fullft_multiplier(steps, lr, anecdotal):
     assert a.anecdotal is anecdotal
 
 
-def test_unknown_family_needs_fullft_lr():
-    with pytest.raises(UserError, match="--fullft-lr"):
-        advise(load_shape("Mixtral-8x7B"), 32)
+def test_unknown_family_plans_without_an_lr_and_says_what_is_missing():
+    a = advise(load_shape("Mixtral-8x7B"), 32)
+    assert a.lora_lr is None and a.family is None
+    assert "--fullft-lr" in a.messages[0] and "not computed" in a.messages[0]
+    assert a.batch_level == "ok"  # the rest of the advice stands
+    assert advise(load_shape("Mixtral-8x7B"), 32, fullft_lr=1e-5).lora_lr == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("batch, level", [(1, "ok"), (32, "ok"), (33, "small-penalty"), (128, "small-penalty"),
@@ -46,3 +48,12 @@ def test_architecture_only_match_is_flagged():
     a = advise(load_shape("SmolLM2-135M"), 32)  # model_type llama, not a Llama checkpoint
     assert a.family == "llama" and any("only shares the architecture" in m for m in a.messages)
     assert not any("only shares" in m for m in advise(load_shape("Llama-3.1-8B"), 32).messages)
+
+
+def test_lr_disagreement_names_both_lrs():
+    from planner.advice import lr_disagreement
+
+    advice = advise(load_shape("Llama-3.1-8B"), 4, fullft_lr=1.3e-4, steps=16)  # 15 x 1.3e-4 = 1.95e-3
+    assert lr_disagreement(1.95e-3, advice) is None and lr_disagreement(2.0e-3, advice) is None
+    warning = lr_disagreement(1.3e-3, advice)
+    assert "configured LoRA LR 0.0013 is 0.67x the plan's advice 0.00195 (15 × the FullFT LR 0.00013)" in warning

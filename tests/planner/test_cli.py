@@ -33,7 +33,6 @@ def test_summary_and_report(capsys, tmp_path):
         (["--model", "Qwen3-8B", "--rank", "0"], "--rank must be a positive integer"),
         (["--model", "Qwen3-8B", "--rank", "8", "--seq-len", "-5"], "--seq-len must be a positive integer"),
         (["--model", "Qwen3-8B", "--rank", "8", "--gpu", "TPU"], "Unknown GPU"),
-        (["--model", "Mixtral-8x7B", "--rank", "8"], "--fullft-lr"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, argv, message):
@@ -42,6 +41,14 @@ def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, argv, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["Mixtral-8x7B", "DeepSeek-V3"])
+def test_family_without_lr_rule_plans_everything_else(capsys, model):
+    assert main(["plan", "--model", model, "--rank", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Advice: LoRA LR not computed" in out and "--fullft-lr" in out
+    assert "Fewest H100-80GB-SXM per method" in out and "lora     :" in out
 
 
 def test_malformed_config_is_user_error(capsys, tmp_path):
@@ -61,3 +68,22 @@ def test_subprocess_is_fast_and_clean():
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "plan", "--model", "nope", "--rank", "1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stdout == ""
+
+
+def test_measure_prints_the_measured_peak_beside_the_plan(capsys, tmp_path):
+    """--measure runs the trainer's step on fake tensors for each method the trainer has."""
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["plan", "--model", str(tmp_path / "config.json"), "--rank", "4", "--seq-len", "256", "--measure",
+                 "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0 and "Measured peak per GPU" in out
+    for method in ("full", "full_bf16", "lora"):
+        line = next(x for x in out.splitlines() if x.startswith(f"  {method:9s}: measured"))
+        assert "planner" in line and "x) at 1 GPU" in line
+    assert "qlora    : not measured (the trainer has no QLoRA path to run)" in out
+    rows = json.loads((tmp_path / "r" / "plan.json").read_text())["measured"]
+    assert [r["method"] for r in rows] == ["full", "full_bf16", "lora", "qlora"]
+    assert all(r["measured_layers"] == [{"dense": 2}, {"dense": 3}] for r in rows[:3])
+    assert all(r["ratio"] == pytest.approx(r["planner_bytes"] / r["measured_bytes"]) for r in rows[:3])

@@ -54,10 +54,27 @@ def test_deepseek_v3_mla_and_shared_experts():
     # MLA per layer: q_a 7168→1536, q_b 1536→128·192, kv_a 7168→576, kv_b 512→128·256, o 128·128→7168
     mla = (7168 + 1536) + (1536 + 24576) + (7168 + 576) + (512 + 32768) + (16384 + 7168)
     assert count.by_role["attention"] == 8 * 61 * mla
-    assert count.by_role["mlp"] == 8 * 3 * (2 * (7168 + 18432) + (18432 + 7168))
-    assert count.by_role["shared_expert"] == 8 * 58 * (2 * (7168 + 2048) + (2048 + 7168))
+    # peft re-targets gate/up/down_proj to the fused experts: the 3 dense MLPs and the shared experts
+    # get no adapter (tests/trainer/test_planner_count.py builds the model and checks the count).
+    assert "mlp" not in count.by_role and "shared_expert" not in count.by_role
+    assert set(count.unadapted) == {"gate_proj", "up_proj", "down_proj", "shared_experts.gate_proj",
+                                    "shared_experts.up_proj", "shared_experts.down_proj"}
     assert count.by_role["routed_expert"] == 1 * 58 * 256 * ((7168 + 4096) + (2048 + 7168))
-    assert set(count.per_layer) == {"dense", "moe"}
+    assert count.total == count.by_role["attention"] + count.by_role["routed_expert"]
+    assert count.per_layer == {"dense": 8 * mla, "moe": 8 * mla + 1 * 256 * ((7168 + 4096) + (2048 + 7168))}
+
+
+def test_all_linear_is_what_peft_builds_on_moe():
+    """peft's all-linear on Qwen3-30B-A3B: experts at full rank, gate_up at 2r, the router adapted
+    (tests/trainer/test_planner_count.py compares with peft itself)."""
+    shape = load_shape("Qwen3-30B-A3B")
+    count = count_lora_params(shape, 16, "all-linear")
+    attention = 16 * 48 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048))
+    experts = 48 * 128 * (32 * (2048 + 1536) + 16 * (768 + 2048))
+    router = 16 * 48 * (2048 + 128)
+    assert count.total == attention + experts + router
+    assert count_lora_params(load_shape(LLAMA_8B), 16, "all-linear").total == count_lora_params(
+        load_shape(LLAMA_8B), 16).total
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,9 @@ def test_exact_totals_when_sample_covers_everything(tok, tmp_path):
     assert p.total_tokens_stderr == 0 and p.completion_tokens_stderr == 0
     assert p.information_method == "prior" and p.information_bits == pytest.approx(1.5 * completion)
     assert p.bits_per_completion_token == pytest.approx(1.5)
+    lengths = sorted(len(tok(r["prompt"])["input_ids"]) + len(tok(r["completion"], add_special_tokens=False)["input_ids"])
+                     + 1 for r in rows)
+    assert p.token_lengths == tuple(lengths)  # every example's untruncated length, sorted
 
 
 def test_sampled_totals_bracket_the_truth(tok, tmp_path):
@@ -166,6 +169,7 @@ def test_profile_to_dict_is_json_and_round_trips(tok):
         "bits_per_completion_token",
         "tokenizer",
         "notes",
+        "token_lengths",
     }
     assert DatasetProfile.from_dict(data) == p
     assert DatasetProfile.from_dict(json.loads(json.dumps(profile_rl(5).to_dict()))) == profile_rl(5)

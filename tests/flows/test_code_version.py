@@ -1,0 +1,38 @@
+"""The baseline cache key covers every first-party file a training run executes, and only those."""
+
+import shutil
+from pathlib import Path
+
+from flows.tasks import code_version, training_sources
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _copy(tmp_path):
+    for package in ("planner", "trainer", "evaluation", "flows"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_tokenization_change_in_planner_changes_the_key(tmp_path):
+    copy = _copy(tmp_path)
+    before = code_version(copy)
+    assert before == code_version(ROOT)  # the key depends on the files, not on where they are
+    sources = {p.relative_to(copy).as_posix() for p in training_sources(copy)}
+    assert {"planner/dataset.py", "trainer/loop.py", "trainer/loss.py", "planner/builtin_datasets.py"} <= sources
+    dataset = copy / "planner" / "dataset.py"
+    text = dataset.read_text()
+    assert "def tokenize_example(" in text
+    dataset.write_text(text.replace("def tokenize_example(", "def tokenize_example(  # masking changed\n", 1))
+    code_version.cache_clear()
+    assert code_version(copy) != before
+
+
+def test_files_a_run_never_executes_leave_the_key_alone(tmp_path):
+    copy = _copy(tmp_path)
+    before = code_version(copy)
+    assert "planner/memory.py" not in {p.relative_to(copy).as_posix() for p in training_sources(copy)}
+    (copy / "planner" / "memory.py").write_text("# the planner's memory model changed\n")
+    (copy / "evaluation" / "compare.py").write_text("# the gate changed\n")
+    code_version.cache_clear()
+    assert code_version(copy) == before
