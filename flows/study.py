@@ -51,7 +51,7 @@ def run_parts(parts: list, settings, code: str) -> list:
                 futures[cell.key] = train_cell.submit(cell.train_config, fingerprint, code)
             records.append((part, cell))
     results = {key: future.result() for key, future in futures.items()}
-    return [Cell(part.experiment, part.name, dict(part.tags), cell.method, cell.rank, cell.lr, cell.label, cell.key,
+    return [Cell(part.experiment, part.name, part.tags | {"seed": cell.seed}, cell.method, cell.rank, cell.lr, cell.label, cell.key,
                  results[cell.key].output_dir) for part, cell in records]
 
 

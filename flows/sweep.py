@@ -59,7 +59,7 @@ def _cell_cache_key(context, parameters) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class GridCell:
-    """One (method, rank, LR) run of a sweep: its label, run key and TrainConfig (output under runs_dir)."""
+    """One (method, rank, LR, seed) run of a sweep: its label, run key and TrainConfig (output under runs_dir)."""
 
     method: str
     rank: int | None
@@ -67,18 +67,26 @@ class GridCell:
     label: str
     key: str
     train_config: object
+    seed: int = 0
 
 
 def grid_cells(config: SweepConfig, runs_dir, data_fingerprint: str, code: str) -> list[GridCell]:
-    """Every cell of `config`'s grid, each trained into `runs_dir/<label>-<run key>`."""
+    """Every cell of `config`'s grid, each trained into `runs_dir/<label>-<run key>`.
+
+    With `base.seeds` every (method, rank, LR) is trained once per seed, all on the first seed's
+    held-out split (as the pipeline's replicates), labelled `-seed<s>`; the first seed's run is the
+    same run (same key) as the cell of a sweep without seeds.
+    """
     base, cells = config.base, []
+    replicated = base.seeds is not None
     for method, rank, lr in config.grid():
-        train_config = base.train_config(method, rank=rank or base.rank, lr=lr)
-        key = tasks.run_key(train_config, data_fingerprint, code)
-        label = f"{method}-r{rank}-lr{lr:g}" if rank else f"{method}-lr{lr:g}"
-        train_config = base.train_config(method, rank=rank or base.rank, lr=lr,
-                                         output_dir=str(runs_dir / f"{label}-{key}"), overwrite=True)
-        cells.append(GridCell(method, rank, lr, label, key, train_config))
+        for seed in base.run_seeds:
+            train_config = base.train_config(method, rank=rank or base.rank, lr=lr, seed=seed)
+            key = tasks.run_key(train_config, data_fingerprint, code)
+            label = (f"{method}-r{rank}-lr{lr:g}" if rank else f"{method}-lr{lr:g}") + (f"-seed{seed}" if replicated else "")
+            train_config = base.train_config(method, rank=rank or base.rank, lr=lr, seed=seed,
+                                             output_dir=str(runs_dir / f"{label}-{key}"), overwrite=True)
+            cells.append(GridCell(method, rank, lr, label, key, train_config, seed))
     return cells
 
 

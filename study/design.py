@@ -234,7 +234,7 @@ def facts_lr_part(scale: Scale, base_model: str) -> Part:
     return Part("facts_lr", name,
                 _sweep(name, base_model, facts_dataset(n, scale.facts_choices), _facts_train(scale, n),
                        lora_lrs=scale.facts_lora_lrs, full_lrs=scale.facts_full_lrs, ranks=[scale.facts_lr_rank]),
-                {"n_facts": n, "targets": "all", "batch": scale.facts_batch, "seed": 0})
+                {"n_facts": n, "targets": "all", "batch": scale.facts_batch})
 
 
 def knee_parts(scale: Scale, base_model: str, lora_lr: float, full_lr: float) -> list[Part]:
@@ -245,7 +245,7 @@ def knee_parts(scale: Scale, base_model: str, lora_lr: float, full_lr: float) ->
         parts.append(Part("knee", name,
                           _sweep(name, base_model, facts_dataset(n, scale.facts_choices), _facts_train(scale, n),
                                  lora_lrs=[lora_lr], full_lrs=[full_lr], ranks=scale.knee_ranks),
-                          {"n_facts": n, "targets": "all", "batch": scale.facts_batch, "seed": 0}))
+                          {"n_facts": n, "targets": "all", "batch": scale.facts_batch}))
     return parts
 
 
@@ -271,7 +271,7 @@ def lr_parts(scale: Scale, facts_base: str) -> list[Part]:
         parts.append(Part("lr", name,
                           _sweep(name, _lr_model(scale, facts_base), corpus, _lr_train(scale),
                                  lora_lrs=scale.lr_lora_lrs, full_lrs=scale.lr_full_lrs, ranks=scale.lr_ranks),
-                          {"corpus": corpus, "targets": "all", "batch": scale.lr_batch, "seed": 0}))
+                          {"corpus": corpus, "targets": "all", "batch": scale.lr_batch}))
     return parts
 
 
@@ -295,28 +295,26 @@ def layers_parts(scale: Scale, facts_base: str, facts_lora_lr: float, lr_lora_lr
         parts.append(Part("layers", name,
                           _sweep(name, facts_base, facts_dataset(n, scale.facts_choices),
                                  _facts_train(scale, n, targets=targets), lora_lrs=[facts_lora_lr], ranks=[rank]),
-                          {"model": "facts", "n_facts": n, "targets": targets, "batch": scale.facts_batch, "seed": 0}))
+                          {"model": "facts", "n_facts": n, "targets": targets, "batch": scale.facts_batch}))
     corpus = scale.lr_corpora[0]
     for targets, rank in scale.lr_layer_cells:
         name = f"study-{scale.name}-lr-{corpus_label(corpus)}" + ("" if targets == "all" else f"-{targets}")
         parts.append(Part("layers", name,
                           _sweep(name, _lr_model(scale, facts_base), corpus, _lr_train(scale, targets=targets),
                                  lora_lrs=[lr_lora_lr], ranks=[rank]),
-                          {"model": "lr", "corpus": corpus, "targets": targets, "batch": scale.lr_batch, "seed": 0}))
+                          {"model": "lr", "corpus": corpus, "targets": targets, "batch": scale.lr_batch}))
     return parts
 
 
 def noise_parts(scale: Scale, facts_base: str, lora_lr: float, full_lr: float) -> list[Part]:
-    """The LR model's first corpus, LoRA (noise_rank) and FullFT at their chosen LRs, per seed."""
+    """The LR model's first corpus, LoRA (noise_rank) and FullFT at their chosen LRs, once per seed
+    (the sweep's `seeds`: one held-out split, the first seed's run is the LR sweep's own cell)."""
     corpus = scale.lr_corpora[0]
-    parts = []
-    for seed in scale.noise_seeds:
-        name = f"study-{scale.name}-lr-{corpus_label(corpus)}" + (f"-seed{seed}" if seed else "")
-        parts.append(Part("noise", name,
-                          _sweep(name, _lr_model(scale, facts_base), corpus, _lr_train(scale, seed=seed),
-                                 lora_lrs=[lora_lr], full_lrs=[full_lr], ranks=[scale.noise_rank]),
-                          {"corpus": corpus, "targets": "all", "batch": scale.lr_batch, "seed": seed}))
-    return parts
+    name = f"study-{scale.name}-lr-{corpus_label(corpus)}"
+    sweep = _sweep(name, _lr_model(scale, facts_base), corpus, _lr_train(scale),
+                   lora_lrs=[lora_lr], full_lrs=[full_lr], ranks=[scale.noise_rank])
+    sweep["base"]["seeds"] = [int(s) for s in scale.noise_seeds]
+    return [Part("noise", name, sweep, {"corpus": corpus, "targets": "all", "batch": scale.lr_batch})]
 
 
 def batch_parts(scale: Scale, facts_base: str, lora_lr: float, full_lr: float) -> list[Part]:
@@ -330,7 +328,7 @@ def batch_parts(scale: Scale, facts_base: str, lora_lr: float, full_lr: float) -
                           _sweep(name, facts_base, facts_dataset(scale.batch_facts, scale.facts_choices),
                                  _facts_train(scale, scale.batch_facts, batch=batch),
                                  lora_lrs=[lora_lr * factor], full_lrs=[full_lr * factor], ranks=[scale.batch_rank]),
-                          {"n_facts": scale.batch_facts, "targets": "all", "batch": batch, "seed": 0}))
+                          {"n_facts": scale.batch_facts, "targets": "all", "batch": batch}))
     return parts
 
 
