@@ -64,10 +64,11 @@ def choose_lrs(cells: list, scale_name: str):
 
 
 @task
-def edge_extensions(cells: list, parts: list) -> list:
+def edge_extensions(cells: list, parts: list, scale_name: str) -> list:
     from study.analysis import edge_extensions as extensions
+    from study.design import SCALES
 
-    return extensions(cells, parts)
+    return extensions(cells, parts, SCALES[scale_name].lr_max_extensions)
 
 
 @task
@@ -150,7 +151,7 @@ def study(scale_name: str = "full", workdir: str | None = None, calibrate_path: 
     stage2 = run_parts([d.facts_lr_part(scale, base), *lr_parts], settings, code)
     # Stage 3: everything at the LRs stage 2 found, and one more LR where a sweep hit its edge.
     lrs = choose_lrs(stage2, scale.name)
-    stage3 = run_parts(d.stage3_parts(scale, base, lrs, edge_extensions(stage2, lr_parts)), settings, code)
+    stage3 = run_parts(d.stage3_parts(scale, base, lrs, edge_extensions(stage2, lr_parts, scale.name)), settings, code)
     cells = [pretrained, memorised, *stage2, *stage3]
 
     provenance = calibrate.provenance(command, started, scale.name, [c.run_key for c in cells])

@@ -353,8 +353,9 @@ def choose_lrs(cells: list[Cell], scale: Scale):
                      lr_lora=best_lr(first, "lora", scale.noise_rank), lr_full=best_lr(first, "full"))
 
 
-def edge_extensions(cells: list[Cell], parts: list) -> list[tuple]:
-    """(part, method, rank, lr) for every LR-sweep group whose best grid LR is at an end of the grid."""
+def edge_extensions(cells: list[Cell], parts: list, limit: int | None = None) -> list[tuple]:
+    """(part, method, rank, lr) for every LR-sweep group whose best grid LR is at an end of the grid;
+    at most `limit` of them, FullFT groups first (every LoRA/FullFT ratio needs FullFT's optimum)."""
     from study.design import edge_extension_lr
 
     out = []
@@ -365,4 +366,5 @@ def edge_extensions(cells: list[Cell], parts: list) -> list[tuple]:
             lr = edge_extension_lr([c.lr for c in runs], min(runs, key=_final).lr)
             if lr is not None:
                 out.append((part, method, rank, lr))
-    return out
+    out.sort(key=lambda e: e[1] != "full")  # stable: corpus order, then rank order within each method
+    return out if limit is None else out[:limit]

@@ -51,8 +51,12 @@ class Scale:
     lr_model: str
     lr_corpora: tuple[str, ...]
     lr_ranks: tuple[int, ...]
+    # Ranks per corpus (aligned with lr_corpora); empty: lr_ranks on every corpus.
+    lr_corpus_ranks: tuple[tuple[int, ...], ...]
     lr_lora_lrs: tuple[float, ...]
     lr_full_lrs: tuple[float, ...]
+    # At most this many extra runs one grid step beyond an LR sweep's edge (FullFT groups first).
+    lr_max_extensions: int
     lr_steps: int
     lr_batch: int
     lr_max_length: int
@@ -75,33 +79,40 @@ class Scale:
         return math.ceil(self.knee_epochs * n_facts / (batch or self.facts_batch))
 
 
-# The numbers and why (measured in pilots on this 2-core machine; docs/STUDY.md "Design"):
+# The numbers and why (docs/STUDY.md "Scale"). A first design (60,000 pre-training facts, 400-1600
+# facts × ranks 1-32 at 80 passes, SmolLM2 runs of 16 steps at batch 4 on a 4-LR grid, 90 min on a
+# quiet 2-core CPU) did not fit the hour this CPU had on 2026-11-29, shared with three other
+# engineers (load average 8-14): a timing pilot measured SmolLM2 at ~8 s per step of 2×64 tokens and
+# ~20 s per 16-example eval, the facts model at ~0.9 s per step of 128 facts. This is the scale that
+# ran: ~35 SmolLM2 runs and ~25 facts-model runs in about an hour.
 FULL = Scale(
     name="full",
     model_spec=ModelSpec(),
     facts_choices=32,
-    pretrain_facts=60000,
-    pretrain_steps=469,
+    pretrain_facts=20000,
+    pretrain_steps=156,
     pretrain_lr=3e-3,
-    memorise_facts=1000,
-    memorise_steps=470,
-    facts_batch=64,
+    memorise_facts=256,
+    memorise_steps=120,
+    facts_batch=32,
     facts_max_length=48,
-    knee_sizes=(400, 800, 1600),
-    knee_ranks=(1, 2, 4, 8, 16, 32),
-    knee_epochs=80,
-    facts_lora_lrs=(1e-3, 3e-3, 1e-2),
+    knee_sizes=(64, 128, 256),
+    knee_ranks=(1, 4, 16),
+    knee_epochs=40,
+    facts_lora_lrs=(3e-3, 1e-2, 3e-2),
     facts_full_lrs=(1e-3, 3e-3, 1e-2),
     facts_lr_rank=4,
     lr_model=DEFAULT_MODEL,
     lr_corpora=("builtin:pydoc", "builtin:numpydoc"),
     lr_ranks=(1, 4, 16, 64),
-    lr_lora_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
-    lr_full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
-    lr_steps=16,
-    lr_batch=4,
+    lr_corpus_ranks=((1, 4, 16, 64), (1, 64)),  # numpydoc: the two ends only (budget)
+    lr_lora_lrs=(1e-3, 3e-3, 1e-2),
+    lr_full_lrs=(1e-4, 3e-4, 1e-3),
+    lr_max_extensions=4,
+    lr_steps=8,
+    lr_batch=2,
     lr_max_length=64,
-    lr_eval_examples=24,
+    lr_eval_examples=16,
     lr_eval_points=2,
     # SmolLM2-135M per unit of rank: attention 115,200, MLP 190,080, all 305,280 adapter parameters.
     # all r=16: 4,884,480; attention r=42: 4,838,400 (-0.9%); mlp r=26: 4,942,080 (+1.2%).
@@ -111,9 +122,9 @@ FULL = Scale(
     facts_layer_cells=(("all", 4), ("attention", 9), ("mlp", 7)),
     noise_seeds=(0, 1, 2),
     noise_rank=16,
-    batch_sizes=(64, 256),
+    batch_sizes=(),  # not run at this scale (budget): the issue's optional experiment
     batch_rank=16,
-    batch_facts=800,
+    batch_facts=128,
 )
 
 QUICK = replace(
@@ -136,6 +147,7 @@ QUICK = replace(
     lr_model="",  # the pre-trained facts model itself: SmolLM2 is too slow for CI
     lr_corpora=("builtin:numpydoc?limit=40",),
     lr_ranks=(1, 4),
+    lr_corpus_ranks=(),
     lr_lora_lrs=(1e-3, 3e-3, 1e-2),
     lr_full_lrs=(3e-4, 1e-3, 3e-3),
     lr_steps=3,
@@ -264,13 +276,14 @@ def corpus_label(corpus: str) -> str:
 
 
 def lr_parts(scale: Scale, facts_base: str) -> list[Part]:
-    """FullFT and LoRA at lr_ranks over LR grids, on each real corpus."""
+    """FullFT and LoRA at lr_ranks (or that corpus's lr_corpus_ranks) over LR grids, on each real corpus."""
     parts = []
-    for corpus in scale.lr_corpora:
+    for i, corpus in enumerate(scale.lr_corpora):
+        ranks = scale.lr_corpus_ranks[i] if scale.lr_corpus_ranks else scale.lr_ranks
         name = f"study-{scale.name}-lr-{corpus_label(corpus)}"
         parts.append(Part("lr", name,
                           _sweep(name, _lr_model(scale, facts_base), corpus, _lr_train(scale),
-                                 lora_lrs=scale.lr_lora_lrs, full_lrs=scale.lr_full_lrs, ranks=scale.lr_ranks),
+                                 lora_lrs=scale.lr_lora_lrs, full_lrs=scale.lr_full_lrs, ranks=ranks),
                           {"corpus": corpus, "targets": "all", "batch": scale.lr_batch}))
     return parts
 
