@@ -324,8 +324,9 @@ def analyse(cells: list[Cell], scale: Scale, base_model: str) -> dict:
     by_exp: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
         by_exp[c.experiment].append(c)
-    knee_cells = by_exp["knee"] + [c for c in by_exp["facts_lr"] if c.lr in {k.lr for k in by_exp["knee"]}]
-    knee_cells = list({c.run_key: c for c in knee_cells}.values())
+    # The knee parts list every cell they use, the LR sweep's at the chosen LRs included (same run
+    # key); the LR sweep's other cells (other LRs of the same rank) must not stand in for them.
+    knee_cells = list({c.run_key: c for c in by_exp["knee"]}.values())
     results = {"scale": scale.name, "base_model": base_model, "cells": len(cells), "lr_steps": scale.lr_steps}
     results["knee"] = knee_table(knee_cells, base_model, scale.facts_choices)
     results["lr"] = lr_table(by_exp["lr"])

@@ -88,7 +88,8 @@ def calibration_record(results: dict) -> dict:
     return {
         "schema": calibration.SCHEMA_VERSION,
         "provenance": {k: p[k] for k in ("date", "commit", "dirty", "device", "command", "scale",
-                                         "load_average_at_analysis")},
+                                         "load_average_at_analysis")}
+        | {"run_ids": sorted(set(bits["runs"]) | set(short["runs"]))},
         "constants": {"bits_per_param": bits, "short_run_lora_over_fullft_lr": short},
     }
 

@@ -5,8 +5,8 @@ the data, so the data must be large in bits against the adapter at small ranks, 
 train to convergence. SmolLM2-135M's rank-1 adapter has 0.3M parameters (~0.6M bits at the 2
 bits/param prior): its knee needs ~100k facts, hours of CPU per run. A real architecture (Llama:
 RoPE, GQA, SwiGLU, RMSNorm) cut to hidden 64 and 2 layers has ~2k adapter parameters per unit of
-rank, so 400-1600 facts put the knee between ranks 1 and 16, and a run converges in a few
-thousand small steps.
+rank, so a few hundred facts (5 bits each at 32 choices) put the 2-bits/param prior's knee near
+rank 1 and leave room above it for a knee that is further out, and a run takes seconds to minutes.
 
 A random-init base would spend its LoRA capacity on the answer template too. So the base is first
 taught the format by our own trainer (FullFT, one pass over 20,000 facts about *other* invented
