@@ -12,7 +12,9 @@ A random-init base would spend its LoRA capacity on the answer template too. So 
 taught the format by our own trainer (FullFT, one pass over 20,000 facts about *other* invented
 names, too few exposures to memorise them): afterwards it copies the template from the question and
 spreads its probability over the attribute's values, so its loss on a new fact is ≈ log2(choices)
-bits, and what a run absorbs on top of it is the facts themselves.
+bits, and what a run absorbs on top of it is the facts themselves. Then it memorises a few hundred
+other facts over many passes (`study.design.memorise_part`): a model that never had to store a fact
+gives LoRA no machinery to store one with (pilots: ~0.02 bits/param at any rank without it).
 
 The tokenizer is a byte-level BPE learnt here from facts text (1,024 tokens): the template words
 and every value are single tokens, invented names 2-4 tokens, any other text still encodes.
