@@ -56,6 +56,17 @@ def provenance(command: str, started: float, scale: str, run_ids: list[str]) -> 
     }
 
 
+# A run counts as converged when at most this share of its training-loss drop came in its last
+# fifth of steps (study.analysis.late_drop).
+LATE_DROP_CONVERGED = 0.05
+
+
+def _unconverged(fit: dict, sizes: list[dict]) -> list[str]:
+    """Labels of the capacity-bound runs of the fit that had not converged (or cannot tell)."""
+    late = {r["run"]: r.get("late_drop") for s in sizes for r in s["ranks"]}
+    return [p["label"] for p in fit["saturated"] if late.get(p["run"]) is None or late[p["run"]] > LATE_DROP_CONVERGED]
+
+
 def calibration_record(results: dict) -> dict:
     """The planner/calibration.json record for a study's results.json (see planner.calibration)."""
     knee, lr = results.get("knee") or {}, results.get("lr") or {}
@@ -72,6 +83,16 @@ def calibration_record(results: dict) -> dict:
     }
     if fit is None:
         bits["why_not"] = "no LoRA run of the study was capacity-bound, so the runs cannot tell b"
+    else:
+        unconverged = _unconverged(fit, sizes)
+        if unconverged:
+            # A run still learning at its end stored less than its adapter can hold: its bits/param
+            # is a lower bound on b, not b. The fit stays in the record, unused by the planner.
+            bits["value"], bits["fit_not_used"] = None, fit["bits_per_param"]
+            bits["why_not"] = (f"{len(unconverged)} of the {len(fit['saturated'])} capacity-bound LoRA runs had not "
+                               f"converged (more than {LATE_DROP_CONVERGED:.0%} of their loss drop came in their "
+                               f"last fifth of steps: {', '.join(unconverged)}), so their bits/param bound b "
+                               "from below and do not measure it")
     ratio = lr.get("ratio_geometric_mean")
     short = {
         "value": ratio,

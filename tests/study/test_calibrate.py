@@ -45,3 +45,31 @@ def test_the_plan_uses_the_packaged_calibration_and_shows_the_prior_beside_it():
     else:
         assert plan.advice.lr_multiplier == ratio and not plan.advice.anecdotal
         assert used["short_run_lora_over_fullft_lr"]["source"].startswith("measured")
+
+
+def _results(late_drops: dict, ratio=8.0) -> dict:
+    """A results.json with one size, two LoRA runs of which `late_drops` names the capacity-bound."""
+    ranks = [{"run": run, "late_drop": late} for run, late in late_drops.items()]
+    saturated = [{"label": f"n64-{run}", "run": run, "params": 2048, "bits": 100.0, "full_bits": 300.0}
+                 for run in late_drops]
+    return {"knee": {"sizes": [{"n_facts": 64, "ranks": ranks}],
+                     "fit": {"bits_per_param": 0.05, "interval": None, "saturated": saturated}},
+            "lr": {"ratio_geometric_mean": ratio, "ratios": [ratio], "corpora": {"pydoc": {"runs": ["x", "y"]}}},
+            "lr_steps": 8,
+            "provenance": {"date": "2026-11-29T21:00:00Z", "commit": "0" * 40, "dirty": False, "device": "cpu",
+                           "command": "lowregret study --calibrate", "scale": "full",
+                           "load_average_at_analysis": [1.0, 1.0, 1.0], "run_ids": ["a", "b", "x", "y"]}}
+
+
+def test_bits_per_param_is_calibrated_only_from_converged_capacity_bound_runs():
+    converged = calibration_record(_results({"a": 0.01, "b": 0.04}))
+    assert converged["constants"]["bits_per_param"]["value"] == 0.05
+    assert "why_not" not in converged["constants"]["bits_per_param"]
+    assert converged["provenance"]["run_ids"] == ["a", "b", "x", "y"]
+    still_learning = calibration_record(_results({"a": 0.01, "b": 0.2}))["constants"]["bits_per_param"]
+    assert still_learning["value"] is None and still_learning["fit_not_used"] == 0.05
+    assert "1 of the 2" in still_learning["why_not"] and "n64-b" in still_learning["why_not"]
+    unknown = calibration_record(_results({"a": None}))["constants"]["bits_per_param"]  # too few steps to tell
+    assert unknown["value"] is None
+    assert calibration_record(_results({"a": 0.0}, ratio=None))["constants"]["short_run_lora_over_fullft_lr"][
+        "why_not"]

@@ -62,9 +62,11 @@ def test_parts_share_run_folders_where_cells_coincide():
     for part in knee:
         assert part.sweep["base"]["train"]["eval_dataset"] == part.sweep["base"]["dataset"]
         assert part.sweep["base"]["train"]["eval_max_examples"] is None
-    noise = design.noise_parts(FULL, base, lrs.lr_lora, lrs.lr_full)
-    assert [p.tags["seed"] for p in noise] == list(FULL.noise_seeds)
-    assert noise[0].name == design.lr_parts(FULL, base)[0].name  # seed 0 is the LR sweep's own cell
+    (noise,) = design.noise_parts(FULL, base, lrs.lr_lora, lrs.lr_full)
+    assert noise.sweep["base"]["seeds"] == list(FULL.noise_seeds)  # replicates in one sweep, one held-out split
+    lr_part = design.lr_parts(FULL, base)[0]
+    assert noise.name == lr_part.name  # seed 0 is the LR sweep's own cell (same folder, same run key)
+    assert {k: v for k, v in noise.sweep["base"].items() if k != "seeds"} == lr_part.sweep["base"]
 
 
 @pytest.mark.parametrize("lrs, best, extension", [
