@@ -19,33 +19,47 @@ def _plt():
 
 
 def knee_chart(results: dict, path: Path) -> Path | None:
-    """Bits stored against rank, one line per dataset size; FullFT dashed; predicted ranks marked."""
+    """Left: bits stored (and absorbed) against rank per dataset size, FullFT dashed, the data's
+    information dotted. Right: the gate's regret with its 95% interval against rank, the allowed
+    regret shaded; the planner's predicted rank (dash-dot) and the measured knee (star) on both."""
     sizes = (results.get("knee") or {}).get("sizes") or []
     if not sizes:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (bits_ax, regret_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, size in enumerate(sizes):
         color = f"C{i}"
-        ranks = [r["rank"] for r in size["ranks"]]
-        ax.plot(ranks, [r["bits"]["stored_bits"] for r in size["ranks"]], "o-", color=color,
-                label=f"LoRA, {size['n_facts']} facts")
-        ax.axhline(size["full"]["bits"]["stored_bits"], color=color, ls="--", lw=1)
-        ax.axhline(size["information_bits"], color=color, ls=":", lw=1)
-        predicted = size["predicted"]["min_rank_pow2"]
-        if predicted:
-            ax.axvline(predicted, color=color, ls="-.", lw=1, alpha=0.6)
+        rows = size["ranks"]
+        ranks = [r["rank"] for r in rows]
+        bits_ax.plot(ranks, [r["bits"]["stored_bits"] for r in rows], "o-", color=color,
+                     label=f"LoRA stored, {size['n_facts']} facts")
+        bits_ax.plot(ranks, [r["bits"]["absorbed_bits"] for r in rows], "^:", color=color, mfc="none",
+                     label=f"LoRA absorbed (base − final), {size['n_facts']} facts")
+        bits_ax.axhline(size["full"]["bits"]["stored_bits"], color=color, ls="--", lw=1)
+        bits_ax.axhline(size["information_bits"], color=color, ls=":", lw=1)
+        regret = [r["regret_nats"] for r in rows]
+        regret_ax.errorbar(ranks, regret, yerr=[[g - r["regret_low"] for g, r in zip(regret, rows, strict=True)],
+                                                [r["regret_high"] - g for g, r in zip(regret, rows, strict=True)]],
+                           fmt="o-", color=color, capsize=3, label=f"{size['n_facts']} facts")
+        regret_ax.axhline(rows[0]["allowed_nats"], color=color, ls=":", lw=1)
+        for ax in (bits_ax, regret_ax):
+            if size["predicted"]["min_rank_pow2"]:
+                ax.axvline(size["predicted"]["min_rank_pow2"], color=color, ls="-.", lw=1, alpha=0.6)
         measured = size["measured_min_rank"]
         if measured:
-            row = next(r for r in size["ranks"] if r["rank"] == measured)
-            ax.plot([measured], [row["bits"]["stored_bits"]], "*", ms=16, color=color, mec="k")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("LoRA rank (all layers)")
-    ax.set_ylabel("bits stored about the facts")
-    ax.set_title("Capacity knee: LoRA rank vs FullFT (dashed), data (dotted),\n"
-                 "planner's predicted rank at 2 bits/param (dash-dot), measured smallest PASS rank (star)", fontsize=9)
-    ax.legend(fontsize=8)
+            row = next(r for r in rows if r["rank"] == measured)
+            bits_ax.plot([measured], [row["bits"]["stored_bits"]], "*", ms=16, color=color, mec="k")
+            regret_ax.plot([measured], [row["regret_nats"]], "*", ms=16, color=color, mec="k")
+    for ax in (bits_ax, regret_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank (all layers)")
+    bits_ax.set_ylabel("bits (stored: a lower bound on what it knows)")
+    bits_ax.set_title("Bits per run: FullFT stored (dashed), data's information (dotted),\n"
+                      "planner's rank at 2 bits/param (dash-dot), measured knee (star)", fontsize=9)
+    bits_ax.legend(fontsize=7)
+    regret_ax.set_ylabel("regret vs FullFT (nats/token), 95% interval")
+    regret_ax.set_title("The gate: LoRA − FullFT held-out loss; allowed regret (dotted)", fontsize=9)
+    regret_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
