@@ -77,10 +77,13 @@ def bits_per_param_chart(results: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.6))
     all_params = [r["adapter_params"] for s in sizes for r in s["ranks"]]
     lo, hi = min(all_params) / 1.5, max(all_params) * 1.5
+    zero = 0
     for i, size in enumerate(sizes):
-        params = [r["adapter_params"] for r in size["ranks"]]
-        ax.plot(params, [max(r["bits"]["stored_bits"], 1) for r in size["ranks"]], "o", color=f"C{i}",
-                label=f"{size['n_facts']} facts")
+        stored = [(r["adapter_params"], r["bits"]["stored_bits"]) for r in size["ranks"] if r["bits"]["stored_bits"] > 0]
+        zero += len(size["ranks"]) - len(stored)
+        ax.plot([p for p, _ in stored], [b for _, b in stored], "o", color=f"C{i}", label=f"stored, {size['n_facts']} facts")
+        ax.plot([r["adapter_params"] for r in size["ranks"]], [r["bits"]["absorbed_bits"] for r in size["ranks"]], "^",
+                color=f"C{i}", mfc="none", label=f"absorbed (base − final), {size['n_facts']} facts")
         if fit:
             full = size["full"]["bits"]["stored_bits"]
             xs = [lo * (hi / lo) ** (k / 60) for k in range(61)]
@@ -90,10 +93,13 @@ def bits_per_param_chart(results: dict, path: Path) -> Path | None:
     if fit:
         ax.plot(xs, [fit["bits_per_param"] * x for x in xs], "k--", lw=1,
                 label=f"fit: {fit['bits_per_param']:.2f} bits/param")
+    if zero:  # a log axis has no 0: say so instead of drawing those runs at some floor
+        ax.text(0.98, 0.03, f"{zero} LoRA run(s) stored 0 bits (not drawn): no b from them", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("adapter parameters")
-    ax.set_ylabel("bits stored about the facts")
+    ax.set_ylabel("bits about the facts")
     ax.set_title("Bits per adapter parameter: stored = min(b · params, FullFT's)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
