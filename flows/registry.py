@@ -20,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CANDIDATE = "candidate"
+# Version tags `lowregret models` shows: the pipeline writes them when it registers a version
+# (flows/pipeline.py; the 95% paired interval and the PASS/FAIL/INCONCLUSIVE verdict of the gate).
+EVAL_LOSS_TAG, REGRET_TAG = "eval_loss", "regret"
+REGRET_CI_TAGS = ("regret_low", "regret_high")
+VERDICT_TAG = "verdict"
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 HISTORY_TAG = "champion_history"  # registered-model tag: JSON list of past champion versions
@@ -85,6 +90,29 @@ def client_for(settings):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+def open_registry(settings):
+    """A client on a registry that exists (for promote and rollback).
+
+    Raises:
+        UserError: the local SQLite registry does not exist (nothing was registered in this
+            working directory); nothing is created.
+    """
+    from planner.errors import UserError
+
+    if settings.registry_uri.startswith("sqlite:///"):
+        database = Path(settings.registry_uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise UserError(
+                f"No model registry at {database}: nothing has been registered in {settings.home.parent}. "
+                "Run `lowregret pipeline` there first, or pass the --workdir that holds .lowregret/ "
+                "(or set MLFLOW_REGISTRY_URI)."
+            )
+    from flows.settings import configure_mlflow
+
+    configure_mlflow(settings)
+    return client_for(settings)
 
 
 def log_adapter_model(run_id: str, adapter_dir: str | Path, base_model: str, work_dir: str | Path) -> str:
@@ -205,7 +233,7 @@ def promote(client, name: str, version: str, reason: str) -> PromotionDecision:
     except MlflowException as exc:
         from planner.errors import UserError
 
-        raise UserError(f"{name!r} has no version {version!r}: list them with `mlflow ui`.") from exc
+        raise UserError(f"{name!r} has no version {version!r}: list them with `lowregret models {name}`.") from exc
     client.set_model_version_tag(name, version, "promoted_reason", reason)
     if "rolled_back" in client.get_model_version(name, version).tags:
         client.delete_model_version_tag(name, version, "rolled_back")
@@ -248,8 +276,29 @@ def _move_champion(client, name: str, version: str) -> str | None:
 
 
 def _history(client, name: str) -> list[str]:
-    tags = client.get_registered_model(name).tags
+    tags = registered_model(client, name).tags
     return list(json.loads(tags.get(HISTORY_TAG, "[]")))
+
+
+def registered_model(client, name: str):
+    """The registered model `name`.
+
+    Raises:
+        UserError: no model of that name in this registry.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from planner.errors import UserError
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(
+            f"No registered model named {name!r} in this registry: check the name (the pipeline's `name`; "
+            "`mlflow ui` lists them) and --workdir."
+        ) from None
 
 
 def _set_history(client, name: str, history: list[str]) -> None:
@@ -258,3 +307,66 @@ def _set_history(client, name: str, history: list[str]) -> None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, history[-1])
     elif PREVIOUS_CHAMPION in client.get_registered_model(name).aliases:
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One registered version as `lowregret models` lists it (None: the tag is not there)."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    eval_loss: float | None
+    regret: float | None
+    regret_ci: tuple[float, float] | None
+    verdict: str | None
+    rolled_back: bool
+    created_ms: int
+
+
+def list_versions(client, name: str | None = None) -> list[VersionRow]:
+    """Every version of every registered model (or of `name`), by model name then version.
+
+    Raises:
+        UserError: `name` is not a registered model (the message lists those that are).
+    """
+    from planner.errors import UserError
+
+    models = _all_registered_models(client)
+    if name is not None:
+        if name not in {m.name for m in models}:
+            known = ", ".join(sorted(m.name for m in models)) or "none yet"
+            raise UserError(f"No registered model named {name!r} (registered: {known}).")
+        models = [m for m in models if m.name == name]
+    rows = []
+    for model in sorted(models, key=lambda m: m.name):
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        versions = client.search_model_versions(f"name='{model.name}'")
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            tags = v.tags or {}
+            ci = [_number(tags.get(t)) for t in REGRET_CI_TAGS]
+            rows.append(VersionRow(
+                name=model.name, version=str(v.version), aliases=tuple(sorted(aliases.get(str(v.version), []))),
+                eval_loss=_number(tags.get(EVAL_LOSS_TAG)), regret=_number(tags.get(REGRET_TAG)),
+                regret_ci=None if None in ci else (ci[0], ci[1]), verdict=tags.get(VERDICT_TAG) or None,
+                rolled_back="rolled_back" in tags, created_ms=int(v.creation_timestamp or 0)))
+    return rows
+
+
+def _all_registered_models(client) -> list:
+    models, token = [], None
+    while True:
+        page = client.search_registered_models(page_token=token)
+        models += list(page)
+        token = page.token
+        if not token:
+            return models
+
+
+def _number(value) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except ValueError:
+        return None

@@ -15,6 +15,7 @@ runs in `prefect_overrides`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -84,21 +85,27 @@ def _defaults(settings: FlowSettings) -> dict[str, str]:
     return values
 
 
-def apply_environment(settings: FlowSettings | None = None) -> FlowSettings:
+def apply_environment(settings: FlowSettings | None = None, create_folders: bool = True) -> FlowSettings:
     """Export the defaults into `os.environ` (keeping every variable already set) and make the
-    `.lowregret` folders. Call before importing Prefect or MLflow."""
+    `.lowregret` folders (unless `create_folders` is false). Call before importing Prefect or MLflow."""
     settings = settings or load_settings()
     for key, value in _defaults(settings).items():
         os.environ.setdefault(key, value)
-    prepare_folders(settings)
+    if create_folders:
+        prepare_folders(settings)
     return settings
 
 
 def prepare_folders(settings: FlowSettings) -> None:
     """Create the local folders the SQLite store and result storage need."""
-    if settings.tracking_uri.startswith("sqlite:///"):
-        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    _sqlite_folders(settings)
     settings.result_storage.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_folders(settings: FlowSettings) -> None:
+    for uri in (settings.tracking_uri, settings.registry_uri):
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -112,12 +119,35 @@ def prefect_overrides(settings: FlowSettings) -> Iterator[None]:
 
 
 def configure_mlflow(settings: FlowSettings) -> None:
-    """Point MLflow's fluent API at the settings' tracking and registry stores."""
+    """Point MLflow's fluent API at the settings' tracking and registry stores (created if new)."""
     import mlflow
 
-    prepare_folders(settings)
+    _sqlite_folders(settings)
+    initialize_store(settings)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
+
+
+@functools.cache
+def initialize_store(settings: FlowSettings) -> None:
+    """Create a local SQLite store's tables once, under a lock, before anything else opens it.
+
+    MLflow creates and migrates a fresh database's schema when a store object is first made; two
+    processes doing it at once fail with "duplicate column name" (seen with two `promote`s and with
+    parallel pipelines on a fresh store). Under a flock of the database file (`flows.locks.hold_file`)
+    the first process migrates and the others find the schema complete. Servers and other databases migrate on their side.
+    """
+    from flows.locks import hold_file
+
+    for uri in sorted({settings.tracking_uri, settings.registry_uri}):
+        if not uri.startswith("sqlite:///"):
+            continue
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+        with hold_file(uri.removeprefix("sqlite:///")):
+            TrackingStore(uri, settings.artifact_root)
+            RegistryStore(uri)
 
 
 def ensure_experiment(name: str, settings: FlowSettings) -> str:

@@ -5,8 +5,8 @@ Runners: `process` (Prefect's ProcessPoolTaskRunner, the default: one process pe
 (ThreadPoolTaskRunner: only with one worker, because transformers 5.23 builds models on the meta
 device through process-wide state and concurrent `from_pretrained` calls in threads fail with
 "Cannot copy out of meta tensor"), `dask` and `ray` (prefect-dask / prefect-ray, imported only
-when chosen). Each grid cell is cached like the pipeline's baseline, so widening a sweep
-reruns only the new cells.
+when chosen). Each grid cell is cached like the pipeline's baseline (a SERIALIZABLE transaction, so
+two sweeps sharing a cell train it once), so widening a sweep reruns only the new cells.
 """
 
 # No `from __future__ import annotations`: Prefect builds the flows' parameter models from these
@@ -19,6 +19,7 @@ from prefect import flow, task
 from flows import tasks
 from flows.config import SweepConfig
 from flows.settings import configure_mlflow, load_settings
+from flows.tracking import STATE_HOOKS
 from planner.errors import UserError
 
 RUNNERS = ("thread", "process", "dask", "ray")
@@ -90,7 +91,8 @@ def grid_cells(config: SweepConfig, runs_dir, data_fingerprint: str, code: str) 
     return cells
 
 
-@task(cache_key_fn=_cell_cache_key, persist_result=True, cache_expiration=None)
+@task(cache_policy=tasks.serializable_cache(_cell_cache_key), persist_result=True, cache_expiration=None,
+      result_serializer="json")
 def train_cell(train_config, data_fingerprint: str, code: str):
     """One grid cell (cached by what it trains)."""
     from trainer import train
@@ -98,7 +100,7 @@ def train_cell(train_config, data_fingerprint: str, code: str):
     return train(train_config, progress=False)
 
 
-@flow(name="lowregret-sweep")
+@flow(name="lowregret-sweep", **STATE_HOOKS)
 def sweep(config: SweepConfig, workdir: str | None = None) -> dict:
     """Train every (method, rank, LR) cell concurrently; fit the LR optimum per group."""
     settings = load_settings(workdir)
@@ -114,8 +116,10 @@ def sweep(config: SweepConfig, workdir: str | None = None) -> dict:
     results = [future.result() for future in futures]
 
     fit = tasks.fit_sweep([((rank, lr), result) for (_, rank, lr, _), result in zip(cells, results, strict=True)])
-    chart = tasks.plot_runs({label: r.curves_path for (*_, label), r in zip(cells, results, strict=True)},
-                            str(reports / "curves.png"))
+    chart = tasks.plot_runs({label: (r.curves_path, method) for (method, *_, label), r in zip(cells, results, strict=True)},
+                            str(reports / "curves.png"),
+                            f"{base.model} on {base.dataset}: sweep of {len(cells)} runs (method x rank x LR)\n"
+                            "held-out (bold) and training (faint) loss")
     parent = tasks.start_tracking(settings, base.experiment, "sweep", {"grid": json.dumps(config.grid())},
                                   tags={"code_version": code})
     for (method, rank, lr, label), result in zip(cells, results, strict=True):

@@ -4,8 +4,10 @@ Only the I/O tasks (MLflow tracking and registry writes) retry; training and eva
 deterministic and would fail the same way twice. The FullFT baseline is cached: its key is the
 base model + its hyper-parameters + the dataset fingerprint (`TrainConfig.hash`) + the code
 version (`code_version`: every first-party source file a training run can execute, and the
-versions of the libraries that compute its numbers), and its result is persisted, so a scheduled
-re-run in a new process reuses it. `refresh_baseline` bypasses the cache.
+versions of the libraries that compute its numbers), and its result is persisted (as JSON), so a
+scheduled re-run in a new process reuses it. `refresh_baseline` bypasses the cache. The cache
+transaction is SERIALIZABLE (`serializable_cache`): a second pipeline that needs the baseline while
+the first trains it waits for it and then reads it from the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from prefect import task
@@ -96,32 +99,31 @@ def _baseline_cache_key(context, parameters) -> str:
     return "fullft-" + run_key(parameters["train_config"], parameters["data_fingerprint"], parameters["code"])
 
 
+def serializable_cache(cache_key_fn):
+    """A Prefect cache policy keyed by `cache_key_fn` whose transaction is SERIALIZABLE: the first
+    run of a key holds its lock (`flows.locks.ProcessLockManager`, beside the result records) until
+    its result is committed; a concurrent run of the same key waits, then finds it cached."""
+    from prefect.cache_policies import CachePolicy
+
+    from flows.locks import ProcessLockManager
+
+    return CachePolicy.from_cache_key_fn(cache_key_fn).configure(
+        lock_manager=ProcessLockManager(), isolation_level="SERIALIZABLE")
+
+
 # ------------------------------------------------------------------------ planner / inputs
 
 
 @task
 def check_inputs(config) -> dict:
-    """Load the model's tokenizer and read the dataset once: a model or dataset that cannot be had
-    (missing file, Hub id offline, bad rows) is a UserError before any run or file.
+    """`flows.preflight.check_inputs` as the flow's first step, so a scheduled run is checked too (the
+    CLI has run it already, before starting Prefect)."""
+    from flows import preflight
+    from planner.dataset import describe_format
 
-    Returns:
-        {"fingerprint", "examples", "format", "held_out_examples"} of the rows the runs will read
-        (held-out examples before dropping those whose completion max_length cuts away).
-    """
-    from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows
-    from trainer.model import load_base_tokenizer
-
-    load_base_tokenizer(config.model)  # a GGUF base is converted (once) here, cached for the runs
-    rows = load_rows(config.dataset, limit=config.train.get("dataset_limit"))
-    run = config.train_config("lora")
-    if run.eval_dataset is not None:
-        held_out = len(load_rows(run.eval_dataset))
-    else:
-        held_out = len(split_rows(rows, run.eval_fraction, run.held_out_seed)[1])
-    if run.eval_max_examples is not None:
-        held_out = min(held_out, run.eval_max_examples)
-    return {"fingerprint": dataset_fingerprint(rows), "examples": len(rows),
-            "format": detect_format(rows, source=config.dataset), "held_out_examples": held_out}
+    data = preflight.check_inputs(config)  # the token cache makes the second reading cheap
+    print(f"data: {data['examples']:,} rows of {describe_format(data['format'])} from {config.dataset}", flush=True)
+    return data
 
 
 @task
@@ -129,31 +131,23 @@ def make_plan(config, out_dir: str) -> dict:
     """Capacity plan of the LoRA run, written as a report; returns its summary, files, the advised
     LoRA LR and a warning when the configured one disagrees with it."""
     from planner.advice import lr_disagreement
-    from planner.plan import build_plan
-    from planner.profile import profile_dataset
-    from planner.report import summary_lines, write_report
-    from trainer.model import load_base_tokenizer
+    from planner.report import write_report
+    from planner.report_text import summary_lines
 
-    lora = config.train_config("lora")
-    # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
-    profile = profile_dataset(config.dataset, load_base_tokenizer(config.model), method=config.info_method,
-                              model_ref=config.model)
-    plan = build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
-                      target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
-                      packing=lora.packing,
-                      batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
-                      fullft_lr=config.full_lr, steps=lora.max_steps)
+    plan = config.plan()
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
             "files": {name: str(path) for name, path in files.items()},
-            "advised_lora_lr": plan.advice.lora_lr, "lr_warning": lr_disagreement(lora.lr, plan.advice)}
+            "advised_lora_lr": plan.advice.lora_lr,
+            "lr_warning": lr_disagreement(config.train_config("lora").lr, plan.advice)}
 
 
 # --------------------------------------------------------------------------------- trainer
 
 
-@task(cache_key_fn=_baseline_cache_key, persist_result=True, cache_expiration=None)
+@task(cache_policy=serializable_cache(_baseline_cache_key), persist_result=True, cache_expiration=None,
+      result_serializer="json")
 def train_baseline(train_config, data_fingerprint: str, code: str):
     """The FullFT baseline (cached; see the module docstring)."""
     from trainer import train
@@ -183,11 +177,12 @@ def compare_runs(lora_dirs: list[str], full_dirs: list[str], threshold: float, t
 
 
 @task
-def plot_runs(curves_paths: dict[str, str], path: str, base_loss: float | None = None) -> str:
-    """The learning-curves chart of several runs."""
+def plot_runs(runs: dict[str, tuple[str, str]], path: str, title: str, base_loss: float | None = None) -> str:
+    """The learning-curves chart of several runs: label -> (curves.json path, method)."""
     from evaluation.curves import load_curves, plot_curves
 
-    plot_curves({name: load_curves(p) for name, p in curves_paths.items()}, path, base_loss=base_loss)
+    plot_curves({label: load_curves(p) for label, (p, _) in runs.items()}, path,
+                methods={label: method for label, (_, method) in runs.items()}, title=title, base_loss=base_loss)
     return path
 
 
@@ -207,45 +202,35 @@ def fit_sweep(results: list) -> object:
 @task(**IO_RETRIES)
 def start_tracking(settings, experiment: str, run_name: str, params: dict,
                    parent_run_id: str | None = None, tags: dict | None = None) -> str:
-    """Create an MLflow run in `experiment` (nested under `parent_run_id` when given) with params."""
+    """Create an MLflow run in `experiment` (nested under `parent_run_id` when given) with params,
+    tagged with its owner (flows.tracking)."""
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from flows.settings import ensure_experiment
+    from flows.tracking import end_orphaned_runs, owner_tags
+    from flows.training_log import log_params
 
     client = MlflowClient(settings.tracking_uri)
-    all_tags = dict(tags or {})
+    experiment_id = ensure_experiment(experiment, settings)
+    all_tags = dict(tags or {}) | owner_tags()
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(ensure_experiment(experiment, settings), run_name=run_name,
-                            tags={k: str(v) for k, v in all_tags.items()})
-    for key, value in _flatten(params).items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    else:  # a new top-level run: first end the ones a killed process left RUNNING
+        end_orphaned_runs(client, experiment_id)
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
 @task(**IO_RETRIES)
 def log_training(settings, run_id: str, result, extra_tags: dict | None = None) -> None:
     """Log a TrainResult into its run: the curves with step=, the final metrics, its files."""
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(settings.tracking_uri)
-    curves = json.loads(Path(result.curves_path).read_text())
-    metrics = [Metric(f"{name}_loss", float(loss), 0, int(step))
-               for name in ("train", "eval") for step, loss in curves.get(name, [])]
-    finals = {"final_train_loss": result.final_train_loss, "final_eval_loss": result.final_eval_loss,
-              "steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
-              "tokens_per_s": result.tokens_per_s, "trainable_params": result.trainable_params,
-              "peak_memory_bytes": result.peak_memory_bytes}
-    metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items() if v is not None]
-    for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start:start + 900])
-    for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash,
-                       **(extra_tags or {})}.items():
-        client.set_tag(run_id, key, str(value))
-    client.log_artifact(run_id, result.curves_path)
-    client.log_artifact(run_id, result.summary_path)
+    from flows.training_log import log_result
+
+    log_result(MlflowClient(settings.tracking_uri), run_id, result, curves=True, tags=extra_tags)
 
 
 @task(**IO_RETRIES)
@@ -320,33 +305,44 @@ def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, n
                      fingerprint: str, tags: dict, scratch: str, description: str | None = None):
     """Verify, log as pyfunc and register the adapter (or find the version of this fingerprint)."""
     from flows import registry
+    from flows.locks import registry_lock
     from flows.settings import configure_mlflow
 
     configure_mlflow(settings)
     client = registry.client_for(settings)
-    existing = registry.find_version(client, name, fingerprint)
-    if existing is not None:
-        return registry.Registration(name=name, version=str(existing.version), created=False)
-    model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
-    return registry.register_adapter(client, name, model_uri, fingerprint, tags, description)
+    with registry_lock(settings, name):  # find-or-register: one version per fingerprint
+        existing = registry.find_version(client, name, fingerprint)
+        if existing is not None:
+            return registry.Registration(name=name, version=str(existing.version), created=False)
+        model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
+        return registry.register_adapter(client, name, model_uri, fingerprint, tags, description)
 
 
 @task(**IO_RETRIES)
 def promote_adapter(settings, registration, passed: bool, eval_loss: float):
     """Move `champion` to the new version if it passed and does not lose to the champion."""
     from flows import registry
+    from flows.locks import registry_lock
 
     if not registration.created:
         return registry.PromotionDecision(registration.name, registration.version, False,
                                           "identical run already registered; aliases unchanged")
-    return registry.promote_if_better(registry.client_for(settings), registration.name, registration.version,
-                                      passed=passed, eval_loss=eval_loss)
+    with registry_lock(settings, registration.name):  # the champion read and moved as one step
+        return registry.promote_if_better(registry.client_for(settings), registration.name, registration.version,
+                                          passed=passed, eval_loss=eval_loss)
 
 
 @task
 def write_json(path: str, record: dict) -> str:
+    """Write `record` to `path` atomically (a reader, or a concurrent pipeline, never sees half a file)."""
+    import tempfile
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp's file is private; a report is meant to be read
+    os.replace(tmp, path)
     return path
 
 
@@ -356,13 +352,3 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _flatten(params: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

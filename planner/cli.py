@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
 
 
 def register(subparsers) -> None:
@@ -76,8 +77,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}.")
     if args.dataset and args.rl_episodes:
         raise UserError("Pass either --dataset (SFT) or --rl-episodes (RL), not both.")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out!r} exists and is not a folder: pass a folder path.")
+    if args.out:
+        check_output_dir(args.out, "--out")
 
 
 def _tokenizer_ref(model: str) -> str:
@@ -101,9 +102,18 @@ def _load_tokenizer(args: argparse.Namespace) -> tuple[object, list[str]]:
     try:
         return load_tokenizer(ref), []
     except (UserError, OSError, ValueError) as exc:
-        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in: {ref!r}'s tokenizer "
-                f"could not be loaded ({str(exc).splitlines()[0][:200]}). Pass --tokenizer for exact counts.")
+        reason = _first_sentences(str(exc.__cause__ or exc).splitlines()[0])
+        note = (f"Token counts use the SmolLM2 tokenizer ({DEFAULT_MODEL}) as a stand-in: the tokenizer of {ref} "
+                f"could not be loaded ({reason.rstrip('.')}). Pass --tokenizer for exact counts.")
         return load_tokenizer(DEFAULT_MODEL), [note]
+
+
+def _first_sentences(text: str, limit: int = 240) -> str:
+    """`text` cut to whole sentences within `limit` characters (else at a word, with an ellipsis)."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut + 1] if cut > 0 else text[:text.rfind(" ", 0, limit)] + " …"
 
 
 def _profile(args: argparse.Namespace):
@@ -114,8 +124,10 @@ def _profile(args: argparse.Namespace):
         return profile_rl(args.rl_episodes, args.reward_entropy_bits), []
     if not args.dataset:
         return None, []
+    from planner.dataset import check_local_file
     from planner.profile import profile_dataset
 
+    check_local_file(args.dataset)  # a bad local file fails now, not after the tokenizer loads
     tokenizer, notes = _load_tokenizer(args)
     model_ref = _tokenizer_ref(args.model) if args.info_method == "logloss" else None
     try:
@@ -181,11 +193,13 @@ def _measure(plan, config: dict, shape) -> tuple[dict, ...]:
 def run_plan(args: argparse.Namespace) -> int:
     """Build the plan, write the report if asked, print a summary or the JSON."""
     from planner.gpus import get_gpu
+    from planner.lora import count_run_lora
     from planner.plan import build_plan
     from planner.shapes import load_shape
 
     _validate(args)
-    shape = load_shape(args.model)  # bad model or GPU fails before the (slow) dataset profile
+    shape = load_shape(args.model)  # bad model, rank or GPU fails before the (slow) dataset profile
+    count_run_lora(shape, args.rank, args.targets, args.expert_rank_divisor, args.target_unembedding)
     get_gpu(args.gpu)
     config = None
     if args.measure:
@@ -212,7 +226,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if files:
             print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
         return 0
-    from planner.report import summary_lines
+    from planner.report_text import summary_lines
 
     print("\n".join(summary_lines(plan)))
     for note in plan.notes:

@@ -1,10 +1,14 @@
-"""Training data: load rows, check their format, tokenize with a completion-only label mask,
-split and fingerprint.
+"""Training data: load rows, check their format, tokenize with a loss mask, split and fingerprint.
 
-Two row formats (the ones TRL and most SFT datasets use):
-- chat: `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`;
+Five row formats, detected from the columns (`detect_format`):
+- chat (TRL): `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`;
   every assistant turn is trained.
-- prompt/completion: `{"prompt": str, "completion": str}`; the completion is trained.
+- prompt_completion (TRL): `{"prompt": str, "completion": str}`; the completion is trained.
+- alpaca (Axolotl, LLaMA-Factory): `{"instruction": str, "input": str, "output": str}`, read as a
+  user turn and an assistant turn; the output is trained.
+- sharegpt (Axolotl, LLaMA-Factory): `{"conversations": [{"from": "human" | "gpt" | "system",
+  "value": str}, ...]}`, read as chat; every gpt turn is trained.
+- text (continued pre-training): `{"text": str}`; every token is trained.
 
 `datasets` and `pyarrow` are imported only where a Hub id, a `save_to_disk` directory or a
 Parquet file needs them, so JSONL, CSV and the built-ins load with the standard library alone.
@@ -24,14 +28,10 @@ from typing import Literal
 from planner.builtin_datasets import is_builtin, load_builtin
 from planner.errors import UserError
 
-Format = Literal["chat", "prompt_completion"]
+Format = Literal["chat", "prompt_completion", "alpaca", "sharegpt", "text"]
 IGNORE_INDEX = -100  # the label torch's cross_entropy ignores (its default ignore_index)
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
-_EXPECTED_COLUMNS = (
-    "Expected either a `messages` column (a list of {role, content} with at least one "
-    "assistant turn) or `prompt` and `completion` string columns."
-)
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,28 @@ def load_rows(source: str, limit: int | None = None) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
+def check_local_file(source: str) -> None:
+    """Read and format-check `source` now if it is a local file (cheap), so a bad file fails before
+    a tokenizer or a model is loaded; Hub ids, folders and built-ins are checked when they are read.
+
+    Raises:
+        UserError: unreadable, non-UTF-8, malformed or empty file (see `load_rows`, `detect_format`).
+    """
+    if Path(source).is_file():
+        detect_format(load_rows(source), source=source)
+
+
 def _load_file(path: Path, limit: int | None) -> list[dict]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_json_lines(path, limit)
-    if suffix == ".json":
-        return _read_json(path, limit)
-    if suffix == ".csv":
-        return _read_csv(path, limit)
+    readers = {".jsonl": _read_json_lines, ".json": _read_json, ".csv": _read_csv}
+    if suffix in readers:
+        try:
+            return readers[suffix](path, limit)
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path} is not UTF-8 text ({exc.reason}): JSON Lines, JSON and CSV datasets are read as "
+                "UTF-8. Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            ) from exc
     if suffix == ".parquet":
         return _read_parquet(path, limit)
     raise UserError(
@@ -148,14 +162,15 @@ def _read_csv(path: Path, limit: int | None) -> list[dict]:
     rows = []
     with path.open(encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
-            # A CSV cell is text: a `messages` column is accepted as the JSON of the list.
-            if isinstance(row.get("messages"), str) and row["messages"].lstrip().startswith("["):
-                try:
-                    row["messages"] = json.loads(row["messages"])
-                except json.JSONDecodeError as exc:
-                    raise UserError(
-                        f"{path}, row {len(rows)}: the `messages` cell is not valid JSON ({exc.msg})."
-                    ) from exc
+            # A CSV cell is text: a list column (`messages`, `conversations`) is accepted as its JSON.
+            for column in ("messages", "conversations"):
+                if isinstance(row.get(column), str) and row[column].lstrip().startswith("["):
+                    try:
+                        row[column] = json.loads(row[column])
+                    except json.JSONDecodeError as exc:
+                        raise UserError(
+                            f"{path}, row {len(rows)}: the `{column}` cell is not valid JSON ({exc.msg})."
+                        ) from exc
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
@@ -219,37 +234,98 @@ def _load_hub(source: str, limit: int | None) -> list[dict]:
 # Format
 # ---------------------------------------------------------------------------------------------
 
+# What identifies each format: the columns of its first row. Structured formats win over `text`
+# (Alpaca exports often carry a pre-rendered `text` column beside instruction/output).
+_FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+FORMATS: tuple[str, ...] = tuple(_FORMAT_COLUMNS)
+# What each format looks like and what is trained, for messages and docs.
+FORMAT_SHAPES = {
+    "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+            " (every assistant turn trained)",
+    "prompt_completion": '{"prompt": "...", "completion": "..."} (the completion trained)',
+    "alpaca": '{"instruction": "...", "input": "", "output": "..."} (the output trained)',
+    "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}'
+                " (every gpt turn trained)",
+    "text": '{"text": "..."} (continued pre-training: every token trained)',
+}
+# ShareGPT speakers (LLaMA-Factory / Axolotl defaults) and the chat roles they become.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+CONVERSATION_FORMATS = ("chat", "alpaca", "sharegpt")  # rendered with the tokenizer's chat template
+
+
+def describe_format(fmt: str) -> str:
+    """`alpaca (instruction/input/output → user/assistant turns)`: the format and how it is read."""
+    how = {
+        "chat": "messages, every assistant turn trained",
+        "prompt_completion": "prompt/completion, the completion trained",
+        "alpaca": "instruction/input/output as a user/assistant turn, the output trained",
+        "sharegpt": "conversations of human/gpt turns, every gpt turn trained",
+        "text": "plain text, every token trained",
+    }[fmt]
+    return f"{fmt} ({how})"
+
 
 def detect_format(rows: list[dict], *, source: str | None = None) -> Format:
-    """`"chat"` or `"prompt_completion"`, after checking every row has that shape.
+    """The rows' format, after checking every row has that shape.
+
+    Formats, by the first row's columns: `messages` → chat; `prompt` + `completion` →
+    prompt_completion; `instruction` + `output` → alpaca; `conversations` → sharegpt; `text`
+    alone → text (a `text` column beside another format's columns is ignored).
 
     Args:
         rows: the dataset's rows.
         source: where the rows came from, named in error messages.
 
     Raises:
-        UserError: empty dataset, unknown columns, both formats' columns at once, or a row with
-            the wrong types or no assistant turn; names the row and the expected columns.
+        UserError: empty dataset, unknown columns (the message lists the accepted formats with a
+            conversion one-liner each), two formats' columns at once, or a row with the wrong
+            types or nothing to train; names the row.
     """
     where = f"Dataset {source!r}" if source else "The dataset"
     if not rows:
-        raise UserError(f"{where} has no examples. {_EXPECTED_COLUMNS}")
+        raise UserError(f"{where} has no examples. {_accepted_formats()}")
     first = rows[0]
     if not isinstance(first, dict):
         raise UserError(f"{where}, row 0: expected an object with named columns, got {type(first).__name__}.")
-    has_chat = "messages" in first
-    has_pc = "prompt" in first and "completion" in first
-    if has_chat and has_pc:
-        raise UserError(
-            f"{where} has both `messages` and `prompt`/`completion` columns: keep one "
-            f"format so it is clear what is trained."
-        )
-    if not (has_chat or has_pc):
-        raise UserError(f"{where} has columns {sorted(first)}. {_EXPECTED_COLUMNS}")
-    fmt: Format = "chat" if has_chat else "prompt_completion"
+    matches = [fmt for fmt, columns in _FORMAT_COLUMNS.items() if all(c in first for c in columns)]
+    if len(matches) > 1 and "text" in matches:
+        matches.remove("text")
+    if len(matches) > 1:
+        columns = " and ".join(f"`{'`/`'.join(_FORMAT_COLUMNS[f])}` ({f})" for f in matches)
+        raise UserError(f"{where} has the columns of two formats, {columns}: keep one so it is clear what is trained.")
+    if not matches:
+        raise UserError(f"{where} has columns {sorted(first)}, which match no accepted format. "
+                        + _accepted_formats(list(first)))
+    fmt = matches[0]
     for index, row in enumerate(rows):
         _check_row(row, fmt, f"{where}, row {index}")
-    return fmt
+    return fmt  # type: ignore[return-value]
+
+
+def _accepted_formats(columns: list[str] | None = None) -> str:
+    """The accepted formats, each with a jq one-liner converting rows with `columns` into it."""
+    src = [c for c in (columns or []) if c.isidentifier()][:2]
+    prompt, answer = (f".{src[0]}" if src else ".question"), (f".{src[1]}" if len(src) > 1 else ".answer")
+    conversions = {
+        "chat": f'{{messages: [{{role: "user", content: {prompt}}}, {{role: "assistant", content: {answer}}}]}}',
+        "prompt_completion": f"{{prompt: {prompt}, completion: {answer}}}",
+        "alpaca": f'{{instruction: {prompt}, input: "", output: {answer}}}',
+        "sharegpt": f'{{conversations: [{{from: "human", value: {prompt}}}, {{from: "gpt", value: {answer}}}]}}',
+        "text": f'{{text: ({prompt} + "\\n" + {answer})}}',
+    }
+    lines = [f"  {fmt}: {FORMAT_SHAPES[fmt]}\n      jq -c '{conversions[fmt]}' in.jsonl > out.jsonl"
+             for fmt in FORMATS]
+    return "Accepted formats (one JSON object per row), each with a conversion from your columns:\n" + "\n".join(lines)
+
+
+def _fail(at: str, problem: str, fmt: str) -> UserError:
+    return UserError(f"{at}: {problem}. A row of format {fmt} looks like {FORMAT_SHAPES[fmt]}.")
 
 
 def _check_row(row, fmt: Format, at: str) -> None:
@@ -259,18 +335,48 @@ def _check_row(row, fmt: Format, at: str) -> None:
     if fmt == "prompt_completion":
         for column in ("prompt", "completion"):
             if not isinstance(row.get(column), str):
-                raise UserError(
-                    f"{at}: `{column}` must be a string, got {type(row.get(column)).__name__}. "
-                    f"{_EXPECTED_COLUMNS}"
-                )
+                raise _fail(at, f"`{column}` must be a string, got {type(row.get(column)).__name__}", fmt)
         if not row["completion"]:
             raise UserError(f"{at}: the completion is empty, so there is nothing to learn: drop the row.")
-        return
-    messages = row.get("messages")
+    elif fmt == "text":
+        if not isinstance(row.get("text"), str):
+            raise _fail(at, f"`text` must be a string, got {type(row.get('text')).__name__}", fmt)
+        if not row["text"].strip():
+            raise UserError(f"{at}: the text is empty, so there is nothing to learn: drop the row.")
+    elif fmt == "alpaca":
+        for column, required in (("instruction", True), ("output", True), ("input", False), ("system", False)):
+            value = row.get(column)
+            if not (isinstance(value, str) or (value is None and not required)):
+                raise _fail(at, f"`{column}` must be a string, got {type(value).__name__}", fmt)
+        if not row["output"]:
+            raise UserError(f"{at}: the output is empty, so there is nothing to learn: drop the row.")
+        history = row.get("history") or []
+        if not (isinstance(history, list) and all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+                for pair in history)):
+            raise _fail(at, "`history` must be a list of [instruction, response] string pairs", fmt)
+    elif fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise _fail(at, "`conversations` must be a non-empty list of {from, value} objects", fmt)
+        for turn, message in enumerate(turns):
+            if not (isinstance(message, dict) and isinstance(message.get("value"), str)
+                    and message.get("from") in SHAREGPT_ROLES):
+                raise UserError(
+                    f'{at}, turn {turn}: expected {{"from": "human" | "gpt" | "system", "value": str}}, '
+                    f"got {message!r:.80}."
+                )
+        if not isinstance(row.get("system", ""), str):
+            raise _fail(at, f"`system` must be a string, got {type(row['system']).__name__}", fmt)
+        if not any(m["from"] == "gpt" for m in turns):
+            raise UserError(f'{at}: no "gpt" turn, so there is nothing to learn. Each conversation needs one.')
+    else:
+        _check_messages(row.get("messages"), at)
+
+
+def _check_messages(messages, at: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise UserError(
-            f"{at}: `messages` must be a non-empty list of {{role, content}} objects. {_EXPECTED_COLUMNS}"
-        )
+        raise _fail(at, "`messages` must be a non-empty list of {role, content} objects", "chat")
     for turn, message in enumerate(messages):
         if not (
             isinstance(message, dict)
@@ -287,6 +393,36 @@ def _check_row(row, fmt: Format, at: str) -> None:
         )
 
 
+def as_messages(row: dict, fmt: Format) -> list[dict]:
+    """A conversation row (chat, alpaca, sharegpt) as chat messages [{role, content}, ...].
+
+    Alpaca (LLaMA-Factory's reading): optional `system`, each `history` pair as a user/assistant
+    turn, then `instruction` and a non-empty `input` joined by a newline as the user turn and
+    `output` as the assistant turn. ShareGPT: an optional `system` column, then `human` → user,
+    `gpt` → assistant, `system` → system.
+    """
+    if fmt == "chat":
+        return row["messages"]
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    if fmt == "alpaca":
+        for instruction, response in row.get("history") or []:
+            messages += [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+        query = "\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
+        return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": row["output"]}]
+    if fmt == "sharegpt":
+        return messages + [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
+    raise ValueError(f"{fmt} rows are not conversations")
+
+
+def completion_texts(row: dict, fmt: Format) -> list[str]:
+    """The trained text of a row: its assistant turns, its completion, or the whole text."""
+    if fmt == "prompt_completion":
+        return [row["completion"]]
+    if fmt == "text":
+        return [row["text"]]
+    return [m["content"] for m in as_messages(row, fmt) if m["role"] == "assistant"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenization
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +431,15 @@ def _check_row(row, fmt: Format, at: str) -> None:
 def tokenize_example(
     tokenizer, row: dict, fmt: Format, max_length: int, *, row_index: int | None = None
 ) -> TokenizedExample:
-    """Token ids and completion-only labels for one row.
+    """Token ids and loss labels for one row, cut to `max_length`.
 
-    Chat rows are rendered with the tokenizer's chat template; the trained tokens are each
-    assistant turn (its text from the end of the generation prompt, e.g. `<|im_start|>assistant\\n`,
-    to the end of its content) plus the special token that closes the turn (`<|im_end|>`,
-    `<|eot_id|>`, ...). Prompt/completion rows are the prompt (with the tokenizer's own special
-    tokens, e.g. BOS), the completion and EOS; completion and EOS are trained.
+    Conversation rows (chat, and alpaca / sharegpt read as chat by `as_messages`) are rendered
+    with the tokenizer's chat template; the trained tokens are each assistant turn (its text from
+    the end of the generation prompt, e.g. `<|im_start|>assistant\\n`, to the end of its content)
+    plus the special token that closes the turn (`<|im_end|>`, `<|eot_id|>`, ...).
+    Prompt/completion rows are the prompt (with the tokenizer's own special tokens, e.g. BOS),
+    the completion and EOS; completion and EOS are trained. Text rows are the text (with the
+    tokenizer's special tokens) and EOS, all trained.
 
     Text is tokenized piece by piece (prompt parts and completion parts separately, with
     `add_special_tokens=False` for template text), so a token never straddles a label boundary
@@ -311,59 +449,113 @@ def tokenize_example(
     Args:
         tokenizer: a Hugging Face tokenizer.
         row: one row in format `fmt`.
-        fmt: `"chat"` or `"prompt_completion"` (see `detect_format`).
+        fmt: one of `FORMATS` (see `detect_format`).
         max_length: keep the first `max_length` tokens.
         row_index: the row's index, named in error messages.
 
     Raises:
-        UserError: a chat row and a tokenizer without a chat template; a template whose rendering
-            of a conversation prefix is not a prefix of the whole conversation; a prompt that
-            alone fills `max_length`.
+        UserError: a conversation row and a tokenizer without a chat template; a template whose
+            rendering of a conversation prefix is not a prefix of the whole conversation; a prompt
+            that alone fills `max_length`.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise UserError(f"max_length must be a positive integer, got {max_length!r}.")
+    check_max_length(max_length)
     at = f"Row {row_index}" if row_index is not None else "A row"
     _check_row(row, fmt, at)
-    if fmt == "chat":
-        pieces = [
-            (_encode(tokenizer, text), trained)
-            for text, trained in _chat_pieces(tokenizer, row["messages"], at)
-        ]
-    else:
-        pieces = _prompt_completion_pieces(tokenizer, row)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for ids, trained in pieces:
-        input_ids.extend(ids)
-        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-    truncated = len(input_ids) > max_length
-    first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
-    if first_trained is None:
-        raise UserError(
-            f"{at}: the assistant turns are empty and the chat template closes them with no "
-            f"special token, so there is nothing to train: drop the row."
-        )
+    (example,) = tokenize_rows(tokenizer, [row], fmt, row_indices=None if row_index is None else [row_index])
+    return truncate_example(example, max_length, row_index=row_index)
+
+
+def tokenize_rows(tokenizer, rows: list[dict], fmt: Format, *, row_indices: list[int] | None = None
+                  ) -> list[TokenizedExample]:
+    """`tokenize_example` without truncation for many rows already checked by `detect_format`.
+
+    The text pieces of all rows go through two batched tokenizer calls (with and without special
+    tokens), which a fast tokenizer encodes in parallel; the result is the same as one row at a
+    time.
+
+    Raises:
+        UserError: as `tokenize_example` (except the max_length check: see `truncate_example`).
+    """
+    indices = row_indices if row_indices is not None else [None] * len(rows)
+    pieces = [_pieces(tokenizer, row, fmt, "A row" if i is None else f"Row {i}") for row, i in zip(rows, indices, strict=True)]
+    encoded = {}
+    for special in (False, True):
+        texts = [text for row_pieces in pieces for text, _, sp in row_pieces if _is_text(text) and sp is special]
+        ids = tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+        encoded[special] = iter(ids)
+    examples = []
+    for row_pieces, i in zip(pieces, indices, strict=True):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for text, trained, special in row_pieces:
+            ids = list(next(encoded[special])) if _is_text(text) else list(text)
+            input_ids.extend(ids)
+            labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+        if all(label == IGNORE_INDEX for label in labels):
+            raise UserError(
+                f"{'A row' if i is None else f'Row {i}'}: the assistant turns are empty and the chat template "
+                f"closes them with no special token, so there is nothing to train: drop the row."
+            )
+        examples.append(TokenizedExample(input_ids, labels, False))
+    return examples
+
+
+def check_max_length(max_length) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise UserError(f"max_length must be a positive integer, got {max_length!r}.")
+
+
+def prompt_length(labels: list[int]) -> int:
+    """Tokens before the first trained one (the prompt, for a single-turn example)."""
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
+def truncate_example(example: TokenizedExample, max_length: int, *, row_index: int | None = None,
+                     prompt_tokens: int | None = None) -> TokenizedExample:
+    """`example` cut to its first `max_length` tokens, `truncated` set when anything was cut.
+
+    Raises:
+        UserError: the prompt alone fills max_length (no completion token would be trained).
+    """
+    first_trained = prompt_length(example.labels) if prompt_tokens is None else prompt_tokens
     if first_trained >= max_length:
-        raise UserError(
-            f"{at}: the prompt alone is {first_trained} tokens, which fills max_length={max_length}, so "
-            f"no completion token would be trained. Raise max_length (to at least "
-            f"{first_trained + 1}, better more) or shorten the prompt."
-        )
-    return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
+        raise prompt_too_long(first_trained, max_length, row_index)
+    if len(example.input_ids) <= max_length:
+        return example
+    return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length], True)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def prompt_too_long(prompt_tokens: int, max_length: int, row_index: int | None) -> UserError:
+    at = f"Row {row_index}" if row_index is not None else "A row"
+    return UserError(
+        f"{at}: the prompt alone is {prompt_tokens} tokens, which fills max_length={max_length}, so "
+        f"no completion token would be trained. Raise max_length (to at least "
+        f"{prompt_tokens + 1}, better more) or shorten the prompt."
+    )
 
 
-def _prompt_completion_pieces(tokenizer, row: dict) -> list[tuple[list[int], bool]]:
-    if tokenizer.eos_token_id is None:
-        raise UserError(
-            "The tokenizer has no EOS token, so a completion's end cannot be trained: "
-            "use a model's own tokenizer."
-        )
-    prompt_ids = tokenizer(row["prompt"])["input_ids"] if row["prompt"] else []
-    return [(prompt_ids, False), (_encode(tokenizer, row["completion"]) + [tokenizer.eos_token_id], True)]
+def _is_text(piece) -> bool:
+    """A non-empty string to encode; an empty one is no tokens (not even BOS), a list is token ids."""
+    return isinstance(piece, str) and bool(piece)
+
+
+# A piece of an example: text (or token ids), whether it is trained, whether the tokenizer adds its
+# own special tokens (BOS, ...) when encoding it.
+_Piece = tuple[str | list[int], bool, bool]
+
+
+def _pieces(tokenizer, row: dict, fmt: Format, at: str) -> list[_Piece]:
+    if fmt in ("prompt_completion", "text"):
+        if tokenizer.eos_token_id is None:
+            raise UserError(
+                "The tokenizer has no EOS token, so the end of a text cannot be trained: "
+                "use a model's own tokenizer."
+            )
+        eos = [tokenizer.eos_token_id]
+        if fmt == "text":
+            return [(row["text"], True, True), (eos, True, False)]
+        return [(row["prompt"], False, True), (row["completion"], True, False), (eos, True, False)]
+    return [(text, trained, False) for text, trained in _chat_pieces(tokenizer, as_messages(row, fmt), at, fmt)]
 
 
 def _render(tokenizer, messages: list[dict], at: str, *, add_generation_prompt: bool) -> str:
@@ -385,7 +577,7 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bool]]:
+def _chat_pieces(tokenizer, messages: list[dict], at: str, fmt: str = "chat") -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, trained) pieces.
 
     The start of assistant turn i is found by rendering messages[:i] with the generation prompt
@@ -396,7 +588,7 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bo
     """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "The tokenizer has no chat template, so chat (`messages`) rows cannot be rendered: use "
+            f"The tokenizer has no chat template, so {fmt} rows (conversations) cannot be rendered: use "
             "prompt/completion rows, or a model whose tokenizer has a chat template."
         )
     full = _render(tokenizer, messages, at, add_generation_prompt=False)
@@ -453,11 +645,17 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str) -> list[tuple[str, bo
 
 
 def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/eval split.
+    """Deterministic train/eval split of rows: `split_indices(len(rows), eval_fraction, seed)`."""
+    train_idx, eval_idx = split_indices(len(rows), eval_fraction, seed)
+    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
-    The row indices are shuffled with `random.Random(seed)`; the first round(n·eval_fraction)
-    (at least 1 when eval_fraction > 0 and n ≥ 2, at most n − 1) go to eval. Each part keeps the
-    rows' original order.
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/eval split of row indices 0..n-1.
+
+    The indices are shuffled with `random.Random(seed)`; the first round(n·eval_fraction) (at
+    least 1 when eval_fraction > 0 and n ≥ 2, at most n − 1) go to eval. Each part is in
+    ascending order (the rows' original order).
 
     Raises:
         UserError: eval_fraction outside [0, 1).
@@ -468,16 +666,13 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
         or not 0 <= eval_fraction < 1
     ):
         raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}.")
-    n = len(rows)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_eval = round(n * eval_fraction)
     if eval_fraction > 0 and n >= 2:
         n_eval = min(max(n_eval, 1), n - 1)
     eval_idx = set(order[:n_eval])
-    train = [row for i, row in enumerate(rows) if i not in eval_idx]
-    held_out = [row for i, row in enumerate(rows) if i in eval_idx]
-    return train, held_out
+    return [i for i in range(n) if i not in eval_idx], sorted(eval_idx)
 
 
 def dataset_fingerprint(rows: list[dict]) -> str:

@@ -9,6 +9,7 @@ parameter (E, a, b) adapted through peft's `target_parameters` gets r·E·(a + b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.errors import UserError
@@ -201,6 +202,40 @@ def count_lora_params(
         targets=tuple(m.name for m in chosen), matrices=tuple(per_matrix),
         total=sum(ml.params for ml in per_matrix), by_role=by_role, per_layer=per_layer, unadapted=unadapted,
     )
+
+
+def check_rank_fits(matrices: Iterable[tuple[str, int, int, int]]) -> None:
+    """Refuse a rank above min(d_in, d_out) of an adapted matrix: B·A then has more parameters than a
+    full-rank update needs and cannot express more, so it is almost surely a mistake. The planner and
+    the trainer (on the loaded model's modules) both check with this.
+
+    Args:
+        matrices: (name, d_in, d_out, rank) of every adapted matrix.
+
+    Raises:
+        UserError: naming the first matrix the rank does not fit and the largest rank that does.
+    """
+    for name, d_in, d_out, rank in matrices:
+        if rank > min(d_in, d_out):
+            raise UserError(
+                f"rank {rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} of {name} "
+                f"({d_out}x{d_in}): an update of that matrix has rank at most {min(d_in, d_out)}. "
+                f"Choose rank <= {min(d_in, d_out)} or leave that layer out of targets."
+            )
+
+
+def count_run_lora(
+    shape: ModelShape,
+    rank: int,
+    targets: str | list[str] | tuple[str, ...] = "all",
+    expert_rank_divisor: str = "active",
+    target_unembedding: bool = False,
+) -> LoraCount:
+    """`count_lora_params` for the rank a run will train, which every adapted matrix must take
+    (`check_rank_fits`); the capacity search counts higher ranks with `count_lora_params` itself."""
+    count = count_lora_params(shape, rank, targets, expert_rank_divisor, target_unembedding)
+    check_rank_fits((m.name, m.d_in, m.d_out, m.rank) for m in count.matrices)
+    return count
 
 
 def peft_target_kwargs(count: LoraCount) -> dict:

@@ -16,7 +16,7 @@ from planner import memory as memory_mod
 from planner.errors import UserError
 from planner.gpus import get_gpu
 from planner.lengths import LengthPlan, plan_lengths
-from planner.lora import LoraCount, count_lora_params, select_targets
+from planner.lora import LoraCount, count_lora_params, count_run_lora, select_targets
 from planner.shapes import ModelShape, load_shape
 
 DEFAULT_SEQ_LEN = 2048  # a common SFT max length; pass --seq-len for yours
@@ -112,6 +112,23 @@ def _constants(bits_per_param: float, bits_source: str, short_run: dict, mfu: fl
     return tuple(c)
 
 
+def _memory_at_fits(shape: ModelShape, adapter_params: int, hardware: tuple[memory_mod.Fit, ...], seq_len: int,
+                    batch_size: int) -> tuple[memory_mod.MemoryEstimate, ...]:
+    """Each method's memory per GPU at CHART_GPU_COUNTS and at its recommended GPU count, with the
+    micro-batch and checkpointing the plan recommends (the micro-batch capped by batch / GPUs).
+    A method that fits nowhere is shown at micro-batch 1 with gradient checkpointing (its least)."""
+    counts = sorted({*CHART_GPU_COUNTS, *(f.num_gpus for f in hardware if f.num_gpus)})
+    rows = []
+    for fit in hardware:
+        micro, checkpointing = (fit.micro_batch, fit.gradient_checkpointing) if fit.num_gpus else (1, True)
+        for n in counts:
+            b = min(micro, max(1, batch_size // n))
+            accum = -(-batch_size // (b * n))
+            rows.append(memory_mod.estimate_memory(shape, adapter_params, fit.method, seq_len, b, n, checkpointing,
+                                                   accum))
+    return tuple(rows)
+
+
 def _positive(name: str, value, integer: bool = True) -> None:
     if value is None:
         return
@@ -187,7 +204,7 @@ def build_plan(
         bits_source = "given by the caller (--bits-per-param)"
     shape = model if isinstance(model, ModelShape) else load_shape(model)
     gpu_spec = get_gpu(gpu)
-    lora = count_lora_params(shape, rank, targets, expert_rank_divisor, target_unembedding)
+    lora = count_run_lora(shape, rank, targets, expert_rank_divisor, target_unembedding)
 
     def params_at(r: int) -> int:
         return count_lora_params(shape, r, targets, expert_rank_divisor, target_unembedding).total
@@ -217,14 +234,11 @@ def build_plan(
     if tokens:
         run = flops_mod.estimate_run_time(flops, tokens, gpu_spec, num_gpus or 1, mfu)
     methods = tuple(memory_mod.METHODS)
-    memory = tuple(
-        memory_mod.estimate_memory(shape, lora.total, method, memory_seq_len, 1, n)
-        for method in methods for n in CHART_GPU_COUNTS
-    )
     hardware = tuple(
         memory_mod.fit_hardware(shape, lora.total, method, gpu_spec, memory_seq_len, batch_size, num_gpus)
         for method in methods
     )
+    memory = _memory_at_fits(shape, lora.total, hardware, memory_seq_len, batch_size)
     all_notes = list(notes)
     if shape.is_moe:
         all_notes.append(

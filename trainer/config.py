@@ -7,8 +7,11 @@ Torch-free, so `flows` can build and hash configs without loading the trainer. Y
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ EXPERT_RANK_DIVISORS = ("active", "total", "none")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16")
 BASE_DTYPES = ("auto", "float32", "bfloat16")
+REPORT_TO = ("none", "mlflow")
+DEFAULT_MAX_STEPS = 100
 
 # LoRA's optimal LR is ~10x FullFT's (LoRA Without Regret; tinker-cookbook's
 # get_lora_lr_over_full_finetune_lr). Used when `lr` is left unset.
@@ -30,7 +35,7 @@ DEFAULT_FULL_LR = DEFAULT_LORA_LR / 10
 
 # Fields that change where or how often things are written, not what is trained: they stay out of
 # the config hash, so a resumed run (or a run under another output_dir) counts as the same run.
-_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints")
+_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "report_to")
 
 
 @dataclass
@@ -61,8 +66,10 @@ class TrainConfig:
     target_unembedding: bool = False
     #: Peak learning rate; None = 5e-4 for lora, 5e-5 for full (LoRA's optimum is ~10x FullFT's).
     lr: float | None = None
-    #: Optimizer steps; 100 suits a quick check on the built-in sets.
-    max_steps: int = 100
+    #: Optimizer steps; null with num_epochs set, else 100 when unset (a quick check on the built-in sets).
+    max_steps: int | None = None
+    #: Passes over the training rows instead of max_steps: steps = ceil(num_epochs x rows / global batch).
+    num_epochs: float | None = None
     #: Sequences per micro-batch per process; 4 fits a 135M model on a laptop.
     batch_size: int = 4
     #: Micro-batches per optimizer step; global batch = batch_size x grad_accum_steps x processes.
@@ -87,7 +94,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     #: Clip the global gradient norm to this value; None = no clipping, so LoRA and FullFT are compared unclipped.
     max_grad_norm: float | None = None
-    #: Held-out evaluations at log-spaced steps, including step 0 (base model) and the last step.
+    #: Held-out evaluations in all: step 0 (base model), the last step and log-spaced steps between (fewer if fewer steps).
     eval_points: int = 8
     #: Held-out examples evaluated (the first N of the held-out set); None = all. The regret's interval
     #: narrows as 1/sqrt(examples) (docs/EVALUATION.md); 1000 bounds the cost of each evaluation.
@@ -108,9 +115,18 @@ class TrainConfig:
     base_dtype: str = "auto"
     #: Recompute activations in the backward pass: saves memory on long sequences at ~30% more compute.
     gradient_checkpointing: bool = False
+    #: Where `lowregret train` also logs the run: "none", or "mlflow" (params, per-step metrics, files).
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         _coerce_types(self)
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise UserError(
+                f"max_steps={self.max_steps} and num_epochs={self.num_epochs:g} both set: give one "
+                "(num_epochs=null or max_steps=null), they say the same thing two ways."
+            )
+        if self.max_steps is None and self.num_epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         _validate(self)
         if self.lr is None:
             self.lr = DEFAULT_LORA_LR if self.method == "lora" else DEFAULT_FULL_LR
@@ -124,6 +140,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def total_steps(self, train_rows: int, global_batch: int) -> int:
+        """Optimizer steps of the run: max_steps, or ceil(num_epochs x train_rows / global_batch).
+
+        Raises:
+            UserError: warmup_steps does not fit in the steps num_epochs gives.
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        steps = max(1, math.ceil(self.num_epochs * train_rows / global_batch))
+        if self.warmup_steps >= steps:
+            raise UserError(
+                f"warmup_steps={self.warmup_steps} does not fit in the {steps} steps of num_epochs="
+                f"{self.num_epochs:g} ({train_rows} rows, global batch {global_batch}): lower warmup_steps."
+            )
+        return steps
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -142,6 +174,46 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def field_docs(cls) -> dict[str, str]:
+    """field name -> its `#:` comment in the class source: the one documentation of a config
+    dataclass's options, which `--help` and the templates print."""
+    import inspect
+    import re
+
+    docs, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        match = re.match(r"(\w+)\s*:", stripped)
+        if match and pending:
+            docs[match.group(1)] = " ".join(pending)
+        pending = []
+    return docs
+
+
+def options_help(cls, prefix: str = "") -> str:
+    """Every option of a config dataclass with its default and its `#:` documentation, for an
+    argparse epilog (RawDescriptionHelpFormatter)."""
+    import textwrap
+
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default is None:
+            shown = "null"
+        elif dataclasses.is_dataclass(default):
+            shown = f"the {type(default).__name__} defaults"
+        else:
+            shown = default if isinstance(default, str) else json.dumps(default)
+        lines.append(f"  {prefix}{f.name} (default {shown})")
+        lines += textwrap.wrap(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML preset (or start from the defaults when `path` is None) and apply `key=value`s.
 
@@ -155,6 +227,33 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return TrainConfig.from_dict(data)
 
 
+def parse_yaml(text: str):
+    """`yaml.safe_load` with YAML 1.2's booleans: only true/false (any case) are booleans.
+
+    PyYAML follows YAML 1.1, where yes/no/on/off/y/n are booleans too, so the documented
+    `mixed_precision=no` arrived as False and was refused. Safe: no Python object is constructed.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+@functools.cache
+def _config_loader():
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        """SafeLoader whose implicit booleans are YAML 1.2's."""
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    ConfigLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return ConfigLoader
+
+
 def read_yaml_mapping(path: str | Path | None) -> dict:
     """The mapping a YAML config file holds ({} when `path` is None), or a UserError saying why not."""
     import yaml
@@ -165,7 +264,9 @@ def read_yaml_mapping(path: str | Path | None) -> dict:
     if not path.is_file():
         raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8.") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -182,7 +283,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
         if not sep or not key.strip():
             raise UserError(f"Override {item!r} must look like key=value, e.g. lr=1e-4 or train.max_steps=20.")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise UserError(f"Override {item!r}: value is not a valid YAML scalar ({exc}).") from exc
         *parents, leaf = key.strip().split(".")
@@ -239,6 +340,7 @@ def _validate(c: TrainConfig) -> None:
         ("lr_schedule", LR_SCHEDULES),
         ("mixed_precision", MIXED_PRECISIONS),
         ("base_dtype", BASE_DTYPES),
+        ("report_to", REPORT_TO),
     ):
         choice(name, options)
     if c.method == "lora" and c.rank <= 0:
@@ -250,8 +352,10 @@ def _validate(c: TrainConfig) -> None:
     if c.lr is not None and not 0 < c.lr < 1:
         raise UserError(f"lr={c.lr}: a learning rate must be in (0, 1); LoRA ~1e-4..1e-3, full ~10x lower.")
     for name in ("max_steps", "batch_size", "grad_accum_steps"):
-        if getattr(c, name) < 1:
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1.")
+    if c.num_epochs is not None and not c.num_epochs > 0:
+        raise UserError(f"num_epochs={c.num_epochs}: must be positive (fractions are fine, e.g. 0.5).")
     if c.max_length < 8:
         raise UserError(f"max_length={c.max_length}: must be at least 8 tokens to hold a prompt and a reply.")
     if c.eval_dataset is None and not 0 < c.eval_fraction < 1:
@@ -261,7 +365,7 @@ def _validate(c: TrainConfig) -> None:
         )
     if c.dataset_limit is not None and c.dataset_limit < 2:
         raise UserError(f"dataset_limit={c.dataset_limit}: read at least 2 rows (or null for all).")
-    if not 0 <= c.warmup_steps < c.max_steps:
+    if c.warmup_steps < 0 or (c.max_steps is not None and c.warmup_steps >= c.max_steps):
         raise UserError(f"warmup_steps={c.warmup_steps}: must be in [0, max_steps={c.max_steps}).")
     if c.weight_decay < 0:
         raise UserError(f"weight_decay={c.weight_decay}: must be >= 0.")

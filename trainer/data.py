@@ -84,43 +84,70 @@ def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence
     return rows
 
 
-def prepare_data(config, tokenizer) -> PreparedData:
-    """Load, split, tokenize and (optionally) pack the data of `config` (a TrainConfig).
+@dataclass(frozen=True)
+class DataSplit:
+    """Which rows of the tokenized data a run trains on and scores (indices into the datasets)."""
+
+    data: object  # planner.token_cache.TokenizedDataset of `dataset`
+    held_out: object  # the same, or that of `eval_dataset`
+    train_idx: list[int]
+    held_out_idx: list[int]
+    scored_idx: list[int]  # the first eval_max_examples held-out rows
+
+
+def split_data(config, tokenizer) -> DataSplit:
+    """Read and tokenize (once: `planner.token_cache`) the data of `config` and split it.
 
     Raises:
-        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner.dataset).
+        UserError: the data cannot be read, or is too small to hold a set out.
     """
-    from planner.dataset import dataset_fingerprint, detect_format, load_rows, split_rows, tokenize_example
+    from planner.dataset import split_indices
+    from planner.token_cache import tokenized_dataset
 
-    rows = load_rows(config.dataset, limit=config.dataset_limit)
-    if not rows:
-        raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
-    fmt = detect_format(rows, source=config.dataset)
+    data = tokenized_dataset(config.dataset, tokenizer, limit=config.dataset_limit)
     if config.eval_dataset is None:
-        train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.held_out_seed)
-        eval_fmt = fmt
+        train_idx, held_out_idx = split_indices(data.rows, config.eval_fraction, config.held_out_seed)
+        held_out = data
     else:
-        train_rows = rows
-        eval_rows = load_rows(config.eval_dataset)
-        if not eval_rows:
-            raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
-        eval_fmt = detect_format(eval_rows, source=config.eval_dataset)
-    if not train_rows or not eval_rows:
+        held_out = tokenized_dataset(config.eval_dataset, tokenizer)
+        train_idx, held_out_idx = list(range(data.rows)), list(range(held_out.rows))
+    if not train_idx or not held_out_idx:
         raise UserError(
-            f"{len(rows)} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
+            f"{data.rows} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
             "give more rows or an eval_dataset of its own."
         )
-    if config.eval_max_examples is not None:
-        eval_rows = eval_rows[: config.eval_max_examples]
+    return DataSplit(data, held_out, train_idx, held_out_idx, held_out_idx[: config.eval_max_examples])
 
-    # Error messages name a row by its index in the file it came from.
-    row_index = {id(r): i for i, r in enumerate(rows)}
-    if config.eval_dataset is not None:
-        row_index.update({id(r): i for i, r in enumerate(eval_rows)})
-    train_examples = [tokenize_example(tokenizer, r, fmt, config.max_length, row_index=row_index[id(r)])
-                      for r in train_rows]
-    eval_examples = [tokenize_example(tokenizer, r, eval_fmt, config.max_length, row_index=row_index[id(r)])
-                     for r in eval_rows]
+
+def check_data(config, tokenizer) -> DataSplit:
+    """`split_data`, and every row the run will use checked against max_length, without building
+    the run's sequences: what a pipeline checks before any run. Returns the split (`.data` is the
+    dataset's TokenizedDataset, `.scored_idx` the held-out rows the runs score).
+
+    Raises:
+        UserError: as `split_data`, or a prompt that alone fills max_length (names the row).
+    """
+    split = split_data(config, tokenizer)
+    split.data.check_max_length(config.max_length, split.train_idx)
+    split.held_out.check_max_length(config.max_length, split.scored_idx)
+    return split
+
+
+def prepare_data(config, tokenizer) -> PreparedData:
+    """Split, cut to max_length and optionally pack the data of `config` (a TrainConfig).
+
+    `stats` accounts for every row read: rows = train_rows + held_out_rows (split off `dataset`,
+    or read from `eval_dataset`); of the held-out rows the first `eval_max_examples` are scored
+    (`held_out_unscored` are not); rows left with no completion token after truncation are
+    dropped (`dropped_train`, `dropped_eval`).
+
+    Raises:
+        UserError: empty dataset, missing columns, a prompt that fills max_length (from planner).
+    """
+    split = split_data(config, tokenizer)
+    data, held_out = split.data, split.held_out
+    train_examples = data.examples(split.train_idx, config.max_length)
+    eval_examples = held_out.examples(split.scored_idx, config.max_length)
     # An example whose completion was cut away entirely has nothing to learn or score: drop it.
     train = [s for s in map(to_sequence, train_examples) if s.loss_tokens]
     evals = [s for s in map(to_sequence, eval_examples) if s.loss_tokens]
@@ -130,10 +157,16 @@ def prepare_data(config, tokenizer) -> PreparedData:
             f"max_length={config.max_length}: raise max_length or shorten the prompts."
         )
     stats = {
-        "format": fmt,
+        "format": data.format,
+        "rows": data.rows + (held_out.rows if held_out is not data else 0),
+        "train_rows": len(split.train_idx),
+        "held_out_rows": len(split.held_out_idx),
+        "held_out_unscored": len(split.held_out_idx) - len(split.scored_idx),
+        "dropped_train": len(train_examples) - len(train),
+        "dropped_eval": len(eval_examples) - len(evals),
         "train_examples": len(train),
-        "dropped_without_completion": len(train_examples) + len(eval_examples) - len(train) - len(evals),
         "eval_examples": len(evals),
+        "dropped_without_completion": len(train_examples) + len(eval_examples) - len(train) - len(evals),
         "train_truncated": sum(e.truncated for e in train_examples),
         "eval_truncated": sum(e.truncated for e in eval_examples),
         "train_tokens": sum(len(s.input_ids) for s in train),
@@ -143,10 +176,35 @@ def prepare_data(config, tokenizer) -> PreparedData:
     if config.packing:
         train = pack(train, config.max_length, config.seed)
         stats["packed_rows"] = len(train)
-    fingerprint = dataset_fingerprint(train_rows) + (
-        "" if config.eval_dataset is None else "+" + dataset_fingerprint(eval_rows)
-    )
-    return PreparedData(train, evals, fmt, fingerprint, stats)
+    # The config hash holds the split (eval_fraction, seed, limits), so the data read identifies the rows.
+    fingerprint = data.fingerprint + ("" if held_out is data else "+" + held_out.fingerprint)
+    return PreparedData(train, evals, data.format, fingerprint, stats)
+
+
+def describe_data(data: PreparedData, config) -> str:
+    """The run's data line, accounting for every row read: train + held-out (scored or beyond
+    eval_max_examples), then what was dropped or truncated."""
+    from planner.dataset import describe_format
+
+    s = data.stats
+    if config.eval_dataset is None:
+        rows = f"{s['rows']:,} rows of {describe_format(data.format)} = {s['train_rows']:,} train + "
+    else:
+        rows = (f"{s['train_rows']:,} train rows of {describe_format(data.format)} + from "
+                f"{config.eval_dataset} ")
+    scored = s["held_out_rows"] - s["held_out_unscored"]
+    held_out = f"{s['held_out_rows']:,} held-out"
+    if s["held_out_unscored"]:
+        held_out += (f" ({scored:,} scored, {s['held_out_unscored']:,} beyond "
+                     f"eval_max_examples={config.eval_max_examples})")
+    dropped = s["dropped_train"] + s["dropped_eval"]
+    line = (f"data: {rows}{held_out}; {dropped:,} dropped"
+            + (f" ({s['dropped_train']:,} train, {s['dropped_eval']:,} held-out)" if dropped else "")
+            + f" (no completion token within max_length={config.max_length}), "
+            f"{s['train_truncated'] + s['eval_truncated']:,} truncated to {config.max_length} tokens")
+    if config.packing:
+        line += f"; {s['train_examples']:,} train examples packed into {s['packed_rows']:,} rows"
+    return line
 
 
 @functools.lru_cache(maxsize=4)

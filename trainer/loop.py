@@ -23,6 +23,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,29 +31,40 @@ import numpy as np
 import torch
 
 from planner.errors import UserError
+from planner.paths import check_output_dir
+from planner.shapes import check_context
 from trainer import checkpoint as ckpt
+from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
-from trainer.data import collate, example_id, micro_batches, prepare_data, step_indices
+from trainer.data import collate, describe_data, example_id, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
 from trainer.model import count_trainable, load_base_model, load_base_tokenizer, prepare_model, save_trained
 from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
 
 
 def eval_steps(max_steps: int, points: int) -> list[int]:
-    """Log-spaced evaluation steps: 0 (the base model), ..., max_steps (unique, sorted)."""
-    spaced = np.geomspace(1, max_steps, num=points - 1) if points > 1 else []
-    return sorted({0, max_steps, *(int(round(s)) for s in spaced)})
+    """`points` evaluation steps (all of 0..max_steps when there are fewer): 0 (the base model),
+    max_steps, and between them steps as close to log-spaced from 1 as distinct integers allow."""
+    count = min(points, max_steps + 1)
+    targets = np.geomspace(1, max_steps, num=count - 1) if count > 2 else [max_steps] * (count - 1)
+    steps = [0]
+    for k, target in enumerate(targets):
+        # Round, but stay above the previous step and leave room for the ones still to come.
+        steps.append(min(max(int(round(target)), steps[-1] + 1), max_steps - (len(targets) - 1 - k)))
+    return steps
 
 
-def lr_lambda(config: TrainConfig):
-    """Multiplier of the peak LR at a step: linear warm-up, then constant or cosine to 0."""
+def lr_lambda(config: TrainConfig, max_steps: int | None = None):
+    """Multiplier of the peak LR at a step: linear warm-up, then constant or cosine to 0 at
+    `max_steps` (default config.max_steps; a num_epochs run passes its total_steps)."""
+    max_steps = config.max_steps if max_steps is None else max_steps
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
         if config.lr_schedule == "constant":
             return 1.0
-        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -67,10 +79,11 @@ def _preflight_dirs(config: TrainConfig) -> Path | None:
     """Check the output and resume paths before any work; return the checkpoint to resume, if any.
 
     Raises:
-        UserError: a finished run would be overwritten, a killed run's output would be lost, or the
-            resume path holds no checkpoint.
+        UserError: output_dir cannot be created (under a file, read-only), a finished run would be
+            overwritten, a killed run's output would be lost, or the resume path holds no checkpoint.
     """
     final, partial = _run_dirs(config)
+    check_output_dir(final, "output_dir")
     if final.exists() and not config.overwrite:
         raise UserError(
             f"{final} already exists (a finished run or another folder). Choose another output_dir, "
@@ -144,9 +157,12 @@ def build_optimizer(model, config: TrainConfig, use_cuda: bool) -> torch.optim.A
     )
 
 
-def train(config: TrainConfig, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
     """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json
     and eval_examples.json (per-example held-out NLL, `trainer.result.EVAL_EXAMPLES_FILE`).
+
+    `callbacks` (main process only) see the run start, each step's metrics and the result: how
+    `lowregret train` logs to MLflow (flows.training_log) without the trainer importing it.
 
     Raises:
         UserError: bad input (data, targets, rank, output/resume paths), always before the first step
@@ -179,20 +195,28 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         if accelerator.is_main_process:
             tqdm.write(message)
 
+    def notify(event: str, *args) -> None:  # callbacks run on the main process only
+        if accelerator.is_main_process:
+            for callback in callbacks:
+                getattr(callback, event)(*args)
+
     tokenizer = load_base_tokenizer(config.model)
-    data = prepare_data(config, tokenizer)
-    stats = data.stats
-    say(
-        f"data: {stats['train_examples']} train / {stats['eval_examples']} held-out examples ({data.format}), "
-        f"{stats['train_truncated'] + stats['eval_truncated']} truncated to max_length={config.max_length}"
-        + (f", packed into {stats['packed_rows']} rows" if config.packing else "")
-    )
+    with accelerator.main_process_first():  # one process tokenizes into the cache, the others read it
+        data = prepare_data(config, tokenizer)
+    say(describe_data(data, config))
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    max_steps = config.total_steps(len(data.train), global_batch)
+    if config.num_epochs is not None:
+        say(f"num_epochs={config.num_epochs:g}: {max_steps} steps of {global_batch} "
+            f"({len(data.train)} training rows)")
     if len(data.train) < global_batch:
         say(f"note: {len(data.train)} training rows < global batch {global_batch}: examples repeat within a step")
     config_hash = config.hash(data.fingerprint)
 
-    model, what = prepare_model(load_base_model(config.model, base_dtype), config)
+    model = load_base_model(config.model, base_dtype)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    check_context(config.max_length, getattr(text_config, "max_position_embeddings", None), config.model)
+    model, what = prepare_model(model, config)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
 
@@ -210,7 +234,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     optimizer = build_optimizer(model, config, use_cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, max_steps))
     unwrapped = accelerator.unwrap_model(model)
     # The chunked completion loss wherever it is exact (trainer/loss.py), else full logits.
     head, full_logits_reason = loss_head(unwrapped, sharded=accelerator.distributed_type == DistributedType.FSDP)
@@ -233,10 +257,13 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     accelerator.wait_for_everyone()
+    notify("on_start", config, {"output_dir": str(final_dir), "steps": max_steps, "global_batch": global_batch,
+                                "processes": accelerator.num_processes, "trainable_params": trainable_params,
+                                "config_hash": config_hash, "data": data.stats})
 
     # ---- train --------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
-    evals_at = set(eval_steps(config.max_steps, config.eval_points))
+    evals_at = set(eval_steps(max_steps, config.eval_points))
 
     def evaluate(at_step: int) -> None:
         held_out = _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head)
@@ -246,9 +273,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if start_step == 0:
         evaluate(0)
         say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
+        notify("on_step", 0, {"eval_loss": curves["eval"][-1][1]})
     model.train()
     step_time, step_tokens_run = 0.0, 0
-    bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps,
                disable=not (progress and accelerator.is_main_process), desc=f"train {config.method}")
     for step in bar:
         t0 = time.perf_counter()
@@ -278,10 +306,13 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         tokens_total += int(input_tokens.item())
         curves["train"].append([step + 1, train_loss])
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_tokens_run / step_time:,.0f}")
+        notify("on_step", step + 1, {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                                     "tokens_per_s": step_tokens_run / step_time})
         if step + 1 in evals_at:
             evaluate(step + 1)
             say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
+            notify("on_step", step + 1, {"eval_loss": curves["eval"][-1][1]})
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < max_steps:
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(
                     run_dir, step + 1, unwrapped, optimizer, scheduler,
@@ -305,7 +336,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         summary_path=str(final_dir / "summary.json"),
         final_train_loss=curves["train"][-1][1],
         final_eval_loss=curves["eval"][-1][1],
-        steps=config.max_steps,
+        steps=max_steps,
         tokens=tokens_total,
         wall_s=round(wall_s, 3),
         tokens_per_s=round(step_tokens_run / step_time, 1) if step_time else 0.0,
@@ -341,6 +372,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             shutil.rmtree(final_dir)
         os.replace(run_dir, final_dir)
     accelerator.wait_for_everyone()
+    notify("on_end", result)
     say(
         f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
         f"{result.wall_s:.1f} s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB ({peak_kind}); "

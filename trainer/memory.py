@@ -199,8 +199,9 @@ def _decoder_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
     return list(stacks[0])
 
 
-def _train_config(method: str, *, seq_len: int, micro_batch: int, grad_accum_steps: int,
-                  gradient_checkpointing: bool, lora: dict):
+def step_train_config(method: str, *, seq_len: int, micro_batch: int, grad_accum_steps: int,
+                      gradient_checkpointing: bool, lora: dict):
+    """The TrainConfig of one measured step (also what benchmarks/gpu_check.py runs on a GPU)."""
     from trainer.config import TrainConfig
 
     if method not in METHOD_CONFIGS:
@@ -212,7 +213,21 @@ def _train_config(method: str, *, seq_len: int, micro_batch: int, grad_accum_ste
                        max_length=seq_len, gradient_checkpointing=gradient_checkpointing, checkpoint_every=0)
 
 
-def _batch(seq_len: int, micro_batch: int, vocab_size: int):
+def prime_step(model, optimizer, grad_accum_steps: int) -> None:
+    """Bring a measured step to its steady state: a first AdamW step creates the optimizer's state,
+    and with gradient accumulation the step's earlier micro-batches leave gradients behind."""
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if grad_accum_steps > 1:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+
+
+def step_batch(seq_len: int, micro_batch: int, vocab_size: int):
     """The trainer's collated micro-batch of `micro_batch` rows `seq_len` wide, every target a
     completion token. With several rows the last is one token shorter: an SFT micro-batch of
     examples of different lengths is padded, so attention gets a mask (transformers then repeats
@@ -259,7 +274,7 @@ def measure_step_memory(
     The step is the second optimizer step of a run: AdamW's state exists (made by a first step on
     zero gradients), and with `grad_accum_steps` > 1 the gradients of the earlier micro-batches are
     held while the last one runs. Every target is a completion token; the rows are `seq_len` tokens
-    wide (with several rows the last is one token shorter: a padded micro-batch, see `_batch`).
+    wide (with several rows the last is one token shorter: a padded micro-batch, see `step_batch`).
 
     Raises:
         UserError: a method the trainer has no path for, or targets/rank the model cannot take.
@@ -273,13 +288,13 @@ def measure_step_memory(
     from trainer.model import model_from_config, prepare_model
 
     started = time.perf_counter()
-    config = _train_config(method, seq_len=seq_len, micro_batch=micro_batch, grad_accum_steps=grad_accum_steps,
+    config = step_train_config(method, seq_len=seq_len, micro_batch=micro_batch, grad_accum_steps=grad_accum_steps,
                            gradient_checkpointing=gradient_checkpointing,
                            lora={"rank": rank, "targets": targets, "expert_rank_divisor": expert_rank_divisor,
                                  "target_unembedding": target_unembedding})
     shape = shape_from_config(model_config)
     mixed_precision, base_dtype = precision(config, use_cuda=True)
-    batch = _batch(seq_len, micro_batch, shape.vocab_size)
+    batch = step_batch(seq_len, micro_batch, shape.vocab_size)
     loss_tokens = int(batch.loss_positions_N.numel()) * grad_accum_steps
     _reset_accelerate()
     try:
@@ -290,15 +305,7 @@ def measure_step_memory(
                 optimizer = build_optimizer(model, config, use_cuda=True)
                 model, optimizer = accelerator.prepare(model, optimizer)
             head, _ = loss_head(accelerator.unwrap_model(model))
-            model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            for p in trainable:  # a first step creates AdamW's state
-                p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if grad_accum_steps > 1:  # what the earlier micro-batches of the step leave behind
-                for p in trainable:
-                    p.grad = torch.zeros_like(p)
+            prime_step(model, optimizer, grad_accum_steps)
             tracker = _StepTracker(_decoder_layers(model, shape.num_layers))
             tracker.track_external(model, optimizer)
             with tracker:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from planner.errors import UserError
+from planner.lora import check_rank_fits
 from planner.sources import hub_reachable, resolve_model
 
 # Path components that mark a sub-module as attention or MLP in transformers' decoder layers.
@@ -141,6 +142,7 @@ def load_base_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer, ref, "a tokenizer for")
+    tokenizer.name_or_path = ref  # records (the plan's data line) name the reference, not the GGUF cache
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -195,8 +197,8 @@ def resolve_targets(
 ) -> TargetPlan:
     """Turn a target preset or comma list into peft's target_modules / target_parameters.
 
-    A rank larger than min(d_in, d_out) of a targeted matrix is refused: B·A then has more parameters
-    than a full-rank update needs and cannot express more, so it is almost surely a mistake.
+    A rank larger than min(d_in, d_out) of a targeted matrix is refused (`planner.lora.check_rank_fits`,
+    the planner's own check, here on the loaded model's modules).
 
     Raises:
         UserError: an unknown target name, or a rank the model cannot take.
@@ -253,13 +255,7 @@ def resolve_targets(
 
     matrices = [(n, linears[n].in_features, linears[n].out_features, rank) for n in chosen]
     matrices += [(n, experts[n].shape[2], experts[n].shape[1], expert_rank) for n in chosen_experts]
-    for name, d_in, d_out, r in matrices:
-        if r > min(d_in, d_out):
-            raise UserError(
-                f"rank {r} is larger than min(d_in, d_out) = {min(d_in, d_out)} of {name} "
-                f"({d_out}x{d_in}): an update of that matrix has rank at most {min(d_in, d_out)}. "
-                f"Choose rank <= {min(d_in, d_out)} or leave that layer out of targets."
-            )
+    check_rank_fits(matrices)
 
     # Leaf names keep adapter_config.json short; fall back to full names when a leaf name would also
     # match a module we did not choose (peft matches a name or any ".name" suffix).

@@ -2,7 +2,7 @@
 
 import pytest
 
-from evaluation.curves import load_curves, parse_curves, plot_curves
+from evaluation.curves import curve_styles, load_curves, parse_curves, plot_curves
 from planner.errors import UserError
 
 
@@ -37,9 +37,23 @@ def test_plot_writes_a_real_png(tmp_path):
             "eval": [(0, 2.1), (10, 1.3), (50, 1.15), (199, 1.08)],
         },
     }
-    path = plot_curves(runs, tmp_path / "sub" / "curves.png", base_loss=2.1)
+    path = plot_curves(runs, tmp_path / "sub" / "curves.png", methods={"LoRA r=16": "lora", "FullFT": "full"},
+                       base_loss=2.1)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 300 and image.shape[1] > 500
     # not a blank canvas: many distinct colours were drawn
     assert len({tuple(px) for px in image.reshape(-1, image.shape[2])[::97].round(2).tolist()}) > 20
+
+
+def test_one_colour_per_method_whatever_the_order():
+    """`compare` lists LoRA first, the pipeline FullFT first: each method keeps its colour in both."""
+    from planner.report_charts import METHOD_COLOURS
+
+    compare = curve_styles({"LoRA (lora)": "lora", "FullFT (full)": "full"})
+    pipeline = curve_styles({"FullFT": "full", "LoRA r=16": "lora"})
+    assert compare["LoRA (lora)"] == pipeline["LoRA r=16"] == (METHOD_COLOURS["lora"], "-")
+    assert compare["FullFT (full)"] == pipeline["FullFT"] == (METHOD_COLOURS["full"], "-")
+    sweep = curve_styles({"lora-r8-lr0.001": "lora", "lora-r8-lr0.002": "lora", "full-lr0.0001": "full"})
+    assert [c for c, _ in sweep.values()] == [METHOD_COLOURS["lora"], METHOD_COLOURS["lora"], METHOD_COLOURS["full"]]
+    assert sweep["lora-r8-lr0.001"][1] != sweep["lora-r8-lr0.002"][1]

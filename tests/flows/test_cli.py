@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from flows.cli import main
 from flows.commands import DEMO_CONFIG
 from flows.config import load_pipeline_config
@@ -66,3 +68,67 @@ def test_plan_only_writes_the_capacity_report(prefect_harness, tiny_models, tmp_
     out = capsys.readouterr().out
     assert "LoRA rank 4" in out and str(report / "plan.html") in out
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+@pytest.mark.slow  # a real (tiny) training run plus MLflow's SQLite set-up: ~20-45 s on 2 busy cores
+def test_standalone_train_logs_params_every_step_and_files_to_mlflow(tmp_path, tiny_models, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from tests.trainer.conftest import write_rows
+
+    monkeypatch.chdir(tmp_path)
+    rows = write_rows(tmp_path / "rows.jsonl")
+    args = ["train", "--no-progress", f"model={tiny_models('llama')}", f"dataset={rows}", "rank=4", "lr=1e-2",
+            "max_steps=3", "batch_size=4", "max_length=64", "eval_points=2", "eval_max_examples=8",
+            "checkpoint_every=0", f"output_dir={tmp_path / 'run'}"]
+    assert main([*args, "rank=0", "report_to=mlflow"]) == 2  # bad input: no MLflow store created
+    assert not (tmp_path / ".lowregret").exists()
+    assert main([*args, "report_to=mlflow"]) == 0
+    assert "MLflow: run " in capsys.readouterr().out
+
+    client = MlflowClient(f"sqlite:///{tmp_path / '.lowregret' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("lowregret/train").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, 3]
+    assert len(client.get_metric_history(run.info.run_id, "lr")) == 3
+    assert run.data.params["rank"] == "4" and run.data.params["run.steps"] == "3"
+    assert run.data.params["data.train_rows"] == "43" and run.data.metrics["trainable_params"] == 8192
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"curves.json", "summary.json", "config.json", "adapter"} <= files
+    assert "adapter/adapter_model.safetensors" in {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+
+
+def test_models_lists_versions_aliases_regret_and_verdict(tmp_path, capsys):
+    from flows import registry
+    from flows.settings import load_settings, prepare_folders
+
+    assert main(["models", "--workdir", str(tmp_path)]) == 0
+    assert "No registered models: there is no registry" in capsys.readouterr().out
+    assert not (tmp_path / ".lowregret").exists()  # listing creates nothing
+
+    settings = load_settings(tmp_path, environ={})
+    prepare_folders(settings)
+    client = registry.client_for(settings)  # explicit URIs: MLflow's global state stays as other tests left it
+    client.create_registered_model("qa")
+    tags = [{"eval_loss": "1.2345", "regret": "0.0123"},
+            {"eval_loss": "1.2", "regret": "-0.004", "regret_low": "-0.01", "regret_high": "0.002",
+             "verdict": "PASS"}]
+    for version_tags in tags:
+        client.create_model_version("qa", "file:///nowhere", tags=version_tags)
+    client.set_registered_model_alias("qa", "champion", "2")
+    client.set_registered_model_alias("qa", "candidate", "2")
+    client.set_model_version_tag("qa", "1", "rolled_back", "bad canary")
+
+    assert main(["models", "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "version", "aliases", "eval", "loss", "regret", "(nats/tok)", "[interval]",
+                                "verdict", "created"]
+    assert lines[1].split()[:5] == ["qa", "1", "(rolled", "back)", "1.2345"]
+    assert lines[1].split()[5:7] == ["+0.0123", "-"]  # no interval, no verdict tags: "-"
+    assert lines[2].split()[:8] == ["qa", "2", "candidate,champion", "1.2000", "-0.0040", "[-0.0100,", "+0.0020]",
+                                    "PASS"]
+    assert main(["models", "qa", "--workdir", str(tmp_path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["models", "nope", "--workdir", str(tmp_path)]) == 2
+    assert "No registered model named 'nope' (registered: qa)" in capsys.readouterr().err

@@ -31,8 +31,8 @@ def test_tokenization_change_in_planner_changes_the_key(tmp_path):
 def test_files_a_run_never_executes_leave_the_key_alone(tmp_path):
     copy = _copy(tmp_path)
     before = code_version(copy)
-    assert "planner/memory.py" not in {p.relative_to(copy).as_posix() for p in training_sources(copy)}
-    (copy / "planner" / "memory.py").write_text("# the planner's memory model changed\n")
+    assert "planner/report.py" not in {p.relative_to(copy).as_posix() for p in training_sources(copy)}
+    (copy / "planner" / "report.py").write_text("# the plan report changed\n")
     (copy / "evaluation" / "compare.py").write_text("# the gate changed\n")
     code_version.cache_clear()
     assert code_version(copy) == before

@@ -39,6 +39,7 @@ def test_deploy_serves_the_cron_schedule_and_a_triggered_run_completes(prefect_h
     from prefect.settings import PREFECT_API_URL
 
     workdir = tmp_path / "scheduled"
+    workdir.mkdir()
     config = tmp_path / "pipeline.yaml"
     options = dict(item.split("=", 1) for item in tiny_overrides(tiny_models("llama"), name="tiny-deploy"))
     config.write_text(yaml.safe_dump({k: yaml.safe_load(v) for k, v in options.items() if "." not in k}

@@ -85,6 +85,11 @@ def test_first_run_registers_and_promotes_a_champion(run_pipeline, tiny_models, 
     assert float(tags["regret"]) == pytest.approx(summary["comparison"]["regret_nats"])
     assert float(tags["relative_regret"]) == pytest.approx(summary["comparison"]["regret_relative"])
     assert tags["run_fingerprint"] == summary["run_fingerprint"] and tags["verdict"] == "PASS"
+    from flows.registry import list_versions  # `lowregret models` reads the tags this registration wrote
+
+    [row] = list_versions(registry_client, NAME)
+    assert row.verdict == "PASS" and row.regret == pytest.approx(comparison["regret_nats"])
+    assert row.regret_ci == pytest.approx((comparison["regret_low"], comparison["regret_high"]))
     description = version.description
     assert description.startswith(f"PASS: regret {comparison['regret_nats']:+.4f} nats/token, 95% interval")
     assert "LoRA r=4 lr=0.001 vs FullFT lr=0.0001, 6 steps x batch 4" in description

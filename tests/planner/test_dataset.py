@@ -147,6 +147,14 @@ def test_bad_files_are_user_errors(tmp_path):
         load_rows(str(tmp_path / "bad.jsonl"), limit=0)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_non_utf8_text_is_a_user_error(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes('{"prompt": "caf\xe9", "completion": "ol\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_rows(str(path))
+
+
 def test_builtin_via_load_rows_honours_both_limits():
     assert len(load_rows("builtin:facts?n_facts=10&choices=4")) == 10
     assert len(load_rows("builtin:facts?n_facts=10&choices=4", limit=3)) == 3
@@ -165,9 +173,9 @@ def test_detect_format_both_forms():
     "rows,match",
     [
         ([], "no examples"),
-        ([{"text": "x"}], r"columns \['text'\].*`messages`.*`prompt` and `completion`"),
-        ([{"prompt": "a"}], r"`prompt` and `completion`"),
-        ([{"prompt": "a", "completion": "b", "messages": []}], "both"),
+        ([{"question": "x"}], r"columns \['question'\], which match no accepted format"),
+        ([{"prompt": "a"}], r"prompt_completion: \{\"prompt\""),
+        ([{"prompt": "a", "completion": "b", "messages": []}], "columns of two formats"),
         ([PC[0], {"prompt": "a", "completion": 3}], r"row 1: `completion` must be a string"),
         ([{"prompt": "a", "completion": ""}], "row 0: the completion is empty"),
         ([CHAT[0], {"messages": "hi"}], "row 1: `messages` must be a non-empty list"),
@@ -344,3 +352,114 @@ def test_fingerprint_is_stable_and_content_sensitive():
         '[{"completion":" Paris.","prompt":"The capital of France is"},{"completion":" b","prompt":"a"}]'
     )
     assert fp == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# --- Alpaca, ShareGPT and text ------------------------------------------------------------------
+
+ALPACA = [
+    {"instruction": "Name the capital.", "input": "France", "output": "Paris"},
+    {"instruction": "Say hi.", "input": "", "output": "hello there", "text": "### pre-rendered, ignored"},
+]
+SHAREGPT = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                               {"from": "gpt", "value": "hello there"}, {"from": "human", "value": "and now?"},
+                               {"from": "gpt", "value": "the answer is json"}]}]
+TEXT = [{"text": "The capital of France is Paris."}, {"text": "json dumps a value."}]
+
+
+@pytest.mark.parametrize("rows,fmt", [(CHAT, "chat"), (PC, "prompt_completion"), (ALPACA, "alpaca"),
+                                      (SHAREGPT, "sharegpt"), (TEXT, "text")])
+def test_detect_format_each_format(rows, fmt):
+    assert detect_format(rows) == fmt
+
+
+def test_unknown_columns_list_every_format_with_a_conversion_from_the_users_columns():
+    with pytest.raises(UserError) as error:
+        detect_format([{"question": "q", "answer": "a"}], source="qa.jsonl")
+    message = str(error.value)
+    assert message.startswith("Dataset 'qa.jsonl' has columns ['answer', 'question'], which match no accepted format")
+    for fmt in ("chat", "prompt_completion", "alpaca", "sharegpt", "text"):
+        assert f"\n  {fmt}: {{" in message, fmt
+    assert "jq -c '{prompt: .question, completion: .answer}' in.jsonl > out.jsonl" in message
+    assert "jq -c '{instruction: .question, input: \"\", output: .answer}'" in message
+    assert message.count("jq -c") == 5
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{"instruction": "a", "output": 3}], r"row 0: `output` must be a string.*format alpaca looks like"),
+        ([{"instruction": "a", "input": 1, "output": "b"}], r"row 0: `input` must be a string"),
+        ([ALPACA[0], {"instruction": "a", "output": ""}], "row 1: the output is empty"),
+        ([{"instruction": "a", "output": "b", "history": [["q"]]}], "`history` must be a list of"),
+        ([{"conversations": [{"from": "bot", "value": "x"}]}], r"row 0, turn 0: expected \{\"from\": \"human\""),
+        ([{"conversations": [{"from": "human", "value": "x"}]}], 'row 0: no "gpt" turn'),
+        ([{"conversations": []}], "`conversations` must be a non-empty list"),
+        ([TEXT[0], {"text": "  "}], "row 1: the text is empty"),
+        ([{"text": ["a"]}], "`text` must be a string"),
+        ([{"instruction": "a", "output": "b", "messages": []}], "columns of two formats"),
+    ],
+)
+def test_detect_format_rejects_bad_alpaca_sharegpt_and_text_rows(rows, match):
+    with pytest.raises(UserError, match=match):
+        detect_format(rows)
+
+
+def test_alpaca_is_a_user_turn_and_only_the_output_is_trained(tok):
+    ex = tokenize_example(tok, ALPACA[0], "alpaca", 512)
+    as_chat = [{"role": "user", "content": "Name the capital.\nFrance"}, {"role": "assistant", "content": "Paris"}]
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(as_chat, tokenize=False)
+    assert _trained_runs(tok, ex) == ["Paris<|im_end|>"]
+    assert tokenize_example(tok, {"messages": as_chat}, "chat", 512) == ex
+    # An empty input adds nothing; system and history become turns (history responses trained too).
+    assert _trained_runs(tok, tokenize_example(tok, ALPACA[1], "alpaca", 512)) == ["hello there<|im_end|>"]
+    row = {"system": "Be brief.", "history": [["hi", "hello"]], "instruction": "and now?", "output": "json"}
+    ex = tokenize_example(tok, row, "alpaca", 512)
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert _trained_runs(tok, ex) == ["hello<|im_end|>", "json<|im_end|>"]
+
+
+def test_sharegpt_trains_every_gpt_turn_only(tok):
+    ex = tokenize_example(tok, SHAREGPT[0], "sharegpt", 512)
+    assert _trained_runs(tok, ex) == ["hello there<|im_end|>", "the answer is json<|im_end|>"]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    as_chat = [{"role": roles[m["from"]], "content": m["value"]} for m in SHAREGPT[0]["conversations"]]
+    assert tokenize_example(tok, {"messages": as_chat}, "chat", 512) == ex
+    with_system_column = {"system": "Be brief.", "conversations": SHAREGPT[0]["conversations"][1:]}
+    assert tokenize_example(tok, with_system_column, "sharegpt", 512) == ex
+
+
+def test_text_trains_every_token_and_its_end(tok):
+    ex = tokenize_example(tok, TEXT[0], "text", 512)
+    assert ex.labels == ex.input_ids  # every token carries loss
+    assert ex.input_ids[:-1] == tok(TEXT[0]["text"])["input_ids"] and ex.input_ids[-1] == tok.eos_token_id
+    cut = tokenize_example(tok, TEXT[0], "text", 3)
+    assert cut.truncated and cut.input_ids == ex.input_ids[:3] and cut.labels == cut.input_ids
+
+
+@pytest.mark.parametrize("rows,fmt", [(CHAT, "chat"), (PC, "prompt_completion"), (ALPACA, "alpaca"),
+                                      (SHAREGPT, "sharegpt"), (TEXT, "text")])
+def test_batched_tokenization_equals_one_row_at_a_time(tok, rows, fmt):
+    from planner.dataset import tokenize_rows
+
+    assert tokenize_rows(tok, rows, fmt) == [tokenize_example(tok, row, fmt, 10_000) for row in rows]
+
+
+def test_conversation_formats_need_a_chat_template():
+    bare = build_tokenizer.__wrapped__()
+    bare.chat_template = None
+    with pytest.raises(UserError, match="no chat template, so alpaca rows"):
+        tokenize_example(bare, ALPACA[0], "alpaca", 512)
+    assert tokenize_example(bare, TEXT[0], "text", 512).input_ids  # text needs none
+
+
+def test_csv_conversations_cell_is_json(tmp_path):
+    _write(tmp_path / "sg.csv", SHAREGPT, "csv")
+    assert load_rows(str(tmp_path / "sg.csv")) == SHAREGPT
+
+
+def test_split_rows_is_split_indices():
+    from planner.dataset import split_indices
+
+    rows = [{"i": i} for i in range(30)]
+    train_idx, eval_idx = split_indices(30, 0.2, 3)
+    assert split_rows(rows, 0.2, 3) == ([rows[i] for i in train_idx], [rows[i] for i in eval_idx])

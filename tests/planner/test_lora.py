@@ -5,7 +5,7 @@ import functools
 import pytest
 
 from planner.errors import UserError
-from planner.lora import count_lora_params, peft_target_kwargs
+from planner.lora import check_rank_fits, count_lora_params, count_run_lora, peft_target_kwargs
 from planner.shapes import load_shape
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B"
@@ -90,6 +90,18 @@ def test_bad_targets_are_user_errors(targets, message):
 def test_bad_rank_is_user_error(rank):
     with pytest.raises(UserError, match="positive"):
         count_lora_params(load_shape(LLAMA_8B), rank)
+
+
+def test_a_run_rank_must_fit_every_adapted_matrix():
+    """The trainer's rule, in the planner: rank <= min(d_in, d_out) of each adapted matrix."""
+    shape = load_shape("Llama-3.1-8B")  # k_proj and v_proj are 4096 -> 1024
+    assert count_run_lora(shape, 1024).rank == 1024
+    with pytest.raises(UserError, match=r"rank 1025 is larger than min\(d_in, d_out\) = 1024 of k_proj"):
+        count_run_lora(shape, 1025)
+    assert count_lora_params(shape, 4096).total > 0  # the capacity search counts any rank
+    check_rank_fits([("q_proj", 64, 64, 64)])
+    with pytest.raises(UserError, match="Choose rank <= 64"):
+        check_rank_fits([("q_proj", 64, 64, 65)])
 
 
 @functools.cache

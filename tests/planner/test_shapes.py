@@ -6,7 +6,7 @@ import pytest
 
 from planner.catalog import catalog_names
 from planner.errors import UserError
-from planner.shapes import load_shape, shape_from_config
+from planner.shapes import check_context, load_shape, shape_from_config
 
 
 # Totals against the parameter counts the Hub shows for each checkpoint, minus the RMSNorm weights
@@ -103,6 +103,15 @@ def test_malformed_config_is_user_error(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(UserError, match=message):
         load_shape(str(path))
+
+
+def test_context_length_comes_from_the_config_and_bounds_the_sequence_length(tiny_models):
+    shape = load_shape(str(tiny_models("llama")))
+    assert shape.context_length == 512 and shape.summary()["context_length"] == 512
+    check_context(512, shape.context_length, "tiny")
+    with pytest.raises(UserError, match="max_length=513 is beyond the context of tiny"):
+        check_context(513, shape.context_length, "tiny")
+    check_context(10**6, None, "a model without max_position_embeddings")
 
 
 def test_unknown_name_lists_catalog():

@@ -78,6 +78,15 @@ def adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
         return {name: train_adapter(base_dir, root / name, text) for name, text in TEXTS.items()}
 
 
+def chat_prompt_ids(messages: list[dict]) -> list[int]:
+    """The prompt the server builds for a chat request: the tiny tokenizer's chat template."""
+    from tests.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def offline_generate(
     base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int
 ) -> str:
@@ -104,17 +113,35 @@ def offline_generate(
     return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
-def start(base_dir: Path, adapter_dirs: dict[str, Path], max_adapters: int = 8, **limits):
-    """A running server over the tiny base with the given adapters (call .stop())."""
+ADMIN_TOKEN = "s3cret-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def start(
+    base_dir: Path,
+    adapter_dirs: dict[str, Path],
+    max_adapters: int = 8,
+    admin_token: str | None = ADMIN_TOKEN,
+    adapter_roots: tuple[Path, ...] = (),
+    max_pending: int = 256,
+    **limits,
+):
+    """A running server over the tiny base with the given adapters (call .stop()); admin on with
+    ADMIN_TOKEN unless admin_token=None."""
     from serving.adapters import describe_adapter
+    from serving.admin import AdminOptions
     from serving.engine import Engine, load_base_model
     from serving.server import ServerLimits, start_server
 
     model, tokenizer = load_base_model(str(base_dir), "cpu")
-    engine = Engine(model, tokenizer, base_name="tiny-base", max_adapters=max_adapters, batch_window_s=0.05)
+    engine = Engine(
+        model, tokenizer, base_name="tiny-base", max_adapters=max_adapters, batch_window_s=0.05,
+        max_pending=max_pending,
+    )  # fmt: skip
     for name, path in adapter_dirs.items():
         engine.pool.add(describe_adapter(name, str(path)))
-    return start_server(engine, "127.0.0.1", 0, ServerLimits(**limits))
+    admin = AdminOptions(token=admin_token, adapter_roots=tuple(adapter_roots))
+    return start_server(engine, "127.0.0.1", 0, ServerLimits(**limits), admin)
 
 
 class Client:
@@ -130,7 +157,7 @@ class Client:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
             data = response.read()
-            return response.status, data, dict(response.getheaders())
+            return response.status, data, response.headers  # case-insensitive, as HTTP headers are
         finally:
             conn.close()
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.serve.conftest import PROMPT, Client, offline_generate, start
+from tests.serve.conftest import ADMIN, PROMPT, Client, offline_generate, start
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def greedy_text(client, model):
 def test_one_resident_adapter_evicts_and_reloads(base_dir, adapters, expected):
     running = start(base_dir, adapters, max_adapters=1)
     try:
-        client, pool = Client(running.url), running.server.engine.pool
+        client, pool = Client(running.url), running.engine.pool
         for model in ["paris", "docs", "paris", "docs"]:
             assert greedy_text(client, model) == expected[model]
             assert (
@@ -53,14 +53,17 @@ def test_one_resident_adapter_evicts_and_reloads(base_dir, adapters, expected):
         running.stop()
 
 
-def test_load_and_unload_adapters_at_run_time(base_dir, adapters, expected, tmp_path):
-    running = start(base_dir, {"paris": adapters["paris"]})
+def test_load_and_unload_adapters_at_run_time(base_dir, adapters, expected):
+    running = start(base_dir, {"paris": adapters["paris"]}, adapter_roots=(adapters["docs"].parent,))
     try:
         client = Client(running.url)
-        assert client.complete("docs2")[0] == 404
 
-        status, body = client.call("POST", "/v1/adapters", {"name": "docs2", "source": str(adapters["docs"])})
-        assert status == 201 and body["rank"] == 8, body
+        def admin(method, path, payload=None):
+            return client.call(method, path, payload, ADMIN)
+
+        assert client.complete("docs2")[0] == 404
+        status, body = admin("POST", "/v1/adapters", {"name": "docs2", "source": "docs"})
+        assert status == 201 and body == {"name": "docs2", "source": "docs", "version": None, "rank": 8}, body
         assert {m["id"] for m in client.call("GET", "/v1/models")[1]["data"]} == {
             "tiny-base",
             "paris",
@@ -69,31 +72,31 @@ def test_load_and_unload_adapters_at_run_time(base_dir, adapters, expected, tmp_
         assert greedy_text(client, "docs2") == expected["docs"]
         assert greedy_text(client, "paris") == expected["paris"]
 
-        status, body = client.call(
-            "POST", "/v1/adapters", {"name": "docs2", "source": str(adapters["paris"])}
-        )
+        status, body = admin("POST", "/v1/adapters", {"name": "docs2", "source": "paris"})
         assert status == 409 and "replace" in body["error"]["message"]
-        status, body = client.call(
-            "POST", "/v1/adapters", {"name": "docs2", "source": str(adapters["paris"]), "replace": True}
-        )
+        status, body = admin("POST", "/v1/adapters", {"name": "docs2", "source": "paris", "replace": True})
         assert status == 201
         assert greedy_text(client, "docs2") == expected["paris"]
 
-        status, body = client.call(
-            "POST", "/v1/adapters", {"name": "ghost", "source": str(tmp_path / "missing")}
-        )
-        assert status == 400 and "neither a directory nor a registry reference" in body["error"]["message"]
-        status, body = client.call(
-            "POST", "/v1/adapters", {"name": "tiny-base", "source": str(adapters["docs"])}
-        )
+        status, body = admin("POST", "/v1/adapters", {"name": "ghost", "source": "missing"})
+        assert status == 400 and "not a folder under any adapter root" in body["error"]["message"]
+        status, body = admin("POST", "/v1/adapters", {"name": "tiny-base", "source": "docs"})
         assert status == 400 and "base model" in body["error"]["message"]
 
-        status, body = client.call("DELETE", "/v1/adapters/docs2")
+        status, body = admin("DELETE", "/v1/adapters/docs2")
         assert status == 200 and body == {"name": "docs2", "deleted": True}
         status, body = client.complete("docs2")
         assert status == 404 and body["error"]["code"] == "model_not_found"
         assert {m["id"] for m in client.call("GET", "/v1/models")[1]["data"]} == {"tiny-base", "paris"}
         assert greedy_text(client, "paris") == expected["paris"]
+
+        # vLLM's route names do the same
+        status, body = admin("POST", "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": "docs"})
+        assert status == 200 and body["name"] == "d", body
+        assert greedy_text(client, "d") == expected["docs"]
+        assert admin("POST", "/v1/unload_lora_adapter", {"lora_name": "d"}) == (200, {"name": "d", "deleted": True})
+        assert admin("POST", "/v1/unload_lora_adapter", {"lora_name": "d"})[0] == 404
+        assert client.complete("d")[0] == 404
     finally:
         running.stop()
 
@@ -114,10 +117,10 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_and_the_base_is_untouc
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] * 2)
     save_file(weights, bad / "adapter_model.safetensors")
 
-    running = start(base_dir, {})
+    running = start(base_dir, {}, adapter_roots=(tmp_path,))
     try:
         client = Client(running.url)
-        status, body = client.call("POST", "/v1/adapters", {"name": "bad", "source": str(bad)})
+        status, body = client.call("POST", "/v1/adapters", {"name": "bad", "source": "bad"}, ADMIN)
         assert status == 400 and "does not fit the served base model" in body["error"]["message"], body
         ids = build_tokenizer()(PROMPT)["input_ids"]
         assert greedy_text(client, "tiny-base") == offline_generate(base_dir, None, ids, 8)
@@ -127,10 +130,10 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_and_the_base_is_untouc
 
 
 def test_admin_endpoints_need_the_token_when_one_is_set(base_dir, adapters):
-    running = start(base_dir, {}, admin_token="s3cret")
+    running = start(base_dir, {}, admin_token="s3cret", adapter_roots=(adapters["docs"].parent,))
     try:
         client = Client(running.url)
-        body = {"name": "docs", "source": str(adapters["docs"])}
+        body = {"name": "docs", "source": "docs"}
         status, answer = client.call("POST", "/v1/adapters", body)
         assert status == 401 and "Bearer" in answer["error"]["message"]
         status, _ = client.call("POST", "/v1/adapters", body, {"Authorization": "Bearer wrong"})

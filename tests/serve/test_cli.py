@@ -6,6 +6,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,3 +70,24 @@ def test_serve_refuses_a_missing_adapter_before_loading_the_model(base_dir, tmp_
         "lowregret serve: error:" in result.stderr
         and "neither a directory nor a registry reference" in result.stderr
     )
+
+
+def _serve_exit(base_dir, *flags):
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--base", str(base_dir), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_serve_on_a_port_in_use_or_out_of_range_says_so_before_loading_the_model(base_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, words in [
+            (["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
+            (["--port", "70000"], "--port must be between 0 and 65535"),
+            (["--host", "no-such-host.invalid"], "not an address this machine can listen on"),
+        ]:
+            result = _serve_exit(base_dir, *flags)
+            assert result.returncode == 2, (flags, result.stderr)
+            assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+            assert "Loading weights" not in result.stderr  # refused before the model loads

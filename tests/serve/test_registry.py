@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.conftest import PROMPT, Client, offline_generate, start
+from tests.serve.conftest import ADMIN, PROMPT, Client, offline_generate, start
 
 registry = pytest.importorskip("flows.registry", reason="flows.registry (MLflow registry) is not installed")
 
@@ -60,17 +60,23 @@ def test_champion_and_version_from_the_registry_answer_like_their_adapters(
     running = start(base_dir, {})
     try:
         client = Client(running.url)
-        running.server.engine.pool.add(entry)
+        running.engine.pool.add(entry)
         status, body = client.call(
-            "POST", "/v1/adapters", {"name": "v2", "source": f"capitals@{registered['docs']}"}
+            "POST", "/v1/adapters", {"name": "v2", "source": f"capitals@{registered['docs']}"}, ADMIN
         )
         assert status == 201 and body["version"] == registered["docs"], body
         for model, adapter in (("capitals", "paris"), ("v2", "docs")):
             status, body = client.complete(model, max_tokens=8, temperature=0)
             assert status == 200
             assert body["choices"][0]["text"] == offline_generate(base_dir, adapters[adapter], ids, 8)
-        status, body = client.call("POST", "/v1/adapters", {"name": "x", "source": "capitals@nosuchalias"})
+        status, body = client.call("POST", "/v1/adapters", {"name": "x", "source": "capitals@nosuchalias"}, ADMIN)
         assert status == 400 and "capitals@nosuchalias" in body["error"]["message"]
+        assert str(registry_home) not in body["error"]["message"], "an absolute path in an answer"
+        models = client.call("GET", "/v1/models")[1]["data"]
+        assert {m["id"]: m["lora"]["source"] for m in models if m["lora"]} == {
+            "capitals": "capitals@champion",
+            "v2": f"capitals@{registered['docs']}",
+        }
     finally:
         running.stop()
 

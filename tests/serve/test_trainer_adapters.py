@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from tests.serve.conftest import PROMPT, Client, one_torch_thread, start
+from tests.serve.conftest import ADMIN, PROMPT, Client, one_torch_thread, start
 
 N_TOKENS = 8
 
@@ -88,15 +88,15 @@ def test_trainer_moe_adapters_serve_correctly_with_and_without_mixing(moe_runs, 
     base, runs = moe_runs
     assert len(set(moe_expected.values())) == 3, f"the trained adapters must differ: {moe_expected}"
     running = start(base, runs)
-    running.server.engine.base_name = "moe-base"
+    running.engine.base_name = "moe-base"
     try:
-        client, engine = Client(running.url), running.server.engine
+        client, engine = Client(running.url), running.engine
         assert not engine.pool.resident_mixable()
         models = ["experts", "attn", "moe-base"] * 2
         assert _ask_together(client, models) == [moe_expected[m] for m in models]
         assert engine.stats.mixed_batches == 0  # one generate call per adapter while experts are loaded
 
-        assert client.call("DELETE", "/v1/adapters/experts")[0] == 200
+        assert client.call("DELETE", "/v1/adapters/experts", headers=ADMIN)[0] == 200
         assert engine.pool.resident_mixable()
         models = ["attn", "moe-base"] * 2
         assert _ask_together(client, models) == [moe_expected[m] for m in models]

@@ -1,5 +1,6 @@
 """Data order, batch splitting and packing."""
 
+import pytest
 import torch
 
 from planner.dataset import IGNORE_INDEX as IGNORE
@@ -105,3 +106,84 @@ def test_eval_dataset_replaces_the_split_and_truncation_is_counted(tmp_path):
     short = prepare_data(TrainConfig(dataset=str(rows), max_length=prompt_tokens + 1), tokenizer)
     assert 0 < short.stats["train_truncated"] <= len(short.train)
     assert all(len(s.input_ids) <= prompt_tokens + 1 for s in short.train)
+
+
+def test_every_row_is_accounted_for_in_the_stats_and_the_data_line(tmp_path):
+    from tests.trainer.conftest import write_rows
+    from trainer.config import TrainConfig
+    from trainer.data import describe_data, prepare_data
+
+    rows = write_rows(tmp_path / "rows.jsonl", n=200)
+    config = TrainConfig(dataset=str(rows), max_length=64, eval_max_examples=16)
+    data = prepare_data(config, build_tokenizer())
+    s = data.stats
+    assert (s["rows"], s["train_rows"], s["held_out_rows"], s["held_out_unscored"]) == (200, 180, 20, 4)
+    assert s["train_rows"] + s["held_out_rows"] == s["rows"]
+    assert (s["train_examples"], s["eval_examples"]) == (180 - s["dropped_train"], 16 - s["dropped_eval"])
+    assert describe_data(data, config) == (
+        "data: 200 rows of prompt_completion (prompt/completion, the completion trained) = 180 train + "
+        "20 held-out (16 scored, 4 beyond eval_max_examples=16); 0 dropped (no completion token within "
+        "max_length=64), 0 truncated to 64 tokens"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "text"])
+def test_each_format_trains_the_right_tokens(tmp_path, fmt):
+    """The trainer reads every format: targets (labels shifted by one) cover only what is trained."""
+    import json
+
+    from trainer.config import TrainConfig
+    from trainer.data import prepare_data
+
+    def row(i):
+        if fmt == "alpaca":
+            return {"instruction": f"Name item {i}.", "input": "", "output": f"item {i}"}
+        if fmt == "sharegpt":
+            return {"conversations": [{"from": "human", "value": f"Name item {i}."}, {"from": "gpt", "value": f"item {i}"}]}
+        return {"text": f"Item {i} is the item numbered {i}."}
+
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text("".join(json.dumps(row(i)) + "\n" for i in range(10)))
+    tokenizer = build_tokenizer()
+    data = prepare_data(TrainConfig(dataset=str(path), max_length=64), tokenizer)
+    assert data.format == fmt and len(data.train) + len(data.eval) == 10
+    for seq in data.train + data.eval:
+        trained = tokenizer.decode([t for t in seq.targets if t != IGNORE])
+        if fmt == "text":  # every token but the first is a target: the first has no context
+            assert seq.targets[:-1] == seq.input_ids[1:] and trained.endswith("<|im_end|>")
+        else:
+            assert trained.startswith("item ") and trained.endswith("<|im_end|>") and "Name" not in trained
+
+
+def test_evaluation_scores_the_same_held_out_examples_in_every_format(tmp_path):
+    import json
+
+    from evaluation.nll import HeldOutSpec, held_out_examples
+    from trainer.config import TrainConfig
+    from trainer.data import prepare_data, to_sequence
+
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} said"}) + "\n" for i in range(20)))
+    tokenizer = build_tokenizer()
+    data = prepare_data(TrainConfig(dataset=str(path), max_length=64, eval_fraction=0.2), tokenizer)
+    spec = HeldOutSpec("unused", str(path), 0.2, 0, 64)
+    assert [to_sequence(e) for e in held_out_examples(spec, tokenizer)] == data.eval
+
+
+def test_check_data_checks_exactly_the_rows_a_run_uses(tmp_path):
+    """The pipeline's input check fails on a prompt that fills max_length only if the run would use it."""
+    from planner.errors import UserError
+    from tests.trainer.conftest import write_rows
+    from trainer.config import TrainConfig
+    from trainer.data import check_data
+
+    rows = write_rows(tmp_path / "rows.jsonl", n=20)
+    held_out = tmp_path / "eval.jsonl"
+    lines = open(write_rows(held_out, n=6)).read().splitlines()
+    lines[5] = lines[5].replace("question", "question " + "word " * 80)
+    held_out.write_text("\n".join(lines) + "\n")
+    tokenizer = build_tokenizer()
+    base = dict(dataset=str(rows), eval_dataset=str(held_out), max_length=64)
+    assert check_data(TrainConfig(**base, eval_max_examples=5), tokenizer).data.rows == 20  # row 5 is never scored
+    with pytest.raises(UserError, match="Row 5: the prompt alone is"):
+        check_data(TrainConfig(**base, eval_max_examples=None), tokenizer)

@@ -17,10 +17,16 @@ def test_cosine_decays_from_peak_to_zero():
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("max_steps, points", [(100, 8), (7, 3), (1, 2), (1000, 12)])
+@pytest.mark.parametrize("max_steps, points", [(100, 8), (7, 3), (1, 2), (1000, 12), (10, 8), (5, 8), (100, 2)])
 def test_eval_steps_are_log_spaced_from_zero_to_the_end(max_steps, points):
     steps = eval_steps(max_steps, points)
     assert steps[0] == 0 and steps[-1] == max_steps and steps == sorted(set(steps))
-    assert len(steps) <= points
+    # eval_points counts every evaluation, step 0 and the last included (all steps when fewer).
+    assert len(steps) == min(points, max_steps + 1)
     gaps = [b - a for a, b in zip(steps[1:], steps[2:], strict=False)]
     assert gaps == sorted(gaps)  # widening gaps: log spacing
+
+
+def test_two_eval_points_are_the_base_model_and_the_end():
+    assert eval_steps(40, 2) == [0, 40]
+    assert eval_steps(100, 8) == [0, 1, 2, 5, 10, 22, 46, 100]

@@ -103,7 +103,7 @@ def test_bad_input_fails_before_any_step_and_writes_nothing(tiny_config, tmp_pat
     _never_step(monkeypatch)
     data = tmp_path / "bad.jsonl"
     if case == "missing columns":
-        data.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n')
+        data.write_text('{"question": "a"}\n{"question": "b"}\n{"question": "c"}\n')
     elif case == "empty dataset":
         data.write_text("")
     elif case == "prompt too long":
