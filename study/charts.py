@@ -8,14 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from planner.report_charts import pyplot as _plt
+from planner.report_charts import save_figure
 
 
 def knee_chart(results: dict, path: Path) -> Path | None:
@@ -60,9 +54,7 @@ def knee_chart(results: dict, path: Path) -> Path | None:
     regret_ax.set_ylabel("regret vs FullFT (nats/token), 95% interval")
     regret_ax.set_title("The gate: LoRA − FullFT held-out loss; allowed regret (dotted)", fontsize=9)
     regret_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -102,9 +94,7 @@ def bits_per_param_chart(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("bits about the facts")
     ax.set_title("Bits per adapter parameter: stored = min(b · params, FullFT's)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -133,9 +123,7 @@ def lr_chart(results: dict, corpus: str, path: Path) -> Path | None:
     ratios = ", ".join(f"r={r['rank']}: {r['ratio']:.1f}×" for r in entry["fit"]["lr_ratios"])
     ax.set_title(f"LR sweep on {corpus} (fitted optimum ▼)\nLoRA/FullFT optimum ratio: {ratios or 'n/a'}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -158,9 +146,7 @@ def early_curves_chart(results: dict, path: Path) -> Path | None:
         ax.set_title(f"{name}: LoRA ranks at LR {early['lr']:g}\nmax spread over the first steps "
                      f"{early['max_early_spread']:.3f} nats (loss drop {early['loss_drop']:.3f})", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -188,9 +174,7 @@ def layers_chart(results: dict, path: Path) -> Path | None:
         ax.set_title(f"Layers at matched parameters: {titles.get(model, model)}", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -215,9 +199,7 @@ def noise_chart(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("nats/token")
     ax.set_title("Seed spread of the regret (one configuration)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -236,9 +218,7 @@ def batch_chart(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("bits stored about the facts")
     ax.set_title("Batch size: LoRA vs FullFT at the same passes over the data", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

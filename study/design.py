@@ -84,7 +84,8 @@ class Scale:
 # quiet 2-core CPU) did not fit the hour this CPU had on 2026-11-29, shared with three other
 # engineers (load average 8-14): a timing pilot measured SmolLM2 at ~8 s per step of 2×64 tokens and
 # ~20 s per 16-example eval, the facts model at ~0.9 s per step of 128 facts. This is the scale that
-# ran: ~35 SmolLM2 runs and ~25 facts-model runs in about an hour.
+# ran (61 runs, 84 min over two invocations; the second added the knee's rank 32 and four more LR
+# edge extensions once the first showed LoRA short of FullFT at every rank and LR edges).
 FULL = Scale(
     name="full",
     model_spec=ModelSpec(),
