@@ -1,5 +1,5 @@
-"""`lowregret train | rl-train | pipeline | rl-pipeline | demo | sweep | promote | rollback | models |
-deploy`: the flows' sub-commands. `train` lives here because it wires the trainer to MLflow
+"""`lowregret train | rl-train | pipeline | rl-pipeline | demo | sweep | study | promote | rollback |
+models | deploy`: the flows' sub-commands. `train` lives here because it wires the trainer to MLflow
 (report_to=mlflow); `rl-train`, its RL counterpart, beside it.
 
 Nothing heavy at module level: each handler exports the embedded defaults (flows.settings) and
@@ -119,6 +119,15 @@ def register(subparsers) -> None:
                    help="Prefect task runner (default process; dask/ray need prefect-dask/prefect-ray)")
     p.add_argument("--workers", type=int, help="concurrent runs (default: the runner's own)")
     p.set_defaults(func=run_sweep)
+
+    p = subparsers.add_parser("study", help="test the planner's predictions against real runs; calibrate it (docs/STUDY.md)")
+    p.add_argument("--quick", action="store_true", help="the CI-sized study on a tiny model (~2 min) instead of the full one")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one CPU thread each (default 2)")
+    p.add_argument("--calibrate", nargs="?", const="", metavar="PATH",
+                   help="write the calibration record (default: the planner's own planner/calibration.json)")
+    p.add_argument("--docs", metavar="DIR", help="also copy results.json and the charts to DIR (docs/study)")
+    p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
+    p.set_defaults(func=run_study)
 
     p = subparsers.add_parser(
         "promote", help="force a registered version to @champion",
@@ -359,6 +368,45 @@ def run_sweep(args) -> int:
     for ratio in summary["fit"]["lr_ratios"]:
         print(f"LoRA/FullFT optimal LR ratio at rank {ratio['rank']}: {ratio['ratio']:.1f} (paper: ~10)")
     print(f"Chart: {summary['chart']}")
+    return 0
+
+
+def run_study(args) -> int:
+    import sys
+
+    from planner.calibration import CALIBRATION_FILE
+
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: train at least 1 run at a time.")
+    calibrate = None if args.calibrate is None else (args.calibrate or str(CALIBRATION_FILE))
+    if args.quick and calibrate == str(CALIBRATION_FILE):
+        raise UserError("--quick with --calibrate would replace the planner's calibration by a tiny model's numbers: "
+                        "pass a path (--calibrate /tmp/calibration.json) or drop --quick.")
+    if calibrate and not Path(calibrate).parent.is_dir():
+        raise UserError(f"--calibrate {calibrate}: folder {Path(calibrate).parent} does not exist.")
+    settings = _settings(args)
+    from flows.settings import apply_environment, prepare_folders
+
+    apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
+    if args.workers > 1:
+        # One thread per worker: two 2-thread runs on 2 cores fight over them (measured, docs/STUDY.md).
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from flows.study import study
+    from flows.sweep import make_task_runner
+    from study.report import summary_lines
+
+    command = " ".join(["lowregret", *sys.argv[1:]]) if sys.argv[0].endswith(("lowregret", "cli.py")) else "lowregret study"
+    prepare_folders(settings)
+    with _prefect_server(settings):
+        results = study.with_options(task_runner=make_task_runner("process", args.workers))(
+            scale_name="quick" if args.quick else "full", workdir=str(settings.home.parent),
+            calibrate_path=calibrate, docs_dir=args.docs, command=command)
+    print("\n".join(summary_lines(results)))
+    import resource
+
+    cpu_s = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for field in ("ru_utime", "ru_stime"))
+    print(f"CPU time of this command and its workers: {cpu_s:,.0f} s (user + system)")
     return 0
 
 

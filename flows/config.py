@@ -283,10 +283,16 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | tuple[str,
     """Read a sweep YAML: `base:` is a pipeline config, plus methods, ranks, lora_lrs, full_lrs."""
     data = read_yaml_mapping(path)
     apply_overrides(data, overrides)
+    return sweep_config_from_dict(data)
+
+
+def sweep_config_from_dict(data: dict) -> SweepConfig:
+    """A SweepConfig from the mapping a sweep YAML holds (`base:` plus methods, ranks, LRs)."""
+    data = dict(data)
     base = data.pop("base", {}) or {}
     if not isinstance(base, dict):
         raise UserError("base: must be a mapping holding a pipeline config (model, dataset, train, …).")
-    return _build(SweepConfig, data | {"base": _build(PipelineConfig, base)})
+    return _build(SweepConfig, data | {"base": _build(PipelineConfig, dict(base))})
 
 
 def _build(cls, data: dict):

@@ -58,6 +58,39 @@ def _cell_cache_key(context, parameters) -> str:
     return "sweep-" + tasks.run_key(parameters["train_config"], parameters["data_fingerprint"], parameters["code"])
 
 
+@dataclasses.dataclass(frozen=True)
+class GridCell:
+    """One (method, rank, LR, seed) run of a sweep: its label, run key and TrainConfig (output under runs_dir)."""
+
+    method: str
+    rank: int | None
+    lr: float
+    label: str
+    key: str
+    train_config: object
+    seed: int = 0
+
+
+def grid_cells(config: SweepConfig, runs_dir, data_fingerprint: str, code: str) -> list[GridCell]:
+    """Every cell of `config`'s grid, each trained into `runs_dir/<label>-<run key>`.
+
+    With `base.seeds` every (method, rank, LR) is trained once per seed, all on the first seed's
+    held-out split (as the pipeline's replicates), labelled `-seed<s>`; the first seed's run is the
+    same run (same key) as the cell of a sweep without seeds.
+    """
+    base, cells = config.base, []
+    replicated = base.seeds is not None
+    for method, rank, lr in config.grid():
+        for seed in base.run_seeds:
+            train_config = base.train_config(method, rank=rank or base.rank, lr=lr, seed=seed)
+            key = tasks.run_key(train_config, data_fingerprint, code)
+            label = (f"{method}-r{rank}-lr{lr:g}" if rank else f"{method}-lr{lr:g}") + (f"-seed{seed}" if replicated else "")
+            train_config = base.train_config(method, rank=rank or base.rank, lr=lr, seed=seed,
+                                             output_dir=str(runs_dir / f"{label}-{key}"), overwrite=True)
+            cells.append(GridCell(method, rank, lr, label, key, train_config, seed))
+    return cells
+
+
 @task(cache_policy=tasks.serializable_cache(_cell_cache_key), persist_result=True, cache_expiration=None,
       result_serializer="json")
 def train_cell(train_config, data_fingerprint: str, code: str):
@@ -77,14 +110,9 @@ def sweep(config: SweepConfig, workdir: str | None = None) -> dict:
     code = tasks.code_version()
     runs, reports = settings.runs_dir / base.name / "sweep", settings.reports_dir / base.name / "sweep"
     cells, futures = [], []
-    for method, rank, lr in config.grid():
-        train_config = base.train_config(method, rank=rank or base.rank, lr=lr)
-        key = tasks.run_key(train_config, data["fingerprint"], code)
-        label = f"{method}-r{rank}-lr{lr:g}" if rank else f"{method}-lr{lr:g}"
-        train_config = base.train_config(method, rank=rank or base.rank, lr=lr,
-                                         output_dir=str(runs / f"{label}-{key}"), overwrite=True)
-        cells.append((method, rank, lr, label))
-        futures.append(train_cell.submit(train_config, data["fingerprint"], code))
+    for cell in grid_cells(config, runs, data["fingerprint"], code):
+        cells.append((cell.method, cell.rank, cell.lr, cell.label))
+        futures.append(train_cell.submit(cell.train_config, data["fingerprint"], code))
     results = [future.result() for future in futures]
 
     fit = tasks.fit_sweep([((rank, lr), result) for (_, rank, lr, _), result in zip(cells, results, strict=True)])

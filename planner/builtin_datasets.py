@@ -2,22 +2,27 @@
 
 - `pydoc`: instruction pairs made from real text that ships with Python (standard-library
   docstrings and the `pydoc_data` topics), for training and demos without the Hub.
+- `numpydoc`: instruction pairs made from the docstrings that ship with the installed numpy, a
+  second real corpus (scientific-API prose rather than the standard library's), for the study.
 - `facts`: synthetic random facts whose information content is known exactly
   (n_facts · log2(choices) bits), for capacity experiments (DESIGN.md).
 - `arithmetic`: every sum a + b up to `max_operand`, as RL prompts with answers (`prompt`,
   `answer`) for a verifiable reward (docs/RL.md); not a supervised set.
 
-Only the standard library is used, so loading a built-in needs neither `datasets` nor network.
+Only the standard library is used (numpydoc imports numpy in a subprocess), so loading a built-in
+needs neither `datasets` nor network.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -149,22 +154,27 @@ def _build_pydoc_rows() -> list[dict]:
     return rows
 
 
-@functools.lru_cache(maxsize=1)
-def _pydoc_all() -> tuple[dict, ...]:
-    """The pydoc pairs, built in a fresh `python -S -E` subprocess.
+def _build_in_clean_interpreter(builder: str, extra_paths: tuple[str, ...] = ()) -> tuple[dict, ...]:
+    """The rows `builder()` (a function of this module) returns in a fresh `python -S -E` subprocess.
 
     Libraries patch the standard library when imported (torch replaces `inspect.getfile`), which
     would change the rows, and so the dataset fingerprint, with what the caller imported
-    before. A clean interpreter with no site-packages sees only the standard library.
+    before. A clean interpreter without site-packages sees only the standard library, plus the
+    folders in `extra_paths` (where numpy is installed, for numpydoc).
     """
-    root = str(Path(__file__).resolve().parent.parent)
+    paths = (str(Path(__file__).resolve().parent.parent), *extra_paths)
     code = (
-        f"import json, sys; sys.path.insert(0, {root!r}); "
-        "from planner.builtin_datasets import _build_pydoc_rows; "
-        "json.dump(_build_pydoc_rows(), sys.stdout)"
+        f"import json, sys; sys.path[:0] = {list(paths)!r}; "
+        f"from planner.builtin_datasets import {builder}; "
+        f"json.dump({builder}(), sys.stdout)"
     )
     out = subprocess.run([sys.executable, "-S", "-E", "-c", code], capture_output=True, text=True, check=True)
     return tuple(json.loads(out.stdout))
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_all() -> tuple[dict, ...]:
+    return _build_in_clean_interpreter("_build_pydoc_rows")
 
 
 def pydoc_rows(limit: int | None = None) -> list[dict]:
@@ -186,6 +196,83 @@ def pydoc_rows(limit: int | None = None) -> list[dict]:
 def _copy_row(row: dict) -> dict:
     # The cache holds the master copy; callers get their own dicts to mutate.
     return {"messages": [dict(m) for m in row["messages"]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# numpydoc: the docstrings that ship with numpy
+# ---------------------------------------------------------------------------------------------
+
+# numpy's documented public namespaces, fixed and sorted so the data set does not change with
+# what else is installed. The text depends on the numpy version (requirements/constraints.txt).
+NUMPYDOC_MODULES = ("numpy", "numpy.fft", "numpy.linalg", "numpy.random", "numpy.strings")
+# A numpydoc section header: a title line underlined with dashes ("Parameters\n----------").
+_NUMPYDOC_SECTION = re.compile(r"^[A-Z][A-Za-z ]*\n-{3,}$", re.MULTILINE)
+# ufuncs and C functions start with their signature: "add(x1, x2, /, out=None, ...)".
+_SIGNATURE_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\(.*\)(\s*->.*)?$")
+
+
+def _numpydoc_answer(doc: str) -> str:
+    """The summary and extended summary of a numpy docstring: everything before its first
+    section (Parameters, Returns, See Also, Examples, ...), without a leading signature line."""
+    doc = inspect.cleandoc(doc)
+    first, _, rest = doc.partition("\n")
+    if _SIGNATURE_LINE.match(first.strip()):
+        doc = rest.strip()
+    section = _NUMPYDOC_SECTION.search(doc)
+    if section:
+        doc = doc[: section.start()]
+    return _truncate_paragraphs(doc.strip(), PYDOC_MAX_DOCSTRING_CHARS)
+
+
+def _build_numpydoc_rows() -> list[dict]:
+    """All numpydoc pairs; call it in a clean interpreter (see `_numpydoc_all`)."""
+    rows, seen_answers = [], set()
+    for module_name in NUMPYDOC_MODULES:
+        module = importlib.import_module(module_name)
+        names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+        for name in sorted(set(names)):
+            obj = getattr(module, name, None)
+            if not (inspect.isclass(obj) or callable(obj)) or not isinstance(getattr(obj, "__doc__", None), str):
+                continue
+            answer = _numpydoc_answer(obj.__doc__)
+            if len(answer) < PYDOC_MIN_ANSWER_CHARS or answer in seen_answers:
+                continue  # aliases (numpy.random.random_sample, ...) share a docstring: keep the first
+            seen_answers.add(answer)
+            qualified = f"{module_name}.{name}"
+            question = (
+                f"What is the numpy class `{qualified}` for?"
+                if inspect.isclass(obj) and not hasattr(obj, "nin")  # ufuncs are instances, not classes
+                else f"What does `{qualified}` do?"
+            )
+            rows.append(_chat(question, answer))
+    random.Random(_PYDOC_SHUFFLE_SEED).shuffle(rows)
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
+def _numpydoc_all() -> tuple[dict, ...]:
+    spec = importlib.util.find_spec("numpy")
+    if spec is None or spec.origin is None:
+        raise UserError("builtin:numpydoc is made from numpy's docstrings, but numpy is not installed: "
+                        "`pip install numpy`, or use builtin:pydoc.")
+    return _build_in_clean_interpreter("_build_numpydoc_rows", (str(Path(spec.origin).parent.parent),))
+
+
+def numpydoc_rows(limit: int | None = None) -> list[dict]:
+    """Chat pairs from the docstrings of numpy's public functions and classes.
+
+    "What does `numpy.argsort` do?" → the docstring's summary and extended summary (the text before
+    its Parameters section, whole paragraphs up to `PYDOC_MAX_DOCSTRING_CHARS`). Deterministic for
+    a given numpy version (sorted namespaces and names, then a fixed-seed shuffle). Answers shorter
+    than `PYDOC_MIN_ANSWER_CHARS` and repeated answers (aliases) are dropped.
+
+    Args:
+        limit: keep only the first `limit` pairs (None: all of them).
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise UserError(f"builtin:numpydoc needs limit >= 1 (or no limit), got {limit!r}.")
+    rows = _numpydoc_all()
+    return [_copy_row(r) for r in (rows if limit is None else rows[:limit])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +424,7 @@ BUILTINS: dict[str, tuple[Callable[..., list[dict]], dict]] = {
     "arithmetic": (arithmetic_rows, {"max_operand": 9, "seed": 0}),
     "facts": (facts_rows, {"n_facts": 1000, "choices": 16, "seed": 0}),
     "pydoc": (pydoc_rows, {"limit": None}),
+    "numpydoc": (numpydoc_rows, {"limit": None}),
 }
 
 

@@ -17,7 +17,6 @@ from planner.paths import check_output_dir
 
 def register(subparsers) -> None:
     """Add the `plan` sub-command to the `lowregret` parser."""
-    from planner.capacity import DEFAULT_BITS_PER_PARAM
     from planner.flops import DEFAULT_MFU
     from planner.lora import EXPERT_RANK_DIVISORS
     from planner.plan import DEFAULT_BATCH_SIZE, DEFAULT_GPU, DEFAULT_SEQ_LEN
@@ -42,7 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--sample-size", type=int, default=2000, help="examples sampled to profile the dataset")
     p.add_argument("--rl-episodes", type=int, help="plan for RL: number of episodes (instead of --dataset)")
     p.add_argument("--reward-entropy-bits", type=float, default=1.0, help="bits per RL episode (1 for pass/fail)")
-    p.add_argument("--bits-per-param", type=float, default=DEFAULT_BITS_PER_PARAM, help="adapter capacity prior (default 2)")
+    p.add_argument("--bits-per-param", type=float,
+                   help="adapter capacity per parameter (default: our study's measurement in "
+                        "planner/calibration.json, else the 2 bits/param prior)")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                    help=f"max_length: tokens per sequence, longer examples are cut (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--packing", action="store_true",

@@ -77,18 +77,21 @@ class CapacityPlan:
         }
 
 
-def _constants(bits_per_param: float, mfu: float) -> tuple[dict, ...]:
-    """The priors this plan used, each with its source."""
+def _constants(bits_per_param: float, bits_source: str, short_run: dict, mfu: float) -> tuple[dict, ...]:
+    """The constants this plan used, each with its source: a literature prior, our study's
+    measurement (planner/calibration.json, with the prior beside it), or the caller's value."""
     c = []
 
-    def add(name, value, source):
-        c.append({"name": name, "value": value, "source": source})
+    def add(name, value, source, **extra):
+        c.append({"name": name, "value": value, "source": source, **extra})
 
-    add("bits_per_param", bits_per_param, "Allen-Zhu & Li 2024, Physics of LMs 3.3 (default 2)")
+    add("bits_per_param", bits_per_param, bits_source, prior=capacity_mod.PRIOR_BITS_PER_PARAM,
+        prior_source=capacity_mod.PRIOR_BITS_PER_PARAM_SOURCE)
     add("low_regret_ratio", capacity_mod.LOW_REGRET_RATIO, "planner.capacity: capacity >= 2 × dataset bits")
     add("borderline_ratio", capacity_mod.BORDERLINE_RATIO, "planner.capacity: capacity >= 1 × dataset bits")
     add("lora_over_fullft_lr", advice_mod.LORA_OVER_FULLFT_LR, "LoRA Without Regret; tinker-cookbook")
-    add("short_run_lora_over_fullft_lr", advice_mod.SHORT_RUN_LORA_OVER_FULLFT_LR, "LoRA Without Regret (anecdotal)")
+    add("short_run_lora_over_fullft_lr", short_run["value"], short_run["source"], prior=short_run["prior"],
+        prior_source=short_run["prior_source"])
     add("lr_exponent_by_family", dict(advice_mod.LR_EXPONENT_BY_FAMILY), "tinker-cookbook hyperparam_utils.get_lr")
     add("lora_alpha", advice_mod.LORA_ALPHA, "LoRA Without Regret; peft default init")
     add("batch_thresholds", [advice_mod.BATCH_SMALL_PENALTY_ABOVE, advice_mod.BATCH_STRONG_WARNING_ABOVE],
@@ -147,7 +150,7 @@ def build_plan(
     expert_rank_divisor: str = "active",
     target_unembedding: bool = False,
     profile: Any = None,
-    bits_per_param: float = capacity_mod.DEFAULT_BITS_PER_PARAM,
+    bits_per_param: float | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
     packing: bool = False,
@@ -158,6 +161,7 @@ def build_plan(
     epochs: float = 1.0,
     mfu: float = flops_mod.DEFAULT_MFU,
     notes: tuple[str, ...] = (),
+    calibration: dict | None = None,
 ) -> CapacityPlan:
     """Plan a LoRA run of `model` at `rank`.
 
@@ -168,7 +172,8 @@ def build_plan(
         expert_rank_divisor: `active` (blog), `total` (peft docs) or `none`.
         target_unembedding: also adapt lm_head.
         profile: a `planner.profile.DatasetProfile`, or None for no capacity verdict.
-        bits_per_param: adapter capacity prior.
+        bits_per_param: adapter capacity per parameter; None: the study's measurement when
+            planner/calibration.json has one, else the 2 bits/param prior.
         seq_len, batch_size: max_length (tokens per sequence) and sequences per optimizer step (effective).
         packing: the run packs examples into rows of seq_len (else each micro-batch is padded to
             its longest example); with a profile, memory is sized at the row width this gives.
@@ -178,6 +183,7 @@ def build_plan(
         epochs: passes over the dataset.
         mfu: assumed model-FLOPs utilisation for run times.
         notes: extra notes to record (e.g. from the CLI).
+        calibration: the calibration record (None: the packaged planner/calibration.json; {}: priors only).
 
     Raises:
         UserError: any bad input, before any work.
@@ -191,6 +197,11 @@ def build_plan(
     _positive("bits_per_param", bits_per_param, integer=False)
     if not 0 < mfu <= 1:
         raise UserError(f"mfu must be in (0, 1], got {mfu!r}.")
+    if bits_per_param is None:
+        chosen = capacity_mod.bits_per_param_constant(calibration)
+        bits_per_param, bits_source = chosen.value, chosen.source
+    else:
+        bits_source = "given by the caller (--bits-per-param)"
     shape = model if isinstance(model, ModelShape) else load_shape(model)
     gpu_spec = get_gpu(gpu)
     lora = count_run_lora(shape, rank, targets, expert_rank_divisor, target_unembedding)
@@ -205,7 +216,8 @@ def build_plan(
         dataset = _profile_dict(profile)
         chosen = select_targets(shape, targets, target_unembedding)
         max_rank = max(min(m.d_in, m.d_out) for m in chosen) * lora.divisor_value
-        capacity = capacity_mod.assess_capacity(params_at, rank, max_rank, profile, bits_per_param)
+        capacity = capacity_mod.assess_capacity(params_at, rank, max_rank, profile, bits_per_param,
+                                                bits_per_param_source=bits_source)
         if steps is None and int(profile.examples) > 0:
             steps = math.ceil(epochs * int(profile.examples) / batch_size)
         if profile.total_tokens:  # None for RL profiles
@@ -216,7 +228,7 @@ def build_plan(
     lengths = plan_lengths(token_lengths, seq_len, packing) if token_lengths else None
     memory_seq_len = lengths.memory_seq_len if lengths else seq_len
 
-    advice = advice_mod.advise(shape, batch_size, fullft_lr, steps)
+    advice = advice_mod.advise(shape, batch_size, fullft_lr, steps, calibration)
     flops = flops_mod.estimate_flops(shape, lora, seq_len)
     run = None
     if tokens:
@@ -270,7 +282,7 @@ def build_plan(
         "seq_len": seq_len, "memory_seq_len": memory_seq_len, "packing": packing, "batch_size": batch_size,
         "gpu": gpu_spec.name, "num_gpus": num_gpus,
         "steps": steps, "epochs": epochs, "tokens": tokens, "mfu": mfu, "bits_per_param": bits_per_param,
-        "target_unembedding": target_unembedding,
+        "bits_per_param_source": bits_source, "target_unembedding": target_unembedding,
     }
     return CapacityPlan(
         model=shape.summary(),
@@ -287,7 +299,8 @@ def build_plan(
         memory=memory,
         hardware=hardware,
         settings=settings,
-        constants=_constants(bits_per_param, mfu),
+        constants=_constants(bits_per_param, bits_source,
+                             advice_mod.short_run_multiplier_constant(calibration).to_dict(), mfu),
         notes=tuple(all_notes),
         lengths=lengths,
     )

@@ -55,12 +55,17 @@ def finish_chart(fig, ax, title: str, path: Path, *, grid_axis: str = "both", le
     """The shared finish of every chart: title, major grid, legend, tight layout, PNG, figure closed.
     The PNG is written beside and renamed: a reader (or a pipeline drawing the same chart) never sees
     half a file."""
-    import os
-    import threading
-
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", axis=grid_axis, alpha=0.3)
     ax.legend(fontsize=8, loc=legend_loc)
+    save_figure(fig, path, dpi=dpi)
+
+
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
+    """Tight layout, PNG written beside and renamed (no reader sees half a file), figure closed."""
+    import os
+    import threading
+
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")

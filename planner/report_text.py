@@ -60,12 +60,16 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
     if c is not None:
         ratio = "inf" if c.capacity_over_data is None else f"{c.capacity_over_data:.2f}"
         lines.append(
-            f"Capacity {_num(c.capacity_bits)} bits ({c.bits_per_param:g} bits/param) vs dataset "
+            f"Capacity {_num(c.capacity_bits)} bits ({c.bits_per_param:.3g} bits/param) vs dataset "
             f"{_num(c.dataset_bits)} bits ({c.information_method}): ratio {ratio} -> {c.verdict.upper()} "
             f"(low-regret >= {c.low_regret_ratio:g}x, borderline >= {c.borderline_ratio:g}x)"
         )
         lines.append(f"Smallest low-regret rank: {c.min_rank_pow2 or 'none <= 512'} (power of two), "
                      f"{c.min_rank_exact or 'none'} (exact)")
+        if c.bits_per_param != c.prior_bits_per_param:
+            lines.append(f"Bits/param {c.bits_per_param:.3g}: {c.bits_per_param_source}. Under the "
+                         f"{c.prior_bits_per_param:g} bits/param prior: {c.prior_verdict.upper()}, smallest rank "
+                         f"{c.prior_min_rank_pow2 or 'none <= 512'} (power of two)")
         if c.completion_tokens is not None:
             lines.append(f"Tinker's rule (adapter params >= {c.completion_tokens:,} completion tokens): "
                          f"{'holds' if c.tinker_rule_holds else 'fails'}; smallest rank "

@@ -21,6 +21,24 @@ def test_grid_covers_method_rank_lr():
         SweepConfig(lora_lrs=[0.0])
 
 
+def test_seed_replicates_share_one_held_out_split_and_the_first_is_the_unreplicated_cell(tmp_path):
+    from flows.config import PipelineConfig
+    from flows.sweep import grid_cells
+
+    def cells(**base):
+        config = SweepConfig(base=PipelineConfig(**base), methods=["lora", "full"], ranks=[4], lora_lrs=[1e-3],
+                             full_lrs=[1e-4])
+        return grid_cells(config, tmp_path, "fingerprint", "code")
+
+    single, replicated = cells(), cells(seeds=[0, 1, 2])
+    assert [c.label for c in replicated] == [f"{m}-seed{s}" for m in ("lora-r4-lr0.001", "full-lr0.0001") for s in (0, 1, 2)]
+    assert [c.seed for c in replicated] == [0, 1, 2, 0, 1, 2]
+    assert {c.train_config.split_seed for c in replicated} == {0}  # one held-out split: the seeds pair
+    assert [c.train_config.seed for c in replicated] == [0, 1, 2, 0, 1, 2]
+    assert len({c.key for c in replicated}) == 6
+    assert {c.key for c in single} == {c.key for c in replicated if c.seed == 0}  # shared with the plain sweep
+
+
 @pytest.mark.skipif(importlib.util.find_spec("prefect_dask") is not None, reason="prefect-dask is installed")
 def test_dask_runner_without_prefect_dask_is_a_user_error():
     from flows.sweep import make_task_runner

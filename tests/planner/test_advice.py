@@ -24,7 +24,7 @@ def test_tinker_formula(model, expected):
 @pytest.mark.parametrize("steps, lr, anecdotal", [(None, 2e-4, False), (1000, 2e-4, False), (100, 2e-4, False),
                                                    (99, 3e-4, True), (10, 3e-4, True)])
 def test_fullft_multiplier(steps, lr, anecdotal):
-    a = advise(load_shape("Mixtral-8x7B"), 32, fullft_lr=2e-5, steps=steps)
+    a = advise(load_shape("Mixtral-8x7B"), 32, fullft_lr=2e-5, steps=steps, calibration={})  # the priors
     assert a.lora_lr == pytest.approx(lr)
     assert a.anecdotal is anecdotal
 
@@ -53,7 +53,7 @@ def test_architecture_only_match_is_flagged():
 def test_lr_disagreement_names_both_lrs():
     from planner.advice import lr_disagreement
 
-    advice = advise(load_shape("Llama-3.1-8B"), 4, fullft_lr=1.3e-4, steps=16)  # 15 x 1.3e-4 = 1.95e-3
+    advice = advise(load_shape("Llama-3.1-8B"), 4, fullft_lr=1.3e-4, steps=16, calibration={})  # 15 x 1.3e-4
     assert lr_disagreement(1.95e-3, advice) is None and lr_disagreement(2.0e-3, advice) is None
     warning = lr_disagreement(1.3e-3, advice)
     assert "configured LoRA LR 0.0013 is 0.67x the plan's advice 0.00195 (15 × the FullFT LR 0.00013)" in warning

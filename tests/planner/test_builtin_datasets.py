@@ -16,10 +16,11 @@ from planner.builtin_datasets import (
     facts_information_bits,
     facts_max_facts,
     facts_rows,
+    numpydoc_rows,
     parse_builtin,
     pydoc_rows,
 )
-from planner.dataset import dataset_fingerprint, detect_format
+from planner.dataset import dataset_fingerprint, detect_format, load_rows
 from planner.errors import UserError
 
 ANSWER = re.compile(r"^The (?P<attr>[a-z ]+) of (?P<entity>[A-Z][a-z]+) is (?P<value>[A-Za-z]+)\.$")
@@ -107,6 +108,22 @@ def test_pydoc_does_not_depend_on_what_the_caller_imported():
     assert out.stdout.strip() == dataset_fingerprint(pydoc_rows())
 
 
+def test_numpydoc_is_numpys_own_text_clean_and_deterministic():
+    rows = numpydoc_rows()
+    assert len(rows) > 300 and detect_format(rows) == "chat"
+    answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
+    assert len(answers) == len(rows)
+    assert answers["What does `numpy.argsort` do?"].startswith("Returns the indices that would sort an array.")
+    assert answers["What does `numpy.linalg.svd` do?"].startswith("Singular Value Decomposition.")
+    # A ufunc: its signature line is dropped and nothing after the summary is kept.
+    assert answers["What does `numpy.isnan` do?"] == "Test element-wise for NaN and return result as a boolean array."
+    for answer in answers.values():
+        assert len(answer) >= 40
+        assert "\nParameters\n---" not in answer and "\nExamples\n---" not in answer
+    assert numpydoc_rows(limit=5) == rows[:5]
+    assert load_rows("builtin:numpydoc?limit=5") == rows[:5]
+
+
 @pytest.mark.parametrize(
     "text,max_chars,expected",
     [
@@ -132,6 +149,7 @@ def test_truncate_paragraphs(text, max_chars, expected):
         ("builtin:facts?choices=4", "facts", {"n_facts": 1000, "choices": 4, "seed": 0}),
         ("builtin:pydoc?limit=500", "pydoc", {"limit": 500}),
         ("builtin:pydoc", "pydoc", {"limit": None}),
+        ("builtin:numpydoc?limit=50", "numpydoc", {"limit": 50}),
     ],
 )
 def test_parse_builtin(source, name, options):

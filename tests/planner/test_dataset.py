@@ -111,7 +111,7 @@ def test_hub_id_offline_is_user_error():
         ("missing.jsonl", "not found"),
         ("./missing", "not found"),
         ("just words", "Cannot tell"),
-        ("builtin:nope", "builtin:facts, builtin:pydoc"),
+        ("builtin:nope", "builtin:facts, builtin:numpydoc, builtin:pydoc"),
         ("builtin:facts?bogus=1", "n_facts .*choices .*seed"),
         ("builtin:facts?n_facts=x", "non-negative integer"),
         ("builtin:facts?seed=1&seed=2", "twice"),
