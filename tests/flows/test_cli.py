@@ -26,6 +26,17 @@ def test_demo_preset_loads_and_fits_the_cpu_budget():
     assert lora.batch_size * lora.max_length <= 4 * 128 and lora.max_steps * (5.6 + 3.4) < 300
 
 
+def test_demo_preset_follows_its_plans_lr_advice():
+    from planner.advice import advise, lr_disagreement
+    from planner.shapes import load_shape
+
+    config = load_pipeline_config(DEMO_CONFIG)
+    lora = config.train_config("lora")
+    advice = advise(load_shape(config.model), lora.batch_size * lora.grad_accum_steps, fullft_lr=config.full_lr,
+                    steps=lora.max_steps)
+    assert advice.lora_lr is not None and lr_disagreement(config.lora_lr, advice) is None, advice.lora_lr
+
+
 def test_promote_and_rollback_commands(tmp_path, tiny_adapter, restore_environ, capsys):
     import mlflow
 
