@@ -120,7 +120,11 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, help="concurrent runs (default: the runner's own)")
     p.set_defaults(func=run_sweep)
 
-    p = subparsers.add_parser("study", help="test the planner's predictions against real runs; calibrate it (docs/STUDY.md)")
+    p = subparsers.add_parser(
+        "study", help="test the planner's predictions against real runs; calibrate it (docs/STUDY.md)",
+        description="Train the study's experiments (capacity knee on the facts model, LR sweeps on SmolLM2, "
+        "layers, seed noise) as cached sweep cells, compare each with the gate's paired interval, and with "
+        "--calibrate write the measured constants with their provenance to planner/calibration.json.")
     p.add_argument("--quick", action="store_true", help="the CI-sized study on a tiny model (~2 min) instead of the full one")
     p.add_argument("--workers", type=int, default=2, help="runs trained at once, one CPU thread each (default 2)")
     p.add_argument("--calibrate", nargs="?", const="", metavar="PATH",
