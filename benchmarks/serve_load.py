@@ -5,8 +5,8 @@ Both servers run as `lowregret serve` subprocesses (the other ref's source tree 
 `git archive` into a temporary folder, so its server is never importable from the product) on the
 same base model, the same 8 LoRA adapters (random non-zero weights, so every adapter really
 computes) and the same flags. Scenarios: "1 adapter" (every request names a0) and "8 adapters
-mixed" (requests name a0..a7 in turn). A third server, this tree with the old fixed 10 ms batching
-window, separates what the HTTP stack changed from what the sliding window changed. Each round
+mixed" (requests name a0..a7 in turn). A third server, this tree with peft's own per-adapter
+mixing (`--no-stacked-lora`), separates what the stacked LoRA weights changed from the rest. Each round
 runs every scenario on each server in turn, rotating which goes first; the report gives each figure's median over the rounds, so a burst
 of load from other processes on shared cores does not land on one server only.
 
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, tree, flags in (
                 (f"{args.old_ref} ({old_commit})", old_tree, ()),
                 ("this tree", REPO, ()),
-                # Separates the HTTP stack from the batching policy: the old server's fixed window.
-                ("this tree, fixed 10 ms window", REPO, ("--batch-window-ms", "10", "--max-batch-wait-ms", "10")),
+                # Separates the stacked-LoRA mixing from the rest: peft's per-adapter loop, as the old server.
+                ("this tree, peft's mixing (--no-stacked-lora)", REPO, ("--no-stacked-lora",)),
             ):
                 servers.append(Server(label, tree, base_ref, adapter_dirs, args.max_tokens, args.threads, *flags))
             runs = {(s.label, sc): [] for s in servers for sc in SCENARIOS}

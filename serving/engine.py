@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from serving.adapters import AdapterNotFound, AdapterPool
 from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, generate_batch
+from serving.stacked_lora import StackedLoRA
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Engine:
         max_batch_size: int = 16,
         max_pending: int = 256,
         max_batch_wait_s: float = 0.08,
+        stacked_lora: bool = True,
     ):
         self.pool = AdapterPool(model, max_adapters)
         self.codec = Codec(tokenizer)
@@ -94,6 +96,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         self.stats = EngineStats()
+        self.stacked = StackedLoRA() if stacked_lora else None  # mixed batches through stacked weights
         self._expected = 0  # clients when the previous batch was answered (0: unknown): the burst to expect
         self.running = 0  # rows in the batch being generated now
         self._pending = 0  # submitted and not finished: waiting or running
@@ -223,7 +226,7 @@ class Engine:
                 ]
                 mixed_call = self.pool.resident_mixable()
                 if mixed_call:
-                    results = generate_batch(self.pool.model, self.codec, requests)
+                    results = generate_batch(self.pool.model, self.codec, requests, stacked=self.stacked)
                 else:  # one generate call per adapter in this group
                     by_adapter: dict[str, list[int]] = {}
                     for row, request in enumerate(requests):
