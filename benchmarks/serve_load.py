@@ -5,8 +5,8 @@ Both servers run as `lowregret serve` subprocesses (the other ref's source tree 
 `git archive` into a temporary folder, so its server is never importable from the product) on the
 same base model, the same 8 LoRA adapters (random non-zero weights, so every adapter really
 computes) and the same flags. Scenarios: "1 adapter" (every request names a0) and "8 adapters
-mixed" (requests name a0..a7 in turn). A third server, this tree with the old fixed 10 ms batching
-window, separates what the HTTP stack changed from what the sliding window changed. Each round
+mixed" (requests name a0..a7 in turn). A third server, this tree with peft's own per-adapter
+mixing (`--no-stacked-lora`), separates what the stacked LoRA weights changed from the rest. Each round
 runs every scenario on each server in turn, rotating which goes first; the report gives each figure's median over the rounds, so a burst
 of load from other processes on shared cores does not land on one server only.
 
@@ -201,6 +201,22 @@ def summarise(runs: list[dict], stats: list[dict]) -> dict:
     }
 
 
+def paired_ratio(runs: list[dict], baseline: list[dict], key: str) -> dict | None:
+    """Round-by-round ratio of `key` to the baseline's in the same round (the servers take turns
+    within a round, so a round's load is shared): the median ratio and a 95% percentile-bootstrap
+    interval of that median over rounds (None with fewer than 3 rounds)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ratios = [r[key] / b[key] for r, b in zip(runs, baseline, strict=True) if r[key] and b[key]]
+    if len(ratios) < 3:
+        return None
+    interval = bootstrap((np.array(ratios),), np.median, confidence_level=0.95, method="percentile",
+                         n_resamples=10_000, random_state=0).confidence_interval  # fmt: skip
+    return {"median": round(statistics.median(ratios), 3), "low": round(float(interval.low), 3),
+            "high": round(float(interval.high), 3), "each_round": [round(x, 3) for x in ratios]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="base model ref (default: a tiny llama built here)")
@@ -237,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, tree, flags in (
                 (f"{args.old_ref} ({old_commit})", old_tree, ()),
                 ("this tree", REPO, ()),
-                # Separates the HTTP stack from the batching policy: the old server's fixed window.
-                ("this tree, fixed 10 ms window", REPO, ("--batch-window-ms", "10", "--max-batch-wait-ms", "10")),
+                # Separates the stacked-LoRA mixing from the rest: peft's per-adapter loop, as the old server.
+                ("this tree, peft's mixing (--no-stacked-lora)", REPO, ("--no-stacked-lora",)),
             ):
                 servers.append(Server(label, tree, base_ref, adapter_dirs, args.max_tokens, args.threads, *flags))
             runs = {(s.label, sc): [] for s in servers for sc in SCENARIOS}
@@ -267,8 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers:
                 server.stop()
+        old_label = servers[0].label
         for (label, scenario), scenario_runs in runs.items():
             results.setdefault(scenario, {})[label] = summarise(scenario_runs, stats[(label, scenario)])
+            if label != old_label:
+                results[scenario][label]["against_old"] = {
+                    key: paired_ratio(scenario_runs, runs[(old_label, scenario)], key)
+                    for key in ("requests_per_s", "p50_s", "p99_s", "server_cpu_ms_per_request")
+                }
 
     report = {
         "date_utc": f"{started_utc} to {dt.datetime.now(dt.timezone.utc).strftime('%H:%M')}",

@@ -105,6 +105,11 @@ def register(subparsers) -> None:
         "--max-batch-size", type=int, default=16, help="rows per generate call at most (default 16)"
     )
     serve.add_argument(
+        "--no-stacked-lora",
+        action="store_true",
+        help="mix adapters with peft's per-adapter loop instead of the stacked weights (docs/SERVING.md)",
+    )
+    serve.add_argument(
         "--max-pending",
         type=int,
         default=256,
@@ -238,6 +243,7 @@ def run_serve(args) -> int:
         max_batch_size=args.max_batch_size,
         max_pending=args.max_pending,
         max_batch_wait_s=args.max_batch_wait_ms / 1000,
+        stacked_lora=not args.no_stacked_lora,
     )
     for entry in entries:
         engine.pool.add(entry)

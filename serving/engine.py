@@ -3,7 +3,12 @@
 The first queued request opens a batch; every request that follows the previous one within
 `batch_window_s` joins it, up to `max_batch_size` rows and for at most `max_batch_wait_s` after
 the first (a sliding window, like Triton's dynamic batcher's queue delay: a burst of requests that
-trickles in from the HTTP server lands in one batch, and a lone request waits one window). The
+trickles in from the HTTP server lands in one batch, and a lone request waits one window). A batch
+also closes, without waiting out the window, once it holds as many requests as there were clients
+when the previous batch was answered (its rows plus the requests then queued) and none is queued:
+clients that got their answers together tend to come back together, so that is the burst to
+expect, and counting the queued ones too lets two half-size batches that alternate merge again
+(benchmarks/SERVE_RESULTS.md measures what this saves). The
 batch runs in one `generate` call whatever adapter each row names (peft's mixed-batch LoRA). A
 batch that names more distinct adapters than may be resident at once (`max_adapters`) is split
 into groups that each fit. One thread owns the model, so generation never races an adapter load
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from serving.adapters import AdapterNotFound, AdapterPool
 from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, generate_batch
+from serving.stacked_lora import StackedLoRA
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class Engine:
         max_batch_size: int = 16,
         max_pending: int = 256,
         max_batch_wait_s: float = 0.08,
+        stacked_lora: bool = True,
     ):
         self.pool = AdapterPool(model, max_adapters)
         self.codec = Codec(tokenizer)
@@ -89,6 +96,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         self.stats = EngineStats()
+        self.stacked = StackedLoRA() if stacked_lora else None  # mixed batches through stacked weights
+        self._expected = 0  # clients when the previous batch was answered (0: unknown): the burst to expect
         self.running = 0  # rows in the batch being generated now
         self._pending = 0  # submitted and not finished: waiting or running
         self._pending_lock = threading.Lock()
@@ -149,20 +158,21 @@ class Engine:
             jobs = self._collect(job)
             # A future cancelled while it waited (client gone, timeout) is dropped here.
             jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            self._expected = 0  # a failed or empty batch says nothing about the next burst
             for group in self._groups(jobs):
                 self._run_group(group)
 
     def _collect(self, first: _Job) -> list[_Job]:
-        """`first` and the jobs that follow it, each within batch_window_s of the previous one."""
+        """`first` and the jobs that follow it, each within batch_window_s of the previous one; no
+        waiting once the batch holds the burst `_expected` (the queued jobs still join)."""
         jobs = [first]
         now = time.monotonic()
         last_call, window_ends = now + self.max_batch_wait_s, now + self.batch_window_s
         while len(jobs) < self.max_batch_size:
-            remaining = min(window_ends, last_call) - time.monotonic()
-            if remaining <= 0:
-                break
+            full = 0 < self._expected <= len(jobs)
+            remaining = 0.0 if full else min(window_ends, last_call) - time.monotonic()
             try:
-                more = self._queue.get(timeout=remaining)
+                more = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
@@ -216,7 +226,7 @@ class Engine:
                 ]
                 mixed_call = self.pool.resident_mixable()
                 if mixed_call:
-                    results = generate_batch(self.pool.model, self.codec, requests)
+                    results = generate_batch(self.pool.model, self.codec, requests, stacked=self.stacked)
                 else:  # one generate call per adapter in this group
                     by_adapter: dict[str, list[int]] = {}
                     for row, request in enumerate(requests):
@@ -234,6 +244,8 @@ class Engine:
                     job.future.set_exception(exc)
                 self.running = 0
                 return
+        # Read before answering, so no answered client's next request is counted twice.
+        self._expected = min(self._expected + len(live) + self._queue.qsize(), self.max_batch_size)
         self.stats.batches += 1
         self.stats.batch_sizes[len(live)] += 1
         self.stats.rows += len(live)

@@ -182,14 +182,17 @@ def _make_row_stopper(
 
 
 def generate_batch(
-    model, codec: Codec, requests: list[GenerationRequest], mixed: bool = True
+    model, codec: Codec, requests: list[GenerationRequest], mixed: bool = True, stacked=None
 ) -> list[GenerationResult]:
     """Continue every prompt in one left-padded `generate` call, each row with its own adapter.
 
     `model` is a peft `PeftModel` when any adapter is loaded, or the bare transformers model when
-    none is. With `mixed`, rows pick their adapter through `adapter_names`; without it (peft
-    cannot mix a model holding MoE expert LoRA, `target_parameters`), every row must name the same
-    adapter, which is made the active one.
+    none is. With `mixed`, rows pick their adapter through `adapter_names`, or, when `stacked` (a
+    `serving.stacked_lora.StackedLoRA`) is given, the batch mixes two or more adapters (the base
+    counts as one) and the model's LoRA is plain, through the stacked weights (two batched matmuls
+    per layer instead of peft's loop over adapters). Without `mixed` (peft cannot mix a model
+    holding MoE expert LoRA, `target_parameters`), every row must name the same adapter, which is
+    made the active one.
     """
     import contextlib
 
@@ -238,6 +241,8 @@ def generate_batch(
     if not getattr(model, "peft_config", None):
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()  # every adapter removed: the emptied LoRA layers pass through
+    elif mixed and stacked is not None and len(adapters) > 1 and stacked.supports(model):
+        context = stacked.rows(model, [r.adapter for r in requests], BASE_ADAPTER)
     elif mixed:
         # Always explicit: without adapter_names a PeftModel would apply its active adapter to base rows.
         kwargs["adapter_names"] = [r.adapter for r in requests]

@@ -139,17 +139,24 @@ class _ScriptedArrivals:
         self.now_s += timeout
         raise queue.Empty
 
+    def get_nowait(self):
+        return self.get(timeout=0.0)
+
 
 @pytest.mark.parametrize(
-    "arrivals_s,rows,closed_at_s",
+    "arrivals_s,expected,rows,closed_at_s",
     [
-        ([0.01, 0.025, 0.04, 0.2], 4, 0.06),  # each within 20 ms of the previous; 0.2 s is a new batch
-        ([0.03], 1, 0.02),  # a lone request waits one window
-        ([0.015 * i for i in range(1, 20)], 6, 0.08),  # never quiet: closed by the longest wait
+        ([0.01, 0.025, 0.04, 0.2], 0, 4, 0.06),  # each within 20 ms of the previous; 0.2 s is a new batch
+        ([0.03], 0, 1, 0.02),  # a lone request waits one window
+        ([0.015 * i for i in range(1, 20)], 0, 6, 0.08),  # never quiet: closed by the longest wait
+        ([0.005, 0.01, 0.015], 3, 3, 0.01),  # as many as the previous batch: closed without waiting
+        ([0.005, 0.005, 0.005, 0.01], 2, 4, 0.005),  # ... but what is already queued joins
+        ([0.03], 1, 1, 0.0),  # the previous batch was one request: a lone request does not wait
+        ([0.01, 0.025, 0.2], 8, 3, 0.045),  # fewer came back than last time: the window closes it
     ],
 )
 def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_the_longest_wait(
-    server, monkeypatch, arrivals_s, rows, closed_at_s
+    server, monkeypatch, arrivals_s, expected, rows, closed_at_s
 ):
     from types import SimpleNamespace
 
@@ -159,6 +166,7 @@ def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_t
     engine = Engine(server.engine.pool.model, server.engine.codec.tokenizer, "b", batch_window_s=0.02,
                     max_batch_wait_s=0.08, max_batch_size=64)  # fmt: skip
     engine.stop()  # no generation thread: the test drives _collect itself
+    engine._expected = expected  # rows of the previous batch
     script = _ScriptedArrivals(arrivals_s)
     monkeypatch.setattr(engine, "_queue", script)
     monkeypatch.setattr(serving.engine, "time", SimpleNamespace(monotonic=script.monotonic))  # this module only
