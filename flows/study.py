@@ -115,10 +115,12 @@ def reanalyse(scale_name: str = "full", workdir: str | None = None, calibrate_pa
                         "run `lowregret study` again to train them.")
     (memorised,) = [c for c in cells if c.experiment == "memorise"]
     earlier = out_dir / "results.json"
-    trained_by = json.loads(earlier.read_text()).get("provenance") if earlier.is_file() else None
+    before = json.loads(earlier.read_text()).get("provenance") or {} if earlier.is_file() else {}
+    # The study that trained the cells: kept through any number of re-analyses.
+    trained_by = before.get("trained_by") or {k: before[k] for k in ("date", "commit", "command") if k in before}
     provenance = calibrate.provenance(command, started, scale_name, [c.run_key for c in cells])
     if trained_by:
-        provenance["trained_by"] = {k: trained_by.get(k) for k in ("date", "commit", "command")}
+        provenance["trained_by"] = trained_by
     results = analyse(cells, scale_name, str(Path(memorised.run_dir) / "model"), str(out_dir), provenance)
     if docs_dir:
         results["published"] = publish.fn(str(out_dir), docs_dir)
