@@ -397,6 +397,9 @@ def run_study(args) -> int:
 
     apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
     if args.reanalyse:
+        from study.analysis import cells_manifest
+
+        cells_manifest(settings.reports_dir, "quick" if args.quick else "full")  # before Prefect's import writes
         from flows.study import reanalyse
 
         results = reanalyse("quick" if args.quick else "full", str(settings.home.parent), calibrate, args.docs, command)

@@ -99,15 +99,12 @@ def reanalyse(scale_name: str = "full", workdir: str | None = None, calibrate_pa
     """
     from planner.errors import UserError
     from study import calibrate
-    from study.analysis import Cell
+    from study.analysis import Cell, cells_manifest
 
     started = time.time()
     settings = load_settings(workdir)
     out_dir = settings.reports_dir / f"study-{scale_name}"
-    manifest = out_dir / "cells.json"
-    if not manifest.is_file():
-        raise UserError(f"No finished {scale_name} study in {settings.reports_dir} ({manifest.name} is missing): "
-                        f"run `lowregret study{' --quick' if scale_name == 'quick' else ''}` there first.")
+    manifest = cells_manifest(settings.reports_dir, scale_name)
     cells = [Cell(**c) for c in json.loads(manifest.read_text())]
     gone = [c.run_dir for c in cells if not (Path(c.run_dir) / "summary.json").is_file()]
     if gone:

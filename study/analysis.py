@@ -38,6 +38,23 @@ class Cell:
         return asdict(self)
 
 
+def cells_manifest(reports_dir, scale_name: str):
+    """reports/study-<scale>/cells.json, the cell list a finished study left (what --reanalyse reads).
+
+    Raises:
+        UserError: there is none (checked before Prefect is imported, so nothing is written).
+    """
+    from pathlib import Path
+
+    from planner.errors import UserError
+
+    manifest = Path(reports_dir) / f"study-{scale_name}" / "cells.json"
+    if not manifest.is_file():
+        raise UserError(f"No finished {scale_name} study in {reports_dir} ({manifest.name} is missing): "
+                        f"run `lowregret study{' --quick' if scale_name == 'quick' else ''}` there first.")
+    return manifest
+
+
 def _load(cell: Cell):
     from evaluation.compare import load_run
 
