@@ -240,15 +240,20 @@ def evaluate_models(
     *,
     batch_size: int = 8,
     device: str | None = None,
+    relabel=None,
 ) -> list[NllResult]:
     """Score several models (None = the base model) on the same held-out examples.
 
-    The examples are loaded and tokenized once; one model is in memory at a time.
+    The examples are loaded and tokenized once; one model is in memory at a time. `relabel`
+    (example, tokenizer) -> example narrows which completion tokens are scored (e.g. only a
+    fact's value: `study.capacity.value_tokens_only`); None scores every completion token.
     """
     from trainer.model import load_base_tokenizer
 
     tokenizer = load_base_tokenizer(spec.model)
     examples = held_out_examples(spec, tokenizer)
+    if relabel is not None:
+        examples = [relabel(example, tokenizer) for example in examples]
     device = device or default_device()
     results = []
     for model_dir in model_dirs:

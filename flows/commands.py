@@ -130,6 +130,8 @@ def register(subparsers) -> None:
     p.add_argument("--calibrate", nargs="?", const="", metavar="PATH",
                    help="write the calibration record (default: the planner's own planner/calibration.json)")
     p.add_argument("--docs", metavar="DIR", help="also copy results.json and the charts to DIR (docs/study)")
+    p.add_argument("--reanalyse", action="store_true",
+                   help="train nothing: tables, charts and calibration again from the last study's runs in --workdir")
     p.add_argument("--workdir", help="where .lowregret/, runs/ and reports/ go (default: here)")
     p.set_defaults(func=run_study)
 
@@ -389,17 +391,26 @@ def run_study(args) -> int:
     if calibrate and not Path(calibrate).parent.is_dir():
         raise UserError(f"--calibrate {calibrate}: folder {Path(calibrate).parent} does not exist.")
     settings = _settings(args)
+    command = " ".join(["lowregret", *sys.argv[1:]]) if sys.argv[0].endswith(("lowregret", "cli.py")) else "lowregret study"
     from flows.settings import apply_environment, prepare_folders
+    from study.report import summary_lines
 
     apply_environment(settings, create_folders=False)  # Prefect reads these when it is imported
+    if args.reanalyse:
+        from study.analysis import cells_manifest
+
+        cells_manifest(settings.reports_dir, "quick" if args.quick else "full")  # before Prefect's import writes
+        from flows.study import reanalyse
+
+        results = reanalyse("quick" if args.quick else "full", str(settings.home.parent), calibrate, args.docs, command)
+        print("\n".join(summary_lines(results)))
+        return 0
     if args.workers > 1:
         # One thread per worker: two 2-thread runs on 2 cores fight over them (measured, docs/STUDY.md).
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     from flows.study import study
     from flows.sweep import make_task_runner
-    from study.report import summary_lines
 
-    command = " ".join(["lowregret", *sys.argv[1:]]) if sys.argv[0].endswith(("lowregret", "cli.py")) else "lowregret study"
     prepare_folders(settings)
     with _prefect_server(settings):
         results = study.with_options(task_runner=make_task_runner("process", args.workers))(

@@ -87,6 +87,47 @@ def analyse(cells: list, scale_name: str, base_model: str, out_dir: str, provena
     return results
 
 
+def reanalyse(scale_name: str = "full", workdir: str | None = None, calibrate_path: str | None = None,
+              docs_dir: str | None = None, command: str = "lowregret study --reanalyse") -> dict:
+    """The tables, charts and (optionally) the calibration again from the cells of the last study in
+    `workdir` (its reports/study-<scale>/cells.json), training nothing: after a change to the
+    analysis, without paying for the runs again. Provenance: this analysis (date, commit, command)
+    plus `trained_by`, the date, commit and command of the analysis the cells came with.
+
+    Raises:
+        UserError: no finished study in `workdir`, or some of its run folders are gone (nothing written).
+    """
+    from planner.errors import UserError
+    from study import calibrate
+    from study.analysis import Cell, cells_manifest
+
+    started = time.time()
+    settings = load_settings(workdir)
+    out_dir = settings.reports_dir / f"study-{scale_name}"
+    manifest = cells_manifest(settings.reports_dir, scale_name)
+    cells = [Cell(**c) for c in json.loads(manifest.read_text())]
+    gone = [c.run_dir for c in cells if not (Path(c.run_dir) / "summary.json").is_file()]
+    if gone:
+        raise UserError(f"{len(gone)} of the {len(cells)} runs listed in {manifest} are gone (first: {gone[0]}): "
+                        "run `lowregret study` again to train them.")
+    (memorised,) = [c for c in cells if c.experiment == "memorise"]
+    earlier = out_dir / "results.json"
+    before = json.loads(earlier.read_text()).get("provenance") or {} if earlier.is_file() else {}
+    # The study that trained the cells: kept through any number of re-analyses.
+    trained_by = before.get("trained_by") or {k: before[k] for k in ("date", "commit", "command") if k in before}
+    provenance = calibrate.provenance(command, started, scale_name, [c.run_key for c in cells])
+    if trained_by:
+        provenance["trained_by"] = trained_by
+    results = analyse(cells, scale_name, str(Path(memorised.run_dir) / "model"), str(out_dir), provenance)
+    if docs_dir:
+        results["published"] = publish.fn(str(out_dir), docs_dir)
+    if calibrate_path:
+        results["calibration"] = write_calibration.fn(results, calibrate_path)
+    results["wall_s"] = round(time.time() - started, 1)
+    results["load_average_end"] = os.getloadavg()
+    return results
+
+
 @task
 def publish(out_dir: str, docs_dir: str) -> list[str]:
     """Copy results.json and the charts from out_dir to docs_dir (docs/study/ in this project)."""

@@ -10,6 +10,7 @@ priors, not its own output.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import defaultdict
@@ -35,6 +36,23 @@ class Cell:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def cells_manifest(reports_dir, scale_name: str):
+    """reports/study-<scale>/cells.json, the cell list a finished study left (what --reanalyse reads).
+
+    Raises:
+        UserError: there is none (checked before Prefect is imported, so nothing is written).
+    """
+    from pathlib import Path
+
+    from planner.errors import UserError
+
+    manifest = Path(reports_dir) / f"study-{scale_name}" / "cells.json"
+    if not manifest.is_file():
+        raise UserError(f"No finished {scale_name} study in {reports_dir} ({manifest.name} is missing): "
+                        f"run `lowregret study{' --quick' if scale_name == 'quick' else ''}` there first.")
+    return manifest
 
 
 def _load(cell: Cell):
@@ -67,12 +85,24 @@ def _final(cell: Cell) -> float:
 # ------------------------------------------------------------------------------------------ knee
 
 
+@functools.cache
+def _value_score(spec, model_dir: str | None):
+    """The NLL of the facts' values only (study.capacity.value_tokens_only) on a run's held-out
+    examples, by the base (model_dir None) or a trained adapter/model; one model at a time."""
+    from evaluation.nll import evaluate_models
+
+    return evaluate_models(spec, [model_dir], relabel=cap.value_tokens_only)[0]
+
+
 def absorbed(cell: Cell, information_bits: float) -> cap.Absorbed:
-    """Bits a memorisation run absorbed and stored (study.capacity) from its eval curve."""
+    """Bits a memorisation run absorbed and stored on the facts' values (study.capacity), scored
+    again from its model on exactly its held-out examples (all its training facts)."""
+    from evaluation.nll import run_model_dir, spec_from_run
+
     run = _load(cell)
-    base_loss = dict(run.curves["eval"])[0]
-    tokens = int(run.summary["data"]["eval_completion_tokens"])
-    return cap.bits_absorbed(base_loss, float(run.get("final_eval_loss")), tokens, information_bits)
+    spec = spec_from_run(run)
+    base, final = _value_score(spec, None), _value_score(spec, str(run_model_dir(run)))
+    return cap.bits_absorbed(base.nats_per_token, final.nats_per_token, final.tokens, information_bits)
 
 
 def late_drop(cell: Cell) -> float | None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from planner import advice, calibration, capacity
+from study import capacity as cap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,8 +82,17 @@ def calibration_record(results: dict) -> dict:
         "interval_leave_one_size_out": fit["interval"] if fit else None,
         "runs": lora_runs,
     }
+    shortfalls = cap.short_of_fullft(fit["bits_per_param"], fit["runs"]) if fit else []
     if fit is None:
         bits["why_not"] = "no LoRA run of the study was capacity-bound, so the runs cannot tell b"
+    elif shortfalls:
+        # The fit's own model fails: adapters it says hold more than the data stored less than FullFT.
+        bits["value"], bits["fit_not_used"] = None, fit["bits_per_param"]
+        bits["why_not"] = (f"{len(shortfalls)} LoRA runs that the fit gives room to spare (b × params at least "
+                           f"twice FullFT's stored bits) stored under 90% of FullFT's bits ("
+                           + ", ".join(f"{p['label']}: {p['bits']:.0f} of {p['full_bits']:.0f}" for p in shortfalls)
+                           + "): the runs were limited by their optimisation, not their adapter's size, so "
+                           "the fitted b is a lower bound, not a measurement")
     else:
         unconverged = _unconverged(fit, sizes)
         if unconverged:
@@ -110,7 +120,8 @@ def calibration_record(results: dict) -> dict:
         "schema": calibration.SCHEMA_VERSION,
         "provenance": {k: p[k] for k in ("date", "commit", "dirty", "device", "command", "scale",
                                          "load_average_at_analysis")}
-        | {"run_ids": sorted(set(bits["runs"]) | set(short["runs"]))},
+        | {"run_ids": sorted(set(bits["runs"]) | set(short["runs"]))}
+        | ({"trained_by": p["trained_by"]} if p.get("trained_by") else {}),
         "constants": {"bits_per_param": bits, "short_run_lora_over_fullft_lr": short},
     }
 

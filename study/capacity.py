@@ -1,16 +1,20 @@
 """Capacity from runs: bits a run absorbed, where each rank falls off FullFT, bits per parameter.
 
 A facts run is scored on its own training facts (eval_dataset = dataset, every fact), so its
-held-out loss is a memorisation loss; losses × completion tokens / ln 2 are summed code lengths of
-the answers in bits. Two measures:
+held-out loss is a memorisation loss. The bits are counted on the facts' values only
+(`value_tokens_only`: in "The favourite colour of Rakor is pink." only " pink"): the rest of an
+answer is a function of the question and holds no information, but a base can still pay for it
+(the study's memorised base had forgotten how to copy a new name into the answer: 8 nats on its
+first token), and counted in, that template residual hid everything LoRA stored (the first run of
+the study reported 0 stored bits at every rank for that reason; docs/STUDY.md). Value losses ×
+value tokens / ln 2 are the values' summed code lengths in bits. Two measures:
 
-- absorbed = base bits − final bits: how much shorter the answers' code got (the issue's "base
-  loss − final loss"). It also counts whatever of the answer template the base had not learnt.
+- absorbed = base bits − final bits: how much shorter the values' code got (the issue's "base
+  loss − final loss"). It also counts undoing the base's own wrong guesses.
 - stored = n_facts · log2(choices) − final bits, at least 0: a lower bound on what the model knows
   about the values. The values are uniform and independent, so a model that knows nothing about
   them pays at least log2(choices) bits per fact; every bit below that total is information about
-  the facts (the template's residual loss only makes the bound more conservative). This is
-  Allen-Zhu & Li's capacity measure, and the one fitted below.
+  the facts. This is Allen-Zhu & Li's capacity measure, and the one fitted below.
 
 An adapter with fewer bits of capacity than the data saturates: stored ≈ bits_per_param × adapter
 params. With more, it stores what FullFT stores. So bits_r = min(b · P_r, B_full) over the runs of
@@ -20,9 +24,41 @@ all sizes, fitted for b (least squares on log bits). That b is what `planner/cal
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 LN2 = math.log(2)
+
+
+def value_tokens_only(example, tokenizer):
+    """`example` (a `builtin:facts` row tokenized as the trainer tokenizes it) with only the tokens
+    of its value left trained, so a score counts the value's code length and nothing else.
+
+    A facts answer reads "The <attribute> of <entity> is <value>." (planner.builtin_datasets.
+    facts_rows); the value is the text between the answer's last " is " and the "." after it.
+    A token is kept when its characters (decoding the trained tokens one more at a time) overlap
+    the value's: " pink" (space and value) is, " is" and "." are not.
+
+    Raises:
+        ValueError: the trained text is not a facts answer.
+    """
+    from planner.dataset import IGNORE_INDEX
+
+    trained = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+    ids = [example.input_ids[i] for i in trained]
+    text = tokenizer.decode(ids)
+    start = text.rfind(" is ")
+    end = text.find(".", start + 4) if start >= 0 else -1
+    if end < 0:
+        raise ValueError(f"not a facts answer (\"... is <value>.\"): {text!r}")
+    start += len(" is ")
+    labels = [IGNORE_INDEX] * len(example.labels)
+    begin = 0
+    for k, i in enumerate(trained):
+        stop = len(tokenizer.decode(ids[: k + 1]))
+        if begin < end and stop > start:  # this token's characters [begin, stop) overlap the value's
+            labels[i] = example.labels[i]
+        begin = stop
+    return replace(example, labels=labels)
 
 
 @dataclass(frozen=True)
@@ -116,6 +152,15 @@ def fit_bits_per_param(points: list[dict]) -> BitsPerParamFit | None:
                 refits.append(_fit_b(rest)[0])
         interval = (min(refits), max(refits)) if refits else None
     return BitsPerParamFit(b, rmse, saturated, tuple(points), interval)
+
+
+def short_of_fullft(bits_per_param: float, runs, spare: float = 2.0, matched: float = 0.9) -> list[dict]:
+    """The runs (BitsPerParamFit.runs) a fit of b gives capacity to spare (b · params >= `spare` × FullFT's bits) that stored less
+    than `matched` of FullFT's bits. The two-regime model says such a run stores what FullFT does;
+    one that does not was held back by something other than its adapter's size (its optimisation),
+    and so were probably the runs the fit calls capacity-bound: their bits/param bound b from below."""
+    b = bits_per_param
+    return [p for p in runs if b * p["params"] >= spare * p["full_bits"] and p["bits"] < matched * p["full_bits"]]
 
 
 def smallest_matching_rank(verdicts: dict[int, bool]) -> int | None:

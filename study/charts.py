@@ -83,8 +83,11 @@ def bits_per_param_chart(results: dict, path: Path) -> Path | None:
     xs = [lo, hi]
     ax.plot(xs, [2 * x for x in xs], "k:", lw=1, label="2 bits/param (prior)")
     if fit:
+        from study.capacity import short_of_fullft
+
+        bound = " (a lower bound: runs with room to spare fell short)" if short_of_fullft(fit["bits_per_param"], fit["runs"]) else ""
         ax.plot(xs, [fit["bits_per_param"] * x for x in xs], "k--", lw=1,
-                label=f"fit: {fit['bits_per_param']:.2f} bits/param")
+                label=f"fit: {fit['bits_per_param']:.2g} bits/param{bound}")
     if zero:  # a log axis has no 0: say so instead of drawing those runs at some floor
         ax.text(0.98, 0.03, f"{zero} LoRA run(s) stored 0 bits (not drawn): no b from them", transform=ax.transAxes,
                 ha="right", va="bottom", fontsize=8)

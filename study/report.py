@@ -24,9 +24,14 @@ def summary_lines(results: dict) -> list[str]:
         fit = knee.get("fit")
         if fit:
             interval = fit.get("interval")
+            from study.capacity import short_of_fullft
+
+            shortfalls = short_of_fullft(fit["bits_per_param"], fit["runs"])
             lines.append(f"Bits per adapter parameter: {fit['bits_per_param']:.3g}"
                          + (f" (leave one size out: {interval[0]:.3g}-{interval[1]:.3g})" if interval else "")
-                         + f"; {len(fit['saturated'])} capacity-bound runs; prior 2")
+                         + f"; {len(fit['saturated'])} capacity-bound runs; prior 2"
+                         + (f"; a lower bound only: {len(shortfalls)} runs with room to spare stored under 90% of "
+                            "FullFT's bits (optimisation-bound)" if shortfalls else ""))
         else:
             lines.append("Bits per adapter parameter: not measurable (no LoRA run was capacity-bound)")
     lr = results.get("lr") or {}

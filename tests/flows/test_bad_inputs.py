@@ -109,6 +109,10 @@ CASES = [
          words=["unknown gpu"], absent=["mixed_precision"]),
     case("pipeline/bad-config-file", "pipeline", "--config", "{F}/latin1.jsonl", words=["not utf-8"]),
     case("sweep/unknown-method", "sweep", "methods=[bogus]", words=["methods", "bogus"]),
+    # lowregret study
+    case("study/reanalyse-without-a-study", "study", "--reanalyse", words=["no finished full study", "cells.json"]),
+    case("study/reanalyse-quick-without-a-study", "study", "--quick", "--reanalyse", "--workdir", "{W}",
+         words=["no finished quick study", "lowregret study --quick"]),
     case("sweep/rank-beyond-the-matrices", "sweep", "base.model={M}", "base.dataset={F}/good.jsonl",
          "methods=[lora]", "ranks=[4,100000]", words=["rank 100000", "min(d_in, d_out)"]),
     case("demo/mistyped-workdir", "demo", "--workdir", "{W}/no-such-dir", words=["--workdir", "does not exist"]),

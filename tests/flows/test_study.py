@@ -88,3 +88,13 @@ def test_quick_study_runs_every_experiment_and_resumes(prefect_harness, flow_set
     assert sorted(str(p.parent) for p in flow_settings.runs_dir.rglob("summary.json")) == run_dirs  # nothing retrained
     assert again["knee"] == results["knee"] and again["logged_cells"] == 0
     assert time.perf_counter() - started < first_s
+
+    # --reanalyse: the same tables from the same cells, training nothing; provenance keeps the trainer.
+    from flows.study import reanalyse
+
+    redone = reanalyse("quick", workdir, calibrate_path=str(calibration_path), command="pytest --reanalyse")
+    assert sorted(str(p.parent) for p in flow_settings.runs_dir.rglob("summary.json")) == run_dirs
+    assert redone["knee"] == results["knee"] and redone["lr"] == results["lr"]
+    assert redone["provenance"]["command"] == "pytest --reanalyse"
+    assert redone["provenance"]["trained_by"]["command"] == "pytest"
+    assert load_calibration(calibration_path)["provenance"]["trained_by"]["command"] == "pytest"

@@ -53,7 +53,7 @@ def _results(late_drops: dict, ratio=8.0) -> dict:
     saturated = [{"label": f"n64-{run}", "run": run, "params": 2048, "bits": 100.0, "full_bits": 300.0}
                  for run in late_drops]
     return {"knee": {"sizes": [{"n_facts": 64, "ranks": ranks}],
-                     "fit": {"bits_per_param": 0.05, "interval": None, "saturated": saturated}},
+                     "fit": {"bits_per_param": 0.05, "interval": None, "saturated": saturated, "runs": saturated}},
             "lr": {"ratio_geometric_mean": ratio, "ratios": [ratio], "corpora": {"pydoc": {"runs": ["x", "y"]}}},
             "lr_steps": 8,
             "provenance": {"date": "2026-11-29T21:00:00Z", "commit": "0" * 40, "dirty": False, "device": "cpu",
@@ -73,3 +73,14 @@ def test_bits_per_param_is_calibrated_only_from_converged_capacity_bound_runs():
     assert unknown["value"] is None
     assert calibration_record(_results({"a": 0.0}, ratio=None))["constants"]["short_run_lora_over_fullft_lr"][
         "why_not"]
+
+
+def test_bits_per_param_is_not_calibrated_when_runs_with_room_to_spare_fall_short_of_fullft():
+    results = _results({"a": 0.01, "b": 0.01})
+    roomy = {"label": "n64-r32", "run": "c", "params": 65536, "full_bits": 300.0}  # b × params = 3,277 bits
+    results["knee"]["fit"]["runs"] = [*results["knee"]["fit"]["saturated"], roomy | {"bits": 290.0}]
+    assert calibration_record(results)["constants"]["bits_per_param"]["value"] == 0.05  # 97% of FullFT's
+    results["knee"]["fit"]["runs"][-1] = roomy | {"bits": 225.0}
+    bits = calibration_record(results)["constants"]["bits_per_param"]
+    assert bits["value"] is None and bits["fit_not_used"] == 0.05
+    assert "n64-r32: 225 of 300" in bits["why_not"] and "lower bound" in bits["why_not"]
