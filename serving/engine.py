@@ -9,7 +9,8 @@ when the previous batch was answered (its rows plus the requests then queued) an
 clients that got their answers together tend to come back together, so that is the burst to
 expect, and counting the queued ones too lets two half-size batches that alternate merge again
 (benchmarks/SERVE_RESULTS.md measures what this saves). The
-batch runs in one `generate` call whatever adapter each row names (peft's mixed-batch LoRA). A
+batch runs in one `generate` call whatever adapter each row names (stacked LoRA weights,
+`serving.stacked_lora`, or peft's mixed-batch LoRA where those do not apply). A
 batch that names more distinct adapters than may be resident at once (`max_adapters`) is split
 into groups that each fit. One thread owns the model, so generation never races an adapter load
 or eviction (they share the pool's lock).
