@@ -92,7 +92,8 @@ def reanalyse(scale_name: str = "full", workdir: str | None = None, calibrate_pa
     """The tables, charts and (optionally) the calibration again from the cells of the last study in
     `workdir` (its reports/study-<scale>/cells.json), training nothing: after a change to the
     analysis, without paying for the runs again. Provenance: this analysis (date, commit, command)
-    plus `trained_by`, the date, commit and command of the analysis the cells came with.
+    plus `trained_by`, the date, commit and command of the study run that trained the cells (kept
+    through later re-analyses).
 
     Raises:
         UserError: no finished study in `workdir`, or some of its run folders are gone (nothing written).
