@@ -116,33 +116,6 @@ def test_prefect_server_accepts_the_kubernetes_gpu_work_pool(real_stack, tmp_pat
     assert pool["base_job_template"] == json.loads(template.read_text())
 
 
-def test_dask_task_runner_fans_tasks_out_over_two_worker_processes(real_stack, tmp_path):
-    """The sweep fan-out engine (prefect-dask): tasks run in 2 local Dask worker processes."""
-    pytest.importorskip("prefect_dask", reason="prefect-dask not installed (infra/requirements-server.txt)")
-    script = tmp_path / "fan_out.py"  # a file, not -c: Dask's spawned workers re-import __main__
-    script.write_text(
-        "import os, sys\n"
-        "from prefect import flow, task\n"
-        "from prefect_dask import DaskTaskRunner\n"
-        "@task\n"
-        "def pid(i):\n"
-        "    import time; time.sleep(0.3)\n"
-        "    return os.getpid()\n"
-        "runner = DaskTaskRunner(cluster_kwargs={'n_workers': 2, 'threads_per_worker': 1, 'dashboard_address': None})\n"
-        "@flow(name='dask-fan-out', task_runner=runner)\n"
-        "def fan_out(): return [future.result() for future in pid.map(range(6))]\n"
-        "if __name__ == '__main__':\n"
-        "    pids = fan_out()\n"
-        "    assert os.getpid() not in pids and len(set(pids)) == 2, pids\n"
-    )
-    done = subprocess.run([sys.executable, str(script)], env=_client_env(real_stack, tmp_path),
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = _post_json(f"{real_stack.prefect_api_url}/flow_runs/filter",
-                      {"flows": {"name": {"any_": ["dask-fan-out"]}}})
-    assert [run["state_type"] for run in runs] == ["COMPLETED"]
-
-
 PIPELINE_NAME = "tiny-prod"
 
 
