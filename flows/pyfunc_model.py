@@ -21,6 +21,8 @@ from pathlib import Path
 import mlflow.pyfunc
 
 BASE_MODEL_FILE = "base_model.json"
+# Logged as the model's code (MLflow "models from code"), so loading it unpickles nothing.
+MODEL_CODE = str(Path(__file__).with_name("pyfunc_entry.py"))
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
 # Logged with the model (input_example.json, serving_input_example.json): one chat, one new token.
 INPUT_EXAMPLE = ([[{"role": "user", "content": "What does the Python function os.path.join do?"}]],

@@ -140,7 +140,7 @@ def log_adapter_model(run_id: str, adapter_dir: str | Path, base_model: str, wor
         # MLflow checks the input example by loading the model once and answering it (1 new token).
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=pyfunc_model.LoraAdapterModel(),
+            python_model=pyfunc_model.MODEL_CODE,  # models from code: no pickle to load
             artifacts={"adapter": str(adapter_dir), "base_model": str(base_ref)},
             signature=pyfunc_model.params_signature(),
             input_example=pyfunc_model.INPUT_EXAMPLE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -78,6 +79,10 @@ def test_registered_adapter_loads_from_champion_alias_and_generates(
     files = {f.path for f in registry_client.list_artifacts(run_id, registry.ADAPTER_ARTIFACT)}
     assert f"{registry.ADAPTER_ARTIFACT}/adapter_model.safetensors" in files
 
+    # Models from code: the logged model is our source file and the adapter's safetensors, no pickle.
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl")))
+    assert not list(logged.rglob("*.pkl")) and (logged / "pyfunc_entry.py").is_file()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in (logged / "MLmodel").read_text()
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     prompt = "The capital of France is"
     outputs = model.predict([prompt, [{"role": "user", "content": "hi"}]], params={"max_new_tokens": 5})
