@@ -83,9 +83,9 @@ def test_value_tokens_only_keeps_exactly_the_value(vocab_size):
         kept = value_tokens_only(example, tokenizer)
         assert kept.input_ids == example.input_ids
         value = row["messages"][1]["content"].rsplit(" is ", 1)[1].removesuffix(".")
-        ids = [t for t, label in zip(kept.input_ids, kept.labels) if label != IGNORE_INDEX]
+        ids = [t for t, label in zip(kept.input_ids, kept.labels, strict=True) if label != IGNORE_INDEX]
         assert tokenizer.decode(ids) in (value, " " + value)  # a lone space token before it is no part of it
-        assert all(k in (IGNORE_INDEX, e) for k, e in zip(kept.labels, example.labels))  # a subset, not new labels
+        assert all(k in (IGNORE_INDEX, e) for k, e in zip(kept.labels, example.labels, strict=True))  # a subset, not new labels
     with pytest.raises(ValueError, match="not a facts answer"):
         value_tokens_only(tokenize_example(tokenizer, {"messages": [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}, "chat", 64), tokenizer)
