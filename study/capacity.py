@@ -155,10 +155,11 @@ def fit_bits_per_param(points: list[dict]) -> BitsPerParamFit | None:
 
 
 def short_of_fullft(bits_per_param: float, runs, spare: float = 2.0, matched: float = 0.9) -> list[dict]:
-    """The runs (BitsPerParamFit.runs) a fit of b gives capacity to spare (b · params >= `spare` × FullFT's bits) that stored less
-    than `matched` of FullFT's bits. The two-regime model says such a run stores what FullFT does;
-    one that does not was held back by something other than its adapter's size (its optimisation),
-    and so were probably the runs the fit calls capacity-bound: their bits/param bound b from below."""
+    """The runs (BitsPerParamFit.runs) that a fit of b gives capacity to spare (b · params >=
+    `spare` × FullFT's bits) and that stored less than `matched` of FullFT's bits. The two-regime
+    model says such a run stores what FullFT does; one that does not was held back by something
+    other than its adapter's size (its optimisation), and so, probably, were the runs the fit calls
+    capacity-bound: their bits/param bound b from below."""
     b = bits_per_param
     return [p for p in runs if b * p["params"] >= spare * p["full_bits"] and p["bits"] < matched * p["full_bits"]]
 

@@ -85,7 +85,8 @@ def bits_per_param_chart(results: dict, path: Path) -> Path | None:
     if fit:
         from study.capacity import short_of_fullft
 
-        bound = " (a lower bound: runs with room to spare fell short)" if short_of_fullft(fit["bits_per_param"], fit["runs"]) else ""
+        short = short_of_fullft(fit["bits_per_param"], fit["runs"])
+        bound = " (a lower bound: runs with room to spare fell short)" if short else ""
         ax.plot(xs, [fit["bits_per_param"] * x for x in xs], "k--", lw=1,
                 label=f"fit: {fit['bits_per_param']:.2g} bits/param{bound}")
     if zero:  # a log axis has no 0: say so instead of drawing those runs at some floor
