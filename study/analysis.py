@@ -298,20 +298,25 @@ def layers_table(cells: list[Cell], full_by_model: dict[str, Cell], choices: int
 # ----------------------------------------------------------------------------------------- noise
 
 
+def _pairs_by(cells: list[Cell], tag: str) -> dict:
+    """{value of `tag`: {"lora": cell, "full": cell}}, in the tag's order (one LoRA/FullFT pair each)."""
+    pairs: dict = defaultdict(dict)
+    for c in cells:
+        pairs[c.tags[tag]][c.method] = c
+    return dict(sorted(pairs.items()))
+
+
 def noise_table(cells: list[Cell]) -> dict:
     """The regret of one configuration over seeds: its spread is the gate's meaningful threshold."""
-    by_seed: dict[int, dict[str, Cell]] = defaultdict(dict)
-    for c in cells:
-        by_seed[c.tags["seed"]][c.method] = c
+    by_seed = _pairs_by(cells, "seed")
     rows = []
-    for seed in sorted(by_seed):
-        pair = by_seed[seed]
+    for seed, pair in by_seed.items():
         rows.append({"seed": seed, "lora_loss": _final(pair["lora"]), "full_loss": _final(pair["full"]),
                      **regret(pair["lora"], pair["full"])})
     regrets = [r["regret_nats"] for r in rows]
     fulls = [r["full_loss"] for r in rows]
     spread = statistics.stdev(regrets) if len(regrets) > 1 else None
-    seeds = sorted(by_seed)
+    seeds = list(by_seed)
     pooled = regret([by_seed[s]["lora"] for s in seeds], [by_seed[s]["full"] for s in seeds]) if len(seeds) > 1 else None
     return {"seeds": rows, "regret_mean": statistics.fmean(regrets), "regret_sd": spread,
             "regret_range": max(regrets) - min(regrets), "full_loss_sd": statistics.stdev(fulls) if len(fulls) > 1 else None,
@@ -326,12 +331,8 @@ def batch_table(cells: list[Cell], choices: int) -> dict:
     """LoRA against FullFT at each batch size (same passes over the data)."""
     from planner.builtin_datasets import facts_information_bits
 
-    by_batch: dict[int, dict[str, Cell]] = defaultdict(dict)
-    for c in cells:
-        by_batch[c.tags["batch"]][c.method] = c
     rows = []
-    for batch in sorted(by_batch):
-        pair = by_batch[batch]
+    for batch, pair in _pairs_by(cells, "batch").items():
         info = facts_information_bits(pair["lora"].tags["n_facts"], choices)
         rows.append({"batch": batch, "steps": int(_load(pair["lora"]).get("steps")),
                      "lora_lr": pair["lora"].lr, "full_lr": pair["full"].lr,

@@ -212,15 +212,20 @@ def _facts_train(scale: Scale, n_facts: int, batch: int | None = None, **extra) 
             "max_length": scale.facts_max_length, "eval_points": 6, "checkpoint_every": 0} | extra
 
 
+def _base_model_part(scale: Scale, experiment: str, model: str, n_facts: int, seed: int, steps: int) -> Part:
+    """A FullFT stage of building the facts model: `n_facts` facts of `seed` at batch 128 for `steps`
+    steps, scored on 256 facts of the knee's own seed 0 (what the knee runs later start from)."""
+    name = f"study-{scale.name}-{experiment}"
+    data = facts_dataset(n_facts, scale.facts_choices, seed=seed)
+    held_out = facts_dataset(max(scale.knee_sizes), scale.facts_choices, seed=0)
+    train = {"eval_dataset": held_out, "eval_max_examples": 256, "max_steps": steps,
+             "batch_size": 128, "max_length": scale.facts_max_length, "eval_points": 6, "checkpoint_every": 0}
+    return Part(experiment, name, _sweep(name, model, data, train, full_lrs=[scale.pretrain_lr]), {"n_facts": n_facts})
+
+
 def pretrain_part(scale: Scale, random_base: str) -> Part:
     """FullFT of the random-init facts model on facts about other names (seed 1), one pass."""
-    data = facts_dataset(scale.pretrain_facts, scale.facts_choices, seed=1)
-    held_out = facts_dataset(max(scale.knee_sizes), scale.facts_choices, seed=0)
-    train = {"eval_dataset": held_out, "eval_max_examples": 256, "max_steps": scale.pretrain_steps,
-             "batch_size": 128, "max_length": scale.facts_max_length, "eval_points": 6, "checkpoint_every": 0}
-    return Part("pretrain", f"study-{scale.name}-pretrain",
-                _sweep(f"study-{scale.name}-pretrain", random_base, data, train, full_lrs=[scale.pretrain_lr]),
-                {"n_facts": scale.pretrain_facts})
+    return _base_model_part(scale, "pretrain", random_base, scale.pretrain_facts, 1, scale.pretrain_steps)
 
 
 def memorise_part(scale: Scale, format_model: str) -> Part:
@@ -231,13 +236,7 @@ def memorise_part(scale: Scale, format_model: str) -> Part:
     scratch: in pilots LoRA then stored ~0.01-0.03 bits per parameter whatever its rank. A model
     that memorised other facts has it, as a pretrained language model has.
     """
-    data = facts_dataset(scale.memorise_facts, scale.facts_choices, seed=2)
-    held_out = facts_dataset(max(scale.knee_sizes), scale.facts_choices, seed=0)
-    train = {"eval_dataset": held_out, "eval_max_examples": 256, "max_steps": scale.memorise_steps,
-             "batch_size": 128, "max_length": scale.facts_max_length, "eval_points": 6, "checkpoint_every": 0}
-    return Part("memorise", f"study-{scale.name}-memorise",
-                _sweep(f"study-{scale.name}-memorise", format_model, data, train, full_lrs=[scale.pretrain_lr]),
-                {"n_facts": scale.memorise_facts})
+    return _base_model_part(scale, "memorise", format_model, scale.memorise_facts, 2, scale.memorise_steps)
 
 
 def facts_lr_part(scale: Scale, base_model: str) -> Part:
