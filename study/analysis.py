@@ -159,9 +159,13 @@ def knee_table(cells: list[Cell], base_model: str, choices: int) -> dict:
             lora = loras[rank]
             bits = absorbed(lora, info)
             r = regret(lora, full)
-            verdicts[rank] = r["passed"]
+            # Matching FullFT is judged on the values' bits; the gate's regret (whole answers) also
+            # counts the template residual, which holds no information (study.capacity).
+            verdicts[rank] = bits.stored_bits >= cap.MATCHED_SHARE * full_bits.stored_bits
             params = int(_load(lora).get("trainable_params"))
             rows.append({"rank": rank, "adapter_params": params, "bits": bits.to_dict(), **r,
+                         "share_of_fullft": bits.stored_bits / full_bits.stored_bits if full_bits.stored_bits else None,
+                         "matches_fullft": verdicts[rank],
                          "stored_bits_per_param": bits.stored_bits / params, "late_drop": late_drop(lora),
                          "run": lora.run_key})
             points.append({"params": params, "bits": bits.stored_bits, "full_bits": full_bits.stored_bits,

@@ -27,6 +27,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 LN2 = math.log(2)
+# A rank "matches FullFT" on a facts set when it stores at least this share of FullFT's stored bits:
+# the knee is the smallest rank from which every larger one does (`smallest_matching_rank`).
+MATCHED_SHARE = 0.9
 
 
 def value_tokens_only(example, tokenizer):
@@ -154,7 +157,7 @@ def fit_bits_per_param(points: list[dict]) -> BitsPerParamFit | None:
     return BitsPerParamFit(b, rmse, saturated, tuple(points), interval)
 
 
-def short_of_fullft(bits_per_param: float, runs, spare: float = 2.0, matched: float = 0.9) -> list[dict]:
+def short_of_fullft(bits_per_param: float, runs, spare: float = 2.0, matched: float = MATCHED_SHARE) -> list[dict]:
     """The runs (BitsPerParamFit.runs) that a fit of b gives capacity to spare (b · params >=
     `spare` × FullFT's bits) and that stored less than `matched` of FullFT's bits. The two-regime
     model says such a run stores what FullFT does; one that does not was held back by something

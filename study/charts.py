@@ -49,7 +49,7 @@ def knee_chart(results: dict, path: Path) -> Path | None:
         ax.set_xlabel("LoRA rank (all layers)")
     bits_ax.set_ylabel("bits (stored: a lower bound on what it knows)")
     bits_ax.set_title("Bits per run: FullFT stored (dashed), data's information (dotted),\n"
-                      "planner's rank at 2 bits/param (dash-dot), measured knee (star)", fontsize=9)
+                      "planner's rank at 2 bits/param (dash-dot), knee: stores >= 90% of FullFT's (star)", fontsize=9)
     bits_ax.legend(fontsize=7)
     regret_ax.set_ylabel("regret vs FullFT (nats/token), 95% interval")
     regret_ax.set_title("The gate: LoRA − FullFT held-out loss; allowed regret (dotted)", fontsize=9)

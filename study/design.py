@@ -44,6 +44,9 @@ class Scale:
     knee_sizes: tuple[int, ...]
     knee_ranks: tuple[int, ...]
     knee_epochs: int
+    # The knee runs' LR schedule: cosine decay to 0 after a linear warm-up over this share of the steps.
+    knee_schedule: str
+    knee_warmup: float
     facts_lora_lrs: tuple[float, ...]
     facts_full_lrs: tuple[float, ...]
     facts_lr_rank: int
@@ -78,6 +81,10 @@ class Scale:
     def knee_steps(self, n_facts: int, batch: int | None = None) -> int:
         return math.ceil(self.knee_epochs * n_facts / (batch or self.facts_batch))
 
+    def knee_schedule_options(self, steps: int) -> dict:
+        """The TrainConfig options of the knee's schedule for a run of `steps` steps."""
+        return {"lr_schedule": self.knee_schedule, "warmup_steps": int(self.knee_warmup * steps)}
+
 
 # The numbers and why (docs/STUDY.md "Scale"). A first design (60,000 pre-training facts, 400-1600
 # facts × ranks 1-32 at 80 passes, SmolLM2 runs of 16 steps at batch 4 on a 4-LR grid, 90 min on a
@@ -93,14 +100,22 @@ FULL = Scale(
     pretrain_facts=20000,
     pretrain_steps=156,
     pretrain_lr=3e-3,
-    memorise_facts=256,
-    memorise_steps=120,
+    # 1,024 facts (32 per value of each attribute on average): every value is a target many times.
+    # With 256 (the first study) ~13% of the values never were, and memorising shrank their tied
+    # embeddings to half the others' norm: a frozen-embedding run (LoRA, or FullFT with the
+    # embeddings frozen) could not put mass on them, and stopped at 75% of the values' bits at any
+    # rank (docs/STUDY.md, "The first study's ceiling").
+    memorise_facts=1024,
+    memorise_steps=480,
     facts_batch=32,
     facts_max_length=48,
-    knee_sizes=(64, 128, 256),
-    knee_ranks=(1, 4, 16, 32),  # 32: full rank for k_proj and v_proj (32×64)
-    knee_epochs=40,
-    facts_lora_lrs=(3e-3, 1e-2, 3e-2),
+    # 1,280 / 5,120 / 20,480 bits: the prior's smallest low-regret rank is 1, 4 and 16.
+    knee_sizes=(256, 1024, 4096),
+    knee_ranks=(1, 2, 4, 8, 16, 32),  # 32: full rank for k_proj and v_proj (32×64)
+    knee_epochs=100,
+    knee_schedule="cosine",
+    knee_warmup=0.05,
+    facts_lora_lrs=(1e-3, 3e-3, 1e-2),
     facts_full_lrs=(1e-3, 3e-3, 1e-2),
     facts_lr_rank=4,
     lr_model=DEFAULT_MODEL,
@@ -123,9 +138,9 @@ FULL = Scale(
     facts_layer_cells=(("all", 4), ("attention", 9), ("mlp", 7)),
     noise_seeds=(0, 1, 2),
     noise_rank=16,
-    batch_sizes=(),  # not run at this scale (budget): the issue's optional experiment
+    batch_sizes=(32, 128),
     batch_rank=16,
-    batch_facts=128,
+    batch_facts=1024,
 )
 
 QUICK = replace(
@@ -207,9 +222,10 @@ def _sweep(name: str, model: str, dataset: str, train: dict, *, lora_lrs=(), ful
 def _facts_train(scale: Scale, n_facts: int, batch: int | None = None, **extra) -> dict:
     """Memorisation runs: held-out = the training facts themselves, all of them, unpacked."""
     batch = batch or scale.facts_batch
+    steps = scale.knee_steps(n_facts, batch)
     return {"eval_dataset": facts_dataset(n_facts, scale.facts_choices), "eval_max_examples": None,
-            "max_steps": scale.knee_steps(n_facts, batch), "batch_size": batch,
-            "max_length": scale.facts_max_length, "eval_points": 6, "checkpoint_every": 0} | extra
+            "max_steps": steps, "batch_size": batch, "max_length": scale.facts_max_length, "eval_points": 6,
+            "checkpoint_every": 0} | scale.knee_schedule_options(steps) | extra
 
 
 def _base_model_part(scale: Scale, experiment: str, model: str, n_facts: int, seed: int, steps: int) -> Part:

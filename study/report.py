@@ -15,7 +15,7 @@ def summary_lines(results: dict) -> list[str]:
     if knee.get("sizes"):
         first = knee["sizes"][0]
         lines.append(f"Capacity knee (facts model; LoRA LR {first['lora_lr']:g}, FullFT LR {first['full']['lr']:g}):")
-        lines.append(f"  {'facts':>6} {'info bits':>10} {'FullFT stored':>14} {'smallest PASS rank':>19} "
+        lines.append(f"  {'facts':>6} {'info bits':>10} {'FullFT stored':>14} {'knee (90% FullFT)':>19} "
                      f"{'planner @2 bits/param':>22} {'within 2x':>10}")
         for s in knee["sizes"]:
             lines.append(f"  {s['n_facts']:>6} {s['information_bits']:>10,.0f} {s['full']['bits']['stored_bits']:>14,.0f} "
