@@ -23,8 +23,7 @@ def test_every_part_of_both_scales_is_a_valid_sweep_config():
         base = "/tmp/model"
         parts = [design.pretrain_part(scale, base), design.memorise_part(scale, base), design.facts_lr_part(scale, base), *design.lr_parts(scale, base),
                  *design.stage3_parts(scale, base, lrs, [])]
-        # FULL leaves out the optional batch experiment (budget); QUICK keeps every code path running
-        assert {p.experiment for p in parts} == set(design.EXPERIMENTS) - ({"batch"} if scale is design.FULL else set())
+        assert {p.experiment for p in parts} == set(design.EXPERIMENTS)
         for part in parts:
             config = sweep_config_from_dict(part.sweep)
             assert config.base.name == part.name and config.grid()
