@@ -90,9 +90,12 @@ class Scale:
 # facts × ranks 1-32 at 80 passes, SmolLM2 runs of 16 steps at batch 4 on a 4-LR grid, 90 min on a
 # quiet 2-core CPU) did not fit the hour this CPU had on 2026-11-29, shared with three other
 # engineers (load average 8-14): a timing pilot measured SmolLM2 at ~8 s per step of 2×64 tokens and
-# ~20 s per 16-example eval, the facts model at ~0.9 s per step of 128 facts. This is the scale that
-# ran (61 runs, 84 min over two invocations; the second added the knee's rank 32 and four more LR
-# edge extensions once the first showed LoRA short of FullFT at every rank and LR edges).
+# ~20 s per 16-example eval, the facts model at ~0.9 s per step of 128 facts. The study in
+# docs/study/results.json ran that scale (61 runs, 84 min over two invocations, commit b0ff254) with
+# the knee of its day: 256 memorised facts, 64-256 knee facts at ranks 1-32, 40 passes at a constant
+# LR. The knee below (2026-12-06) replaces it after that knee was found stuck at 75% of FullFT's
+# bits for a reason of the base model (below); its 256- and 1,024-fact sizes were re-run alone
+# (study.knee_from_runs, docs/STUDY.md "The knee, again"), the whole study at this scale not yet.
 FULL = Scale(
     name="full",
     model_spec=ModelSpec(),
