@@ -405,9 +405,6 @@ def run_study(args) -> int:
         results = reanalyse("quick" if args.quick else "full", str(settings.home.parent), calibrate, args.docs, command)
         print("\n".join(summary_lines(results)))
         return 0
-    if args.workers > 1:
-        # One thread per worker: two 2-thread runs on 2 cores fight over them (measured, docs/STUDY.md).
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
     from flows.study import study
     from flows.sweep import make_task_runner
 

@@ -13,6 +13,7 @@ two sweeps sharing a cell train it once), so widening a sweep reruns only the ne
 # annotations when a deployment loads this file by path, where string annotations do not resolve.
 import dataclasses
 import json
+import os
 
 from prefect import flow, task
 
@@ -25,6 +26,14 @@ from planner.errors import UserError
 RUNNERS = ("thread", "process", "dask", "ray")
 
 
+def share_cores(workers: int) -> None:
+    """Give each of `workers` worker processes cores // workers CPU threads (OMP_NUM_THREADS, which
+    torch reads when a spawned worker imports it), unless the user set OMP_NUM_THREADS. Left alone,
+    every worker takes all the cores: on 2 cores two 2-thread runs of the study's facts model trained
+    at 14k tokens/s, two 1-thread runs at 55k each (2026-12-06, docs/STUDY.md "The knee, again")."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
 def make_task_runner(kind: str = "process", workers: int | None = None):
     """A Prefect task runner by name.
 
@@ -33,6 +42,8 @@ def make_task_runner(kind: str = "process", workers: int | None = None):
     """
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+    if kind in ("process", "dask") and workers and workers > 1:
+        share_cores(workers)
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
     if kind == "process":

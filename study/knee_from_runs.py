@@ -2,7 +2,8 @@
 
 `lowregret study` trains every experiment before it analyses any; the knee's runs are also cells of
 `lowregret sweep --config <knee part>.yaml` (study.design.knee_parts), so they can be trained alone
-and tabulated here with the study's own analysis (`study.analysis.knee_table`: stored bits on the
+(or by `lowregret train` with a cell's config, without the sweep's per-step tracking) and tabulated
+here with the study's own analysis (`study.analysis.knee_table`: stored bits on the
 facts' values, the measured knee, the planner's prediction under the prior, the bits/param fit).
 What docs/STUDY.md's "The knee, again" section ran (2026-12-06):
 
@@ -25,11 +26,14 @@ _KNEE_DIR = re.compile(r"^study-(?P<scale>\w+)-knee-n(?P<n>\d+)$")
 
 
 def knee_cells(runs_dir: Path, scale: str, lora_lr: float, full_lr: float) -> list[Cell]:
-    """The finished all-layer knee runs of `scale` at the two LRs, one Cell each."""
+    """The finished all-layer knee runs of `scale` at the two LRs, one Cell each: the sweep's cells
+    (runs/<part>/sweep/<label>-<key>) and the same configs trained by `lowregret train` into
+    runs/<part>/train/<label> (run key: the trainer's config hash)."""
     cells = []
-    for summary in sorted(runs_dir.glob(f"study-{scale}-knee-n*/sweep/*/summary.json")):
+    for summary in sorted(runs_dir.glob(f"study-{scale}-knee-n*/*/*/summary.json")):
         match = _KNEE_DIR.match(summary.parents[2].name)
-        config = json.loads(summary.read_text())["config"]
+        run = json.loads(summary.read_text())
+        config = run["config"]
         if match is None or config.get("targets", "all") != "all":
             continue
         method, lr = config["method"], float(config["lr"])
@@ -37,7 +41,8 @@ def knee_cells(runs_dir: Path, scale: str, lora_lr: float, full_lr: float) -> li
             continue
         rank = int(config["rank"]) if method == "lora" else None
         cells.append(Cell("knee", summary.parents[2].name, {"n_facts": int(match["n"])}, method, rank, lr,
-                          summary.parent.name, summary.parent.name.rsplit("-", 1)[-1], str(summary.parent)))
+                          summary.parent.name, run.get("config_hash") or summary.parent.name.rsplit("-", 1)[-1],
+                          str(summary.parent)))
     return cells
 
 

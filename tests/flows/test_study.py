@@ -29,9 +29,11 @@ def test_every_part_of_both_scales_is_a_valid_sweep_config():
             assert config.base.name == part.name and config.grid()
 
 
-def test_quick_study_runs_every_experiment_and_resumes(prefect_harness, flow_settings, tmp_path):
+def test_quick_study_runs_every_experiment_and_resumes(prefect_harness, flow_settings, tmp_path, monkeypatch):
     from flows.study import study
     from flows.sweep import make_task_runner
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what make_task_runner would set, restored after the test
 
     workdir = str(flow_settings.home.parent)
     calibration_path = tmp_path / "calibration.json"

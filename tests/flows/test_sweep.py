@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -47,9 +48,27 @@ def test_dask_runner_without_prefect_dask_is_a_user_error():
         make_task_runner("dask")
 
 
+def test_process_workers_share_the_cores_unless_the_user_set_threads(monkeypatch):
+    from flows.sweep import make_task_runner
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    make_task_runner("process", 4)
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # 8 cores, 4 workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    make_task_runner("process", 16)
+    assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    make_task_runner("thread", 4)  # one process: nothing to share
+    assert "OMP_NUM_THREADS" not in os.environ
+
+
 @pytest.mark.slow
-def test_sweep_fans_out_and_fits_the_lr_optimum(prefect_harness, flow_settings, tiny_models, registry_client):
+def test_sweep_fans_out_and_fits_the_lr_optimum(prefect_harness, flow_settings, tiny_models, registry_client,
+                                                monkeypatch):
     from flows.sweep import make_task_runner, sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what make_task_runner would set, restored after the test
 
     base = [f"base.{o}" for o in tiny_overrides(tiny_models("llama"), name="tiny-sweep")]
     config = load_sweep_config(None, base + ["methods=[lora]", "ranks=[4]", "lora_lrs=[1e-4, 1e-3, 1e-2]"])

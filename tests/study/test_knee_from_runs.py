@@ -5,10 +5,11 @@ import json
 from study.knee_from_runs import knee_cells, main
 
 
-def _run(root, part, label, **config):
-    folder = root / part / "sweep" / label
+def _run(root, part, label, kind="sweep", **config):
+    folder = root / part / kind / label
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({"config": {"targets": "all", "rank": 16} | config}))
+    summary = {"config": {"targets": "all", "rank": 16} | config} | ({"config_hash": "ffff"} if kind == "train" else {})
+    (folder / "summary.json").write_text(json.dumps(summary))
 
 
 def test_knee_cells_keep_the_all_layer_runs_at_the_chosen_lrs(tmp_path):
@@ -17,9 +18,10 @@ def test_knee_cells_keep_the_all_layer_runs_at_the_chosen_lrs(tmp_path):
     _run(tmp_path, "study-full-knee-n256", "lora-r4-lr0.001-cccc", method="lora", rank=4, lr=0.001)  # other LR
     _run(tmp_path, "study-full-knee-n1024-mlp", "lora-r7-lr0.003-dddd", method="lora", rank=7, lr=0.003)  # layers
     _run(tmp_path, "study-full-knee-n1024", "lora-r2-lr0.003-eeee", method="lora", rank=2, lr=0.003, targets="mlp")
+    _run(tmp_path, "study-full-knee-n1024", "lora-r8-lr0.003", "train", method="lora", rank=8, lr=0.003)
     cells = knee_cells(tmp_path, "full", 0.003, 0.01)
     assert sorted((c.method, c.rank, c.tags["n_facts"], c.run_key) for c in cells) == [
-        ("full", None, 256, "bbbb"), ("lora", 4, 256, "aaaa")]
+        ("full", None, 256, "bbbb"), ("lora", 4, 256, "aaaa"), ("lora", 8, 1024, "ffff")]
 
 
 def test_no_runs_is_exit_2_and_writes_nothing(tmp_path, capsys):
