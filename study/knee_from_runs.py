@@ -7,7 +7,7 @@ here with the study's own analysis (`study.analysis.knee_table`: stored bits on 
 facts' values, the measured knee, the planner's prediction under the prior, the bits/param fit).
 What docs/STUDY.md's "The knee, again" section ran (2026-12-06):
 
-    python -m study.knee_from_runs --workdir W --lora-lr 0.003 --full-lr 0.01 --out knee.json
+    python -m study.knee_from_runs --workdir W --lora-lr 0.003 --full-lr 0.01 --out knee.json --charts docs/study
 
 Pure reading: nothing is trained; the base model is the one the runs name in their config.
 """
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lr", type=float, required=True)
     parser.add_argument("--full-lr", type=float, required=True)
     parser.add_argument("--out", help="also write the table as JSON here")
+    parser.add_argument("--charts", help="also draw the study's knee and bits/param charts into this folder "
+                        "(knee_again.png, bits_per_param_again.png)")
     args = parser.parse_args(argv)
     from study.design import SCALES
 
@@ -82,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(fit['saturated'])} capacity-bound runs")
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=1, default=str) + "\n")
+    if args.charts:
+        from study.charts import bits_per_param_chart, knee_chart
+
+        charts = Path(args.charts)
+        charts.mkdir(parents=True, exist_ok=True)
+        for draw, name in ((knee_chart, "knee_again.png"), (bits_per_param_chart, "bits_per_param_again.png")):
+            print("chart:", draw({"knee": table}, charts / name))
     return 0
 
 
