@@ -126,7 +126,7 @@ def register(subparsers) -> None:
         "layers, seed noise) as cached sweep cells, compare each with the gate's paired interval, and with "
         "--calibrate write the measured constants with their provenance to planner/calibration.json.")
     p.add_argument("--quick", action="store_true", help="the CI-sized study on a tiny model (~2 min) instead of the full one")
-    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one CPU thread each (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, cores // workers CPU threads each (default 2)")
     p.add_argument("--calibrate", nargs="?", const="", metavar="PATH",
                    help="write the calibration record (default: the planner's own planner/calibration.json)")
     p.add_argument("--docs", metavar="DIR", help="also copy results.json and the charts to DIR (docs/study)")
