@@ -94,8 +94,8 @@ class Scale:
 # docs/study/results.json ran that scale (61 runs, 84 min over two invocations, commit b0ff254) with
 # the knee of its day: 256 memorised facts, 64-256 knee facts at ranks 1-32, 40 passes at a constant
 # LR. The knee below (2026-12-06) replaces it after that knee was found stuck at 75% of FullFT's
-# bits for a reason of the base model (below); its 256- and 1,024-fact sizes were re-run alone
-# (study.knee_from_runs, docs/STUDY.md "The knee, again"), the whole study at this scale not yet.
+# bits for a reason of the base model (below); its knee was re-run alone (256 and 1,024 facts, and
+# 4,096 at ranks 8-32; study.knee_from_runs, docs/STUDY.md 1b), the whole study at this scale not yet.
 FULL = Scale(
     name="full",
     model_spec=ModelSpec(),
@@ -107,7 +107,7 @@ FULL = Scale(
     # With 256 (the first study) ~13% of the values never were, and memorising shrank their tied
     # embeddings to half the others' norm: a frozen-embedding run (LoRA, or FullFT with the
     # embeddings frozen) could not put mass on them, and stopped at 75% of the values' bits at any
-    # rank (docs/STUDY.md, "The first study's ceiling").
+    # rank (docs/STUDY.md, section 1b).
     memorise_facts=1024,
     memorise_steps=480,
     facts_batch=32,

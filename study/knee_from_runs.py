@@ -2,7 +2,7 @@
 
 `lowregret study` trains every experiment before it analyses any; the knee's runs are also cells of
 `lowregret sweep --config <knee part>.yaml` (study.design.knee_parts), so they can be trained alone
-(or by `lowregret train` with a cell's config, without the sweep's per-step tracking) and tabulated
+(or by `lowregret train` with a cell's config into runs/<part>/train/<label>) and tabulated
 here with the study's own analysis (`study.analysis.knee_table`: stored bits on the
 facts' values, the measured knee, the planner's prediction under the prior, the bits/param fit).
 What docs/STUDY.md's "The knee, again" section ran (2026-12-06):
@@ -27,8 +27,8 @@ _KNEE_DIR = re.compile(r"^study-(?P<scale>\w+)-knee-n(?P<n>\d+)$")
 
 def knee_cells(runs_dir: Path, scale: str, lora_lr: float, full_lr: float) -> list[Cell]:
     """The finished all-layer knee runs of `scale` at the two LRs, one Cell each: the sweep's cells
-    (runs/<part>/sweep/<label>-<key>) and the same configs trained by `lowregret train` into
-    runs/<part>/train/<label> (run key: the trainer's config hash)."""
+    (runs/<part>/sweep/<label>-<run key>, the key the study's results name) and the same configs
+    trained by `lowregret train` into runs/<part>/train/<label> (no run key: the trainer's config hash)."""
     cells = []
     for summary in sorted(runs_dir.glob(f"study-{scale}-knee-n*/*/*/summary.json")):
         match = _KNEE_DIR.match(summary.parents[2].name)
@@ -41,8 +41,8 @@ def knee_cells(runs_dir: Path, scale: str, lora_lr: float, full_lr: float) -> li
             continue
         rank = int(config["rank"]) if method == "lora" else None
         cells.append(Cell("knee", summary.parents[2].name, {"n_facts": int(match["n"])}, method, rank, lr,
-                          summary.parent.name, run.get("config_hash") or summary.parent.name.rsplit("-", 1)[-1],
-                          str(summary.parent)))
+                          summary.parent.name, summary.parent.name.rsplit("-", 1)[-1]
+                          if summary.parents[1].name == "sweep" else run["config_hash"], str(summary.parent)))
     return cells
 
 
