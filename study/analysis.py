@@ -366,8 +366,7 @@ def analyse(cells: list[Cell], scale: Scale, base_model: str) -> dict:
     results["knee"] = knee_table(knee_cells, base_model, scale.facts_choices)
     results["lr"] = lr_table(by_exp["lr"])
     fulls = {}
-    mid = scale.knee_sizes[len(scale.knee_sizes) // 2]
-    facts_full = [c for c in knee_cells if c.method == "full" and c.tags["n_facts"] == mid]
+    facts_full = [c for c in knee_cells if c.method == "full" and c.tags["n_facts"] == scale.mid_knee_size]
     if facts_full:
         fulls["facts"] = facts_full[0]
     first = [c for c in by_exp["lr"] if c.tags["corpus"] == scale.lr_corpora[0] and c.method == "full"]

@@ -78,6 +78,11 @@ class Scale:
     workers: int = 2
     notes: tuple[str, ...] = field(default=())
 
+    @property
+    def mid_knee_size(self) -> int:
+        """The middle knee size: the facts LR sweep's, the layers experiment's and the facts FullFT reference's."""
+        return self.knee_sizes[len(self.knee_sizes) // 2]
+
     def knee_steps(self, n_facts: int, batch: int | None = None) -> int:
         return math.ceil(self.knee_epochs * n_facts / (batch or self.facts_batch))
 
@@ -259,8 +264,14 @@ def memorise_part(scale: Scale, format_model: str) -> Part:
 
 
 def facts_lr_part(scale: Scale, base_model: str) -> Part:
-    """LoRA and FullFT LRs for memorisation, on the smallest dataset size (rank facts_lr_rank)."""
-    n = min(scale.knee_sizes)
+    """LoRA and FullFT LRs for memorisation, on the middle dataset size (rank facts_lr_rank).
+
+    Not the smallest: an LR chosen on the smallest size's short runs need not hold on the longer
+    runs of the larger sizes. The study of 2026-12-06 chose LoRA LR 0.01 on 256 facts (800 steps),
+    where it stored 99% of FullFT's bits at rank 4; on 1,024 facts (3,200 steps) ranks 8-32, and on
+    4,096 (12,800 steps) every rank, then spiked above their starting loss and stored nothing
+    (docs/STUDY.md, section 1)."""
+    n = scale.mid_knee_size
     name = f"study-{scale.name}-knee-n{n}"
     return Part("facts_lr", name,
                 _sweep(name, base_model, facts_dataset(n, scale.facts_choices), _facts_train(scale, n),
@@ -321,7 +332,7 @@ def layers_parts(scale: Scale, facts_base: str, facts_lora_lr: float, lr_lora_lr
     """Attention-only, MLP-only and all layers at matched adapter parameter counts: on the facts
     model (capacity-bound, middle size) and on the LR model's first corpus."""
     parts = []
-    n = scale.knee_sizes[len(scale.knee_sizes) // 2]
+    n = scale.mid_knee_size
     for targets, rank in scale.facts_layer_cells:
         name = f"study-{scale.name}-knee-n{n}" + ("" if targets == "all" else f"-{targets}")
         parts.append(Part("layers", name,
