@@ -119,6 +119,11 @@ def late_drop(cell: Cell) -> float | None:
     return (before - last) / total if total > 0 else None
 
 
+def unstable(cell: Cell) -> bool | None:
+    """Whether the run's training loss later rose above where it started (`capacity.rose_above_start`)."""
+    return cap.rose_above_start([loss for _, loss in _load(cell).curves["train"]])
+
+
 def planner_prediction(base_model: str, dataset: str, bits_per_param: float | None = None) -> dict:
     """The planner's smallest low-regret rank for the facts model on `dataset` (all targets).
 
@@ -167,14 +172,15 @@ def knee_table(cells: list[Cell], base_model: str, choices: int) -> dict:
                          "share_of_fullft": bits.stored_bits / full_bits.stored_bits if full_bits.stored_bits else None,
                          "matches_fullft": verdicts[rank],
                          "stored_bits_per_param": bits.stored_bits / params, "late_drop": late_drop(lora),
-                         "run": lora.run_key})
+                         "unstable": unstable(lora), "run": lora.run_key})
             points.append({"params": params, "bits": bits.stored_bits, "full_bits": full_bits.stored_bits,
                            "size": n, "label": f"n{n}-r{rank}", "run": lora.run_key})
         prediction = planner_prediction(base_model, facts_dataset(n, choices))
         measured = cap.smallest_matching_rank(verdicts)
         sizes.append({
             "n_facts": n, "information_bits": info, "full": {"bits": full_bits.to_dict(), "run": full.run_key,
-                                                            "lr": full.lr, "late_drop": late_drop(full)},
+                                                            "lr": full.lr, "late_drop": late_drop(full),
+                                                            "unstable": unstable(full)},
             "lora_lr": next(iter(loras.values())).lr, "ranks": rows, "measured_min_rank": measured,
             "predicted": prediction,
             "within_2x": cap.within_factor(prediction["min_rank_pow2"], measured),
@@ -341,6 +347,7 @@ def batch_table(cells: list[Cell], choices: int) -> dict:
         rows.append({"batch": batch, "steps": int(_load(pair["lora"]).get("steps")),
                      "lora_lr": pair["lora"].lr, "full_lr": pair["full"].lr,
                      "lora": absorbed(pair["lora"], info).to_dict(), "full": absorbed(pair["full"], info).to_dict(),
+                     "lora_unstable": unstable(pair["lora"]), "full_unstable": unstable(pair["full"]),
                      **regret(pair["lora"], pair["full"])})
     return {"batches": rows}
 

@@ -167,6 +167,18 @@ def short_of_fullft(bits_per_param: float, runs, spare: float = 2.0, matched: fl
     return [p for p in runs if b * p["params"] >= spare * p["full_bits"] and p["bits"] < matched * p["full_bits"]]
 
 
+def rose_above_start(losses: list[float], windows: int = 10) -> bool | None:
+    """Whether a training curve, averaged over `windows` equal spans of steps, rose above its first
+    span's mean later on: at some point the run lost all it had learned, whether or not it recovered
+    (an LR at the edge of stability for a run this long). None when the curve is too short to tell
+    (fewer than 2 steps per span)."""
+    width = len(losses) // windows
+    if width < 2:
+        return None
+    means = [sum(losses[i * width:(i + 1) * width]) / width for i in range(windows)]
+    return any(m > means[0] for m in means[1:])
+
+
 def smallest_matching_rank(verdicts: dict[int, bool]) -> int | None:
     """The smallest rank from which every larger rank in the grid matches FullFT (None: none does)."""
     ranks = sorted(verdicts)

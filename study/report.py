@@ -21,6 +21,11 @@ def summary_lines(results: dict) -> list[str]:
             lines.append(f"  {s['n_facts']:>6} {s['information_bits']:>10,.0f} {s['full']['bits']['stored_bits']:>14,.0f} "
                          f"{_g(s['measured_min_rank'], 'd', '> grid'):>19} {_g(s['predicted']['min_rank_pow2'], 'd'):>22} "
                          f"{_g(s['within_2x'], '', '-'):>10}")
+        spiked = [f"{s['n_facts']} facts " + ", ".join(f"r{r['rank']}" for r in s["ranks"] if r.get("unstable"))
+                  for s in knee["sizes"] if any(r.get("unstable") for r in s["ranks"])]
+        if spiked:
+            lines.append("  unstable (training loss rose above its start; the knee cannot be read there): "
+                         + "; ".join(spiked))
         fit = knee.get("fit")
         if fit:
             interval = fit.get("interval")
@@ -58,7 +63,8 @@ def summary_lines(results: dict) -> list[str]:
                      f"sd {_g(noise['regret_sd'], '.4f')} nats/token; FullFT loss sd {_g(noise['full_loss_sd'], '.4f')}")
     for row in (results.get("batch") or {}).get("batches", []):
         lines.append(f"Batch {row['batch']}: stored bits LoRA {row['lora']['stored_bits']:,.0f}, FullFT "
-                     f"{row['full']['stored_bits']:,.0f}; regret {row['regret_nats']:+.4f} nats/token")
+                     f"{row['full']['stored_bits']:,.0f}; regret {row['regret_nats']:+.4f} nats/token"
+                     + "".join(f"; {who} unstable" for who in ("lora", "full") if row.get(f"{who}_unstable")))
     if results.get("charts"):
         lines.append(f"Charts: {', '.join(results['charts'])}")
     if results.get("calibration"):

@@ -4,7 +4,13 @@ import math
 
 import pytest
 
-from study.capacity import bits_absorbed, fit_bits_per_param, smallest_matching_rank, within_factor
+from study.capacity import (
+    bits_absorbed,
+    fit_bits_per_param,
+    rose_above_start,
+    smallest_matching_rank,
+    within_factor,
+)
 
 
 def test_bits_from_losses_hand_computed():
@@ -62,6 +68,22 @@ def test_no_capacity_bound_run_means_no_fit():
 ])
 def test_smallest_matching_rank(verdicts, rank):
     assert smallest_matching_rank(verdicts) == rank
+
+
+def _curve(*points: float, per: int = 20) -> list[float]:
+    """A training curve that holds each of `points` for `per` steps."""
+    return [p for p in points for _ in range(per)]
+
+
+@pytest.mark.parametrize("losses, rose", [
+    (_curve(1.4, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01), False),  # learns and settles
+    (_curve(1.4, 0.7, 0.6, 0.5, 0.45, 0.42, 0.41, 0.42, 0.41, 0.40), False),  # noisy plateau below the start
+    (_curve(1.4, 0.7, 2.3, 1.7, 1.6, 1.5, 1.4, 1.3, 1.3, 1.3), True),  # spikes past the start (the 1,024-fact r=16 run)
+    (_curve(1.4, 1.5, 0.7, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1), True),  # rose above the start, then recovered
+    ([1.4, 2.0, 0.1] * 6, None),  # 18 steps: under 2 per span
+])
+def test_rose_above_start(losses, rose):
+    assert rose_above_start(losses) is rose
 
 
 @pytest.mark.parametrize("predicted, measured, ok", [(4, 8, True), (4, 2, True), (2, 8, False), (16, 4, False),
