@@ -30,7 +30,7 @@ def share_cores(workers: int) -> None:
     """Give each of `workers` worker processes cores // workers CPU threads (OMP_NUM_THREADS, which
     torch reads when a spawned worker imports it), unless the user set OMP_NUM_THREADS. Left alone,
     every worker takes all the cores: on 2 cores two 2-thread runs of the study's facts model trained
-    at 14k tokens/s, two 1-thread runs at 55k each (2026-12-06, docs/STUDY.md "The knee, again")."""
+    at 14k tokens/s, two 1-thread runs at 55k each (2026-12-06, docs/FLOWS.md "Sweeps")."""
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 

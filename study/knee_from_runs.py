@@ -5,9 +5,9 @@
 (or by `lowregret train` with a cell's config into runs/<part>/train/<label>) and tabulated
 here with the study's own analysis (`study.analysis.knee_table`: stored bits on the
 facts' values, the measured knee, the planner's prediction under the prior, the bits/param fit).
-What docs/STUDY.md's "The knee, again" section ran (2026-12-06):
+docs/STUDY.md's table of the knee at LoRA LR 0.01 (section 1, docs/study/knee_lr0.01.json) came from
 
-    python -m study.knee_from_runs --workdir W --lora-lr 0.003 --full-lr 0.01 --out knee.json --charts docs/study
+    python -m study.knee_from_runs --workdir W --lora-lr 0.01 --full-lr 0.01 --out docs/study/knee_lr0.01.json
 
 Pure reading: nothing is trained; the base model is the one the runs name in their config.
 """
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-lr", type=float, required=True)
     parser.add_argument("--out", help="also write the table as JSON here")
     parser.add_argument("--charts", help="also draw the study's knee and bits/param charts into this folder "
-                        "(knee_again.png, bits_per_param_again.png)")
+                        "(knee.png, bits_per_param.png)")
     args = parser.parse_args(argv)
     from study.design import SCALES
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  r={row['rank']:<3} params {row['adapter_params']:>7,} stored {row['bits']['stored_bits']:>8,.0f} "
                   f"({row['share_of_fullft']:.0%} of FullFT) bits/param {row['stored_bits_per_param']:.3f} "
                   f"late drop {row['late_drop'] if row['late_drop'] is None else round(row['late_drop'], 3)} "
-                  f"gate {row['verdict']} {row['regret_nats']:+.3f}")
+                  f"gate {row['verdict']} {row['regret_nats']:+.3f}" + ("  UNSTABLE (loss rose above its start)" if row["unstable"] else ""))
     fit = table["fit"]
     print("fit:", "none (no capacity-bound run)" if fit is None else
           f"b = {fit['bits_per_param']:.3f} bits/param, interval {fit['interval']}, log-rmse {fit['log_rmse']:.2f}, "
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
         charts = Path(args.charts)
         charts.mkdir(parents=True, exist_ok=True)
-        for draw, name in ((knee_chart, "knee_again.png"), (bits_per_param_chart, "bits_per_param_again.png")):
+        for draw, name in ((knee_chart, "knee.png"), (bits_per_param_chart, "bits_per_param.png")):
             print("chart:", draw({"knee": table}, charts / name))
     return 0
 
