@@ -91,16 +91,13 @@ class Scale:
         return {"lr_schedule": self.knee_schedule, "warmup_steps": int(self.knee_warmup * steps)}
 
 
-# The numbers and why (docs/STUDY.md "Scale"). A first design (60,000 pre-training facts, 400-1600
-# facts × ranks 1-32 at 80 passes, SmolLM2 runs of 16 steps at batch 4 on a 4-LR grid, 90 min on a
-# quiet 2-core CPU) did not fit the hour this CPU had on 2026-11-29, shared with three other
-# engineers (load average 8-14): a timing pilot measured SmolLM2 at ~8 s per step of 2×64 tokens and
-# ~20 s per 16-example eval, the facts model at ~0.9 s per step of 128 facts. The study in
-# docs/study/results.json ran that scale (61 runs, 84 min over two invocations, commit b0ff254) with
-# the knee of its day: 256 memorised facts, 64-256 knee facts at ranks 1-32, 40 passes at a constant
-# LR. The knee below (2026-12-06) replaces it after that knee was found stuck at 75% of FullFT's
-# bits for a reason of the base model (below); its knee was re-run alone (256 and 1,024 facts, and
-# 4,096 at ranks 8-32; study.knee_from_runs, docs/STUDY.md 1b), the whole study at this scale not yet.
+# The numbers and why (docs/STUDY.md "Scale"). The first study (2026-11-29, commit b0ff254: 61 runs in
+# 84 min on a CPU shared with three other engineers, load average 8-18) had a base that memorised 256
+# facts, 64-256 knee facts and 40 constant-LR passes; its knee stopped at 75% of FullFT's bits for a
+# reason of that base (below; docs/STUDY.md section 1b). This design ran whole on 2026-12-06
+# (docs/study/results.json: 69 runs, 23 min on a quiet 2-core CPU, re-using a first invocation's
+# cells), its facts LRs swept at the middle knee size after the smallest size's LR failed on the
+# larger sizes' longer runs (docs/STUDY.md section 1).
 FULL = Scale(
     name="full",
     model_spec=ModelSpec(),

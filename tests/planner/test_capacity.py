@@ -59,6 +59,6 @@ def test_llama_8b_verdict(data_bits, tokens, rank, verdict):
 def test_rl_example_from_design():
     # MATH: 10k problems × 32 samples × 1 bit ≈ 320k bits against a rank-1 Llama-3.1-8B LoRA.
     shape = load_shape("Llama-3.1-8B")
-    v = assess_capacity(lambda r: count_lora_params(shape, r).total, 1, 4096, FakeProfile(320_000, 0))
+    v = assess_capacity(lambda r: count_lora_params(shape, r).total, 1, 4096, FakeProfile(320_000, 0), calibration={})
     assert v.verdict == "low-regret"
     assert v.capacity_over_data == pytest.approx(2 * LLAMA_PER_RANK / 320_000)

@@ -20,7 +20,7 @@ def test_builtin_facts_gives_exact_bits_and_a_verdict(capsys, tiny_models):
     dataset, capacity = plan["dataset"], plan["capacity"]
     assert dataset["information_method"] == "exact" and dataset["examples"] == 500
     assert capacity["dataset_bits"] == dataset["information_bits"] > 0
-    assert capacity["capacity_bits"] == 2 * plan["adapter_params"]
+    assert capacity["capacity_bits"] == pytest.approx(capacity["bits_per_param"] * plan["adapter_params"])
     assert capacity["verdict"] in ("low-regret", "borderline", "capacity-constrained")
     assert capacity["completion_tokens"] == dataset["completion_tokens"]
     assert plan["settings"]["steps"] == -(-500 // 32)

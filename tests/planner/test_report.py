@@ -11,7 +11,8 @@ from tests.planner.fakes import FakeProfile
 
 @pytest.fixture(scope="module")
 def plan():
-    return build_plan("Qwen3-30B-A3B", 16, profile=FakeProfile(5e7, 3 * 10**7, examples=5000, total_tokens=6 * 10**7))
+    return build_plan("Qwen3-30B-A3B", 16, profile=FakeProfile(5e7, 3 * 10**7, examples=5000, total_tokens=6 * 10**7),
+                      calibration={})  # the priors: the verdicts below are set at 2 bits/param
 
 
 def test_write_report(plan, tmp_path):
@@ -54,7 +55,8 @@ def test_markdown_names_verdict_and_matrices(plan):
     (4e8, "capacity-constrained", "CAPACITY-CONSTRAINED: LoRA rank 16 is expected to fall behind full fine-tuning"),
 ])
 def test_banner_per_verdict(bits, level, headline):
-    plan = build_plan("Qwen3-30B-A3B", 16, profile=FakeProfile(bits, 3 * 10**7, examples=5000, total_tokens=6 * 10**7))
+    plan = build_plan("Qwen3-30B-A3B", 16, profile=FakeProfile(bits, 3 * 10**7, examples=5000, total_tokens=6 * 10**7),
+                      calibration={})
     assert plan.capacity.verdict == level
     assert verdict(plan)[:2] == (level, headline)
     page = render_html(plan, {"capacity.png": b"x", "memory.png": b"x"})
