@@ -56,6 +56,8 @@ def test_parts_share_run_folders_where_cells_coincide():
     lrs = design.ChosenLrs(facts_lora=1e-2, facts_full=3e-3, lr_lora=1e-3, lr_full=1e-4)
     knee = design.knee_parts(FULL, base, lrs.facts_lora, lrs.facts_full)
     facts_lr = design.facts_lr_part(FULL, base)
+    # The facts LRs are swept at the middle size: the smallest size's LR failed on the longer runs.
+    assert facts_lr.tags["n_facts"] == FULL.mid_knee_size == 1024
     mid = next(p for p in knee if p.tags["n_facts"] == facts_lr.tags["n_facts"])
     assert mid.name == facts_lr.name and mid.sweep["base"] == facts_lr.sweep["base"]
     # Every memorisation run is scored on all of its own training facts.
