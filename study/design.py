@@ -10,7 +10,7 @@ The parts come in stages, because later designs take numbers from earlier runs:
    store facts (study/facts_model.py).
 2. `facts_lr_part` and `lr_parts`: LR sweeps (facts model; SmolLM2 on two real corpora).
 3. `knee_parts`, `layers_parts`, `noise_parts`, `batch_parts`: at the LRs stage 2 found.
-Two scales: FULL (docs/STUDY.md, ≤ 90 min on a quiet 2-core CPU) and QUICK (CI, ≤ 2 min).
+Two scales: FULL (docs/STUDY.md: 32 min from scratch on a quiet 2-core CPU) and QUICK (CI, ≤ 2 min).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class Scale:
 # 84 min on a CPU shared with three other engineers, load average 8-18) had a base that memorised 256
 # facts, 64-256 knee facts and 40 constant-LR passes; its knee stopped at 75% of FullFT's bits for a
 # reason of that base (below; docs/STUDY.md section 1b). This design ran whole on 2026-12-06
-# (docs/study/results.json: 69 runs, 23 min on a quiet 2-core CPU, re-using a first invocation's
-# cells), its facts LRs swept at the middle knee size after the smallest size's LR failed on the
+# (docs/study/results.json: 69 runs; 32 min from scratch on a quiet 2-core CPU, which reproduced
+# every figure), its facts LRs swept at the middle knee size after the smallest size's LR failed on the
 # larger sizes' longer runs (docs/STUDY.md section 1).
 FULL = Scale(
     name="full",
