@@ -1,7 +1,11 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, RNG states and run state.
 
 A checkpoint is a directory `checkpoints/step-N/` written as `checkpoints/.step-N.tmp` and renamed
-once complete, so a run killed mid-write leaves only a temporary directory that is ignored. The
+once complete, so a run killed mid-write leaves only a temporary directory that is ignored. Under
+FSDP2 the weights and AdamW state are sharded: every rank writes its shards into the temporary
+directory (`trainer.distributed.save_sharded`, DCP as safetensors), all ranks meet, and only then does
+the main process write the rest and rename it; a rank killed at any moment leaves the previous
+checkpoint as it was. The
 trainable parameters (the adapter for LoRA, every weight for full) are stored by name; frozen base
 weights are not, they come from the base model again. RNG states are the main process's; the loop
 draws no random numbers after setup (dropout 0, data order from the seed), they are kept for safety.
@@ -51,17 +55,32 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`. Main process only."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    sharded: bool = False, is_main: bool = True, barrier=None) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`.
+
+    Unsharded: the main process alone calls it. Sharded (FSDP2): every rank calls it, with `is_main`
+    and `barrier` (wait for every rank) from the loop's accelerator.
+    """
     folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step}"
     tmp = folder / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if sharded:
+        from trainer.distributed import SHARDS_DIR, save_sharded
+
+        barrier()  # the folder exists before any rank writes into it
+        save_sharded(tmp / SHARDS_DIR, model, optimizer)
+        barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+        if not is_main:
+            return final
+    else:
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     _save_rng(tmp)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
@@ -76,13 +95,48 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> dict:
+def check_resumable(checkpoint: Path, state: dict, config_hash: str, global_batch: int, processes: int,
+                    sharding: str) -> None:
+    """Refuse to resume a checkpoint another configuration or process layout wrote.
+
+    A sharded checkpoint could be read into another world size (DCP reshards), but the step's
+    micro-batches would then be summed in another order and the run would no longer equal the
+    uninterrupted one bit for bit; so resuming keeps the process count and sharding it was written with.
+
+    Raises:
+        UserError: the config, data, global batch, process count or sharding differs.
+    """
+    if state["config_hash"] != config_hash or state["global_batch"] != global_batch:
+        raise UserError(
+            f"Cannot resume from {checkpoint}: it was written by another configuration "
+            f"(hash {state['config_hash']}, global batch {state['global_batch']}; "
+            f"now {config_hash}, {global_batch}). Resume with the same config, data and process count, "
+            "or start a fresh run in another output_dir."
+        )
+    written = (state.get("processes", 1), state.get("sharding", "single" if processes == 1 else "ddp"))
+    if written != (processes, sharding):
+        raise UserError(
+            f"Cannot resume from {checkpoint}: it was written by {written[0]} process(es) with sharding "
+            f"{written[1]}, this run has {processes} with {sharding}. Resume with launch.processes="
+            f"{written[0]} (and the same launch.sharding): another layout would not continue the run exactly."
+        )
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, sharded: bool = False) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `checkpoint`; return its state dict.
+    Sharded (FSDP2): every rank calls it and reads its own shards.
 
     Raises:
         UserError: the checkpoint's trainable parameters do not match the model's.
     """
     checkpoint = Path(checkpoint)
+    if sharded:
+        from trainer.distributed import SHARDS_DIR, load_sharded
+
+        load_sharded(checkpoint / SHARDS_DIR, model, optimizer)
+        scheduler.load_state_dict(_load_plain(checkpoint / "scheduler.pt"))
+        _load_rng(checkpoint)
+        return read_state(checkpoint)
     weights = load_file(checkpoint / "trainable.safetensors")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):

@@ -26,6 +26,7 @@ LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16")
 BASE_DTYPES = ("auto", "float32", "bfloat16")
 REPORT_TO = ("none", "mlflow")
+SHARDINGS = ("auto", "fsdp", "ddp")
 DEFAULT_MAX_STEPS = 100
 
 # LoRA's optimal LR is ~10x FullFT's (LoRA Without Regret; tinker-cookbook's
@@ -35,7 +36,73 @@ DEFAULT_FULL_LR = DEFAULT_LORA_LR / 10
 
 # Fields that change where or how often things are written, not what is trained: they stay out of
 # the config hash, so a resumed run (or a run under another output_dir) counts as the same run.
-_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "report_to")
+_UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "report_to",
+                    "launch")
+
+
+@dataclass
+class LaunchConfig:
+    """How many processes train one run and where they meet (`trainer.launch` starts them under
+    torchrun). One process is today's single-device run; more run the same loop as FSDP2 or DDP ranks."""
+
+    #: Training processes per node (one per GPU), or "auto" = the plan's fewest GPUs for the run's method.
+    processes: int | str = 1
+    #: Machines (nodes) the run spans; each starts the same command with its own node_rank.
+    nodes: int = 1
+    #: This machine's node rank, 0..nodes-1; node 0 hosts the rendezvous at main_address.
+    node_rank: int = 0
+    #: Address of node 0 that every node reaches; required when nodes > 1 (one node: the loopback).
+    main_address: str | None = None
+    #: TCP port of the rendezvous on node 0; null = a free port (one node only, where it can be chosen).
+    main_port: int | None = None
+    #: "auto" = FSDP2 for FullFT (sharded weights, gradients, AdamW state), DDP for LoRA; or "fsdp" / "ddp".
+    sharding: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.processes != "auto":
+            self.processes = _whole("launch.processes", self.processes, 1, "or auto for the plan's fewest GPUs")
+        self.nodes = _whole("launch.nodes", self.nodes, 1)
+        self.node_rank = _whole("launch.node_rank", self.node_rank, 0)
+        if self.node_rank >= self.nodes:
+            raise UserError(f"launch.node_rank={self.node_rank}: must be below launch.nodes={self.nodes} (0..nodes-1).")
+        if self.main_port is not None:
+            self.main_port = _whole("launch.main_port", self.main_port, 1)
+            if self.main_port > 65535:
+                raise UserError(f"launch.main_port={self.main_port}: a TCP port is 1-65535.")
+        if self.main_address is not None and (not isinstance(self.main_address, str) or not self.main_address.strip()):
+            raise UserError(f"launch.main_address={self.main_address!r}: give node 0's host name or IP address.")
+        if self.nodes > 1 and (self.main_address is None or self.main_port is None):
+            raise UserError(
+                f"launch.nodes={self.nodes} needs launch.main_address and launch.main_port: the address and an open "
+                "port of node 0, the same on every node (e.g. launch.main_address=10.0.0.1 launch.main_port=29500)."
+            )
+        _choice(self, "sharding", SHARDINGS)
+
+    @property
+    def world_size(self) -> int | str:
+        """Processes over all nodes ("auto" until `trainer.launch.resolve_launch` fixes the count)."""
+        return "auto" if self.processes == "auto" else self.processes * self.nodes
+
+    @classmethod
+    def from_value(cls, value) -> LaunchConfig:
+        """A LaunchConfig from what YAML gives for `launch:` (a mapping) or one already built."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"launch must be a mapping such as {{processes: 2}}, got {value!r}.")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"Unknown launch option(s) {', '.join(unknown)}. Valid options: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}.")
+        return cls(**value)
+
+
+def _whole(name: str, value, least: int, hint: str = "") -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"{name}={value!r}: must be a whole number >= {least}{', ' + hint if hint else ''}.")
+    return value
 
 
 @dataclass
@@ -102,6 +169,8 @@ class RunConfig:
     overwrite: bool = False
     #: Weights dtype of the loaded model: "auto" = bf16 for a frozen LoRA base on CUDA, else fp32.
     base_dtype: str = "auto"
+    #: Processes, nodes and sharding of the run (launch.processes, launch.nodes, ...; see below).
+    launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
 
     #: "training" or "RL": names the options in error messages.
     _kind: typing.ClassVar[str] = "training"
@@ -109,6 +178,7 @@ class RunConfig:
     _output_prefix: typing.ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        self.launch = LaunchConfig.from_value(self.launch)
         _coerce_types(self)
         self._resolve_steps()
         validate_run_options(self)
@@ -226,6 +296,12 @@ def config_hash(config, data_fingerprint: str = "") -> str:
     """16 hex chars of a run config's fields that change the result (not where or how often it
     writes) + the data fingerprint; shared by `TrainConfig` and `trainer.rl_config.RLConfig`."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _UNHASHED_FIELDS}
+    # The process layout changes the numbers only through the global batch (batch_size x
+    # grad_accum_steps x processes): FSDP and DDP ranks equal one process with as many
+    # accumulation steps (tests/trainer/test_distributed.py). So the world size is hashed, not the
+    # sharding, nodes or addresses; one process leaves the hash as it always was.
+    if config.launch.world_size != 1:
+        fields["world_size"] = config.launch.world_size
     payload = json.dumps({"config": fields, "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -265,7 +341,9 @@ def options_help(cls, prefix: str = "") -> str:
         if default is None:
             shown = "null"
         elif dataclasses.is_dataclass(default):
-            shown = f"the {type(default).__name__} defaults"
+            lines.append(f"  {prefix}{f.name}: {docs.get(f.name, '')}")
+            lines.append(options_help(type(default), prefix=f"{prefix}{f.name}."))
+            continue
         else:
             shown = default if isinstance(default, str) else json.dumps(default)
         lines.append(f"  {prefix}{f.name} (default {shown})")

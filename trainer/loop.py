@@ -1,9 +1,10 @@
 """One training loop for LoRA and FullFT: setup → train → save.
 
-Runs as is on one CPU or GPU, and under `accelerate launch` (DDP, FSDP) with no distributed code of
-its own: accelerate places the model, wraps it for data parallelism, autocasts to bf16 on GPU and
-reduces the logged numbers. Read it top to bottom; the helpers it calls are in data.py, model.py,
-loss.py (the completion NLL and the micro-batch step) and checkpoint.py.
+Runs as is on one CPU or GPU, and as every rank of a torchrun launch (`trainer.launch`): with DDP
+accelerate places the model, wraps it for data parallelism, autocasts to bf16 on GPU and reduces
+the logged numbers; with FSDP2 the loop shards the model itself (trainer/distributed.py says why).
+Read it top to bottom; the helpers it calls are in data.py, model.py, loss.py (the completion NLL
+and the micro-batch step), distributed.py and checkpoint.py.
 
 Loss: nats per completion token. Each optimizer step's loss is the sum of the token losses of all
 its micro-batches on all processes divided by the step's completion-token count, which every
@@ -14,7 +15,6 @@ gradient independent of how the step is split into micro-batches and processes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +33,7 @@ import torch
 from planner.errors import UserError
 from planner.paths import check_output_dir
 from trainer import checkpoint as ckpt
+from trainer import distributed
 from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
 from trainer.data import collate, describe_data, example_id, micro_batches, prepare_data, step_indices
@@ -122,17 +123,22 @@ def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
     """Held-out loss and each example's NLL sum; examples sharded over processes.
 
     Every process fills its examples' slots of a zero vector and a sum-reduction assembles them, so
-    every process ends with all examples, in order.
+    every process ends with all examples, in order. Every process runs as many forwards (a process
+    short of examples scores its first batch again and discards it): FSDP's all-gathers are
+    collectives that all ranks must join.
     """
     model.eval()
     device = accelerator.device
     nll_n = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     mine = list(range(accelerator.process_index, len(seqs), accelerator.num_processes))
+    forwards = math.ceil(math.ceil(len(seqs) / accelerator.num_processes) / batch_size)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            rows = mine[i : i + batch_size]
-            nll = completion_nll(model, collate([seqs[j] for j in rows], pad_id, packed=False).to(device), head=head)
-            nll_n[torch.tensor(rows, device=device)] = nll.example_nll_B
+        for k in range(forwards):
+            rows = mine[k * batch_size : (k + 1) * batch_size]
+            batch = rows or mine[:batch_size] or [0]
+            nll = completion_nll(model, collate([seqs[j] for j in batch], pad_id, packed=False).to(device), head=head)
+            if rows:
+                nll_n[torch.tensor(rows, device=device)] = nll.example_nll_B
     model.train()
     nll_n = accelerator.reduce(nll_n, reduction="sum")
     return HeldOutNll(nll_n.sum().item() / sum(s.loss_tokens for s in seqs), nll_n.tolist())
@@ -175,13 +181,15 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     final_dir, run_dir = _run_dirs(config)
     use_cuda = torch.cuda.is_available()
     mixed_precision, _ = precision(config, use_cuda)
-    # cpu=True without CUDA: under torchrun / accelerate launch, accelerate then runs DDP over gloo.
+    # cpu=True without CUDA: under torchrun, accelerate then joins the processes over gloo.
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
-    if accelerator.distributed_type == DistributedType.FSDP and (config.checkpoint_every or resume_from):
+    if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError(
-            "Checkpoints and resume save unsharded trainable weights and are not supported under FSDP yet: "
-            "set checkpoint_every=0 (and no resume) for FSDP runs, or use DDP."
+            "accelerate's FSDP plugin is not used: the trainer shards with FSDP2 itself (on CPU the plugin "
+            "silently runs DDP). Launch with launch.processes=N launch.sharding=fsdp, or accelerate launch "
+            "--multi_gpu, not an accelerate FSDP config."
         )
+    sharding = distributed.choose_sharding(config.launch.sharding, config.method, accelerator.num_processes)
     set_seed(config.seed)
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()  # peak of this run, not of earlier work in the process
@@ -196,6 +204,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
             for callback in callbacks:
                 getattr(callback, event)(*args)
 
+    say(f"processes: {accelerator.num_processes}, sharding: {sharding}")
     tokenizer = load_base_tokenizer(config.model)
     with accelerator.main_process_first():  # one process tokenizes into the cache, the others read it
         data = prepare_data(config, tokenizer)
@@ -216,21 +225,22 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     resume_state = None
     if resume_from is not None:
         resume_state = ckpt.read_state(resume_from)
-        if resume_state["config_hash"] != config_hash or resume_state["global_batch"] != global_batch:
-            raise UserError(
-                f"Cannot resume from {resume_from}: it was written by another configuration "
-                f"(hash {resume_state['config_hash']}, global batch {resume_state['global_batch']}; "
-                f"now {config_hash}, {global_batch}). Resume with the same config, data and process count, "
-                "or start a fresh run in another output_dir."
-            )
+        ckpt.check_resumable(resume_from, resume_state, config_hash, global_batch, accelerator.num_processes,
+                             sharding)
 
-    optimizer = build_optimizer(model, config, use_cuda)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharding == "fsdp":
+        model.to(accelerator.device)
+        layers = distributed.shard_model(model, accelerator.device, accelerator.num_processes, mixed_precision)
+        say(f"FSDP2: {layers} decoder layers and the model sharded over {accelerator.num_processes} processes")
+        optimizer = build_optimizer(model, config, use_cuda)  # over the sharded (DTensor) parameters
+    else:
+        optimizer = build_optimizer(model, config, use_cuda)
+        model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, max_steps))
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = model if sharding == "fsdp" else accelerator.unwrap_model(model)
     # The chunked completion loss wherever it is exact (trainer/loss.py), else full logits.
-    head, full_logits_reason = loss_head(unwrapped, sharded=accelerator.distributed_type == DistributedType.FSDP)
+    head, full_logits_reason = loss_head(unwrapped, sharded=sharding == "fsdp")
     loss_path = "chunked" if head is not None else f"full logits: {full_logits_reason}"
     say(f"loss: {loss_path}")
 
@@ -238,7 +248,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     eval_nll: list = []  # [step, per-example held-out NLL sums] at each eval step
     start_step, tokens_total = 0, 0
     if resume_state is not None:
-        ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        ckpt.load_checkpoint(resume_from, unwrapped, optimizer, scheduler, sharded=sharding == "fsdp")
         start_step, tokens_total = resume_state["step"], resume_state["tokens"]
         curves, eval_nll = resume_state["curves"], resume_state["eval_nll"]
         say(f"resumed from {resume_from} at step {start_step}")
@@ -280,14 +290,15 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         input_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for k, batch in enumerate(mine):
             micro = collate([data.train[i] for i in batch], pad_id, packed=config.packing).to(accelerator.device)
-            # Gradients are all-reduced only on the last micro-batch of the step.
-            sync = accelerator.no_sync(model) if k < len(mine) - 1 else contextlib.nullcontext()
-            with sync:
+            # Gradients are all-reduced (FSDP: reduce-scattered) only on the last micro-batch of the step.
+            with distributed.gradient_sync(model, sharding, accelerator, enabled=k == len(mine) - 1):
                 nll = train_micro_batch(model, micro, accelerator.num_processes / loss_tokens, head=head,
                                         backward=accelerator.backward)
             nll_step += nll.nll_sum.double()
             input_tokens += sum(len(data.train[i].input_ids) for i in batch)
-        if config.max_grad_norm is not None:
+        if config.max_grad_norm is not None and sharding == "fsdp":  # the norm of DTensor gradients is global
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        elif config.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -306,13 +317,16 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
             say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
             notify("on_step", step + 1, {"eval_loss": curves["eval"][-1][1]})
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < max_steps:
-            if accelerator.is_main_process:
-                ckpt.save_checkpoint(
-                    run_dir, step + 1, unwrapped, optimizer, scheduler,
-                    {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
-                     "examples_seen": (step + 1) * global_batch, "curves": curves, "eval_nll": eval_nll},
-                    keep=config.keep_checkpoints,
-                )
+            state = {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
+                     "examples_seen": (step + 1) * global_batch, "curves": curves, "eval_nll": eval_nll,
+                     "processes": accelerator.num_processes, "sharding": sharding}
+            if sharding == "fsdp":  # every rank writes its shards
+                ckpt.save_checkpoint(run_dir, step + 1, unwrapped, optimizer, scheduler, state,
+                                     keep=config.keep_checkpoints, sharded=True,
+                                     is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+            elif accelerator.is_main_process:
+                ckpt.save_checkpoint(run_dir, step + 1, unwrapped, optimizer, scheduler, state,
+                                     keep=config.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -339,7 +353,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         peak_memory_kind=peak_kind,
     )
     # Gathers FSDP shards (a collective: every process calls it); peft keeps only the adapter's keys.
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = distributed.full_state_dict(model) if sharding == "fsdp" else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_trained(unwrapped, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
                      state_dict=state_dict)
@@ -354,6 +368,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
             "heldout_fingerprint": hashlib.sha256(" ".join(held_out_ids).encode()).hexdigest()[:16],
             "resumed_from_step": start_step or None,
             "processes": accelerator.num_processes,
+            "sharding": sharding,
+            "sharded_parameters": distributed.is_sharded(model),
             "global_batch": global_batch,
             "device": str(accelerator.device),
             "mixed_precision": mixed_precision,

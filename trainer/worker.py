@@ -1,0 +1,44 @@
+"""One rank of a launched run: `python -m trainer.worker CONFIG.json`, started by torchrun
+(`trainer.launch`). Trains the TrainConfig in the file with `trainer.loop.train`; a user error is
+printed in one paragraph and the rank exits 2; any error is also written to
+$LOWREGRET_ERROR_DIR/rank-<RANK>.json, so the launcher reports the failing rank's own message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from planner.errors import UserError
+from trainer.launch import ERROR_DIR_ENV
+
+
+def _record(kind: str, message: str) -> None:
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder:
+        rank = int(os.environ.get("RANK", "0"))
+        (Path(folder) / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "kind": kind, "message": message}))
+
+
+def main(argv: list[str]) -> int:
+    from trainer.config import TrainConfig
+    from trainer.loop import train
+
+    try:
+        config = TrainConfig.from_dict(json.loads(Path(argv[0]).read_text()))
+        train(config, progress=False)
+    except UserError as exc:
+        _record("user", str(exc))
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except BaseException as exc:
+        _record("crash", "".join(traceback.format_exception_only(exc)).strip())
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
