@@ -14,6 +14,7 @@ import sys
 import threading
 
 from planner.errors import UserError
+from trainer.launch import LaunchFailed
 
 # Packages whose cli.register adds sub-commands, in help order.
 # `train` is registered by flows.commands: it wires the trainer to MLflow (report_to=mlflow), which
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"lowregret {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except LaunchFailed as exc:  # a rank of a launched run crashed or was killed: its error, no traceback here
+        print(f"lowregret {args.command}: training failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lowregret {args.command}: interrupted", file=sys.stderr)
         return 130

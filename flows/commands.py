@@ -46,8 +46,10 @@ def register(subparsers) -> None:
             "overrides, e.g. `lowregret train --config configs/smollm2/lora.yaml rank=8 max_steps=50` "
             "(or num_epochs=2 instead of max_steps). Writes adapter/ or model/, curves.json and "
             "summary.json to output_dir. report_to=mlflow also logs the run to MLflow (experiment "
-            f"{STANDALONE_EXPERIMENT}; .lowregret/mlflow.db here, or MLFLOW_TRACKING_URI). Runs "
-            "unchanged under `accelerate launch -m flows.cli train ...`."
+            f"{STANDALONE_EXPERIMENT}; .lowregret/mlflow.db here, or MLFLOW_TRACKING_URI). "
+            "launch.processes=N trains on N processes (one per GPU) that this command starts under torchrun: "
+            "FSDP2 for FullFT, DDP for LoRA (launch.sharding); launch.nodes=M with launch.node_rank, "
+            "launch.main_address and launch.main_port on each node spans machines."
         ),
         epilog="training options (KEY=VALUE; in the YAML preset or as overrides):\n" + options_help(TrainConfig),
         formatter_class=HelpFormatter,
@@ -220,14 +222,17 @@ def run_train(args) -> int:
 
         callbacks.append(MlflowCallback(load_settings(), STANDALONE_EXPERIMENT))
         callbacks[0].check()
-    from trainer.loop import train
+    from trainer.launch import run
 
     try:
-        result = train(config, progress=not args.no_progress, callbacks=callbacks)
+        result = run(config, progress=not args.no_progress, callbacks=callbacks)
     except BaseException:
         for callback in callbacks:
             callback.fail()
         raise
+    if result is None:  # a node other than 0 whose output_dir is not node 0's
+        print(f"node {config.launch.node_rank} of {config.launch.nodes} done; node 0 holds the run's files.")
+        return 0
     if callbacks:
         print(f"MLflow: run {callbacks[0].run_id} in experiment {STANDALONE_EXPERIMENT} "
               f"({callbacks[0].settings.tracking_uri})")

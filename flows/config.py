@@ -19,6 +19,7 @@ from planner.gpus import get_gpu
 from planner.profile import METHODS as INFO_METHODS
 from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
+from trainer.launch import resolve_launch
 from trainer.rl_config import DEFAULT_RL_DATASET
 
 # Keys the pipeline sets on each TrainConfig itself; `train:` may not override them.
@@ -77,8 +78,13 @@ class _GatedPipeline:
                 f"{', '.join(top)}, lora_lr and full_lr."
             )
         self._check()
-        self.train_config("full")  # the run config validates model-independent options now
-        self.train_config("lora")
+        self.train_config("lora")  # the run config validates model-independent options now
+        if self.train_config("full").launch.nodes > 1:
+            raise UserError(
+                f"{self._section}.launch.nodes > 1: a pipeline trains on the machine its flow run has (one node, "
+                "launch.processes GPUs). Train a multi-node run with `lowregret train` on every node (on Kubernetes: "
+                "infra/k8s/train-jobset.yaml, docs/PRODUCTION.md section 4)."
+            )
 
     def _check(self) -> None:
         """The subclass's own checks."""
@@ -148,7 +154,8 @@ class PipelineConfig(_GatedPipeline):
         options = dict(self.train) | {"model": self.model, "dataset": self.dataset, "method": method,
                                       "rank": self.rank, "lr": lr, "output_dir": output_dir,
                                       "seed": self.run_seeds[0], "split_seed": self.run_seeds[0]} | changes
-        return TrainConfig.from_dict(options)
+        # launch.processes=auto: the plan's fewest GPUs of this pipeline's `gpu`, fixed before the run key.
+        return resolve_launch(TrainConfig.from_dict(options), gpu=self.gpu)
 
     def plan(self):
         """The capacity plan (`planner.plan.CapacityPlan`) of this pipeline's LoRA run. Loads the

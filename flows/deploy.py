@@ -37,9 +37,18 @@ def deploy_to_work_pool(config: PipelineConfig, cron: str, name: str, work_pool:
     from flows.pipeline import pipeline
 
     flow = pipeline.from_source(source=str(PROJECT_DIR), entrypoint=ENTRYPOINT)
+    gpus = training_gpus(config)
     # to_deployment + apply: registration only. flow.deploy() also lists the pool's online workers
     # with offset/limit null, which Prefect 3.8.8's server rejects (422) on FastAPI >= 0.151.
     deployment = flow.to_deployment(name=name, cron=cron, parameters=deployment_parameters(config, workdir),
                                     work_pool_name=work_pool, tags=["lowregret"],
-                                    description=f"LoRA-vs-FullFT pipeline for {config.name}")
+                                    description=f"LoRA-vs-FullFT pipeline for {config.name}",
+                                    job_variables={"gpu_count": gpus} if gpus > 1 else None)
     return str(deployment.apply(work_pool_name=work_pool))
+
+
+def training_gpus(config: PipelineConfig) -> int:
+    """GPUs a flow run of `config` trains on: the most processes either run launches (train.launch,
+    `processes: auto` resolved from the plan). A work pool deployment asks its job for that many
+    (the Kubernetes template's `gpu_count`), so the pod holds as many GPUs as the launcher starts ranks."""
+    return max(config.train_config(method).launch.processes for method in ("full", "lora"))

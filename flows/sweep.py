@@ -106,9 +106,9 @@ def grid_cells(config: SweepConfig, runs_dir, data_fingerprint: str, code: str) 
       result_serializer="json")
 def train_cell(train_config, data_fingerprint: str, code: str):
     """One grid cell (cached by what it trains)."""
-    from trainer import train
+    from trainer.launch import run
 
-    return train(train_config, progress=False)
+    return run(train_config, log=tasks.task_log(), progress=False)
 
 
 @flow(name="lowregret-sweep", **STATE_HOOKS)

@@ -148,16 +148,22 @@ def make_plan(config, out_dir: str) -> dict:
 
 
 def _train(run_config):
-    """`trainer.train` for a TrainConfig, `trainer.rl.train_rl` for an RLConfig."""
-    from trainer.rl_config import RLConfig
+    """`trainer.launch.run`: the run in this process, or its ranks under torchrun with their lines in the
+    task's log."""
+    from trainer.launch import run
 
-    if isinstance(run_config, RLConfig):
-        from trainer.rl import train_rl
+    return run(run_config, log=task_log(), progress=True)
 
-        return train_rl(run_config)
-    from trainer import train
 
-    return train(run_config)
+def task_log():
+    """The current Prefect task's (or flow's) logger's info, or print outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger().info
+    except MissingContextError:
+        return functools.partial(print, flush=True)
 
 
 @task(cache_policy=serializable_cache(_baseline_cache_key), persist_result=True, cache_expiration=None,

@@ -77,6 +77,11 @@ class LaunchConfig:
                 "port of node 0, the same on every node (e.g. launch.main_address=10.0.0.1 launch.main_port=29500)."
             )
         _choice(self, "sharding", SHARDINGS)
+        if self.sharding != "auto" and self.world_size == 1:
+            raise UserError(
+                f"launch.sharding={self.sharding} needs more than one process (launch.processes=2 or more): a "
+                "single process has nothing to shard or replicate. Leave launch.sharding=auto."
+            )
 
     @property
     def world_size(self) -> int | str:
@@ -341,7 +346,8 @@ def options_help(cls, prefix: str = "") -> str:
         if default is None:
             shown = "null"
         elif dataclasses.is_dataclass(default):
-            lines.append(f"  {prefix}{f.name}: {docs.get(f.name, '')}")
+            lines.append(f"  {prefix}{f.name} (default as each {prefix}{f.name}.* option below)")
+            lines += textwrap.wrap(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
             lines.append(options_help(type(default), prefix=f"{prefix}{f.name}."))
             continue
         else:

@@ -33,17 +33,10 @@ def choose_sharding(requested: str, method: str, world_size: int) -> str:
 
     "auto" shards FullFT (its weights, gradients and AdamW state are what outgrow one device: 16 bytes
     per parameter) and replicates LoRA (a frozen base plus a small adapter; the planner's hardware fit
-    says when a LoRA base needs sharding, and the launcher passes "fsdp" then).
-
-    Raises:
-        UserError: sharding=fsdp or ddp asked of a single process.
+    says when a LoRA base needs sharding, and `trainer.launch.resolve_launch` passes "fsdp" then).
+    (`LaunchConfig` refuses fsdp or ddp for a single process.)
     """
     if world_size == 1:
-        if requested != "auto":
-            raise UserError(
-                f"launch.sharding={requested} needs more than one process (launch.processes=2 or more): "
-                "a single process has nothing to shard or replicate. Leave launch.sharding=auto."
-            )
         return "single"
     if requested != "auto":
         return requested
@@ -68,7 +61,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_model(model: nn.Module, device: torch.device, world_size: int, mixed_precision: str) -> int:
+def device_mesh(device: torch.device, world_size: int):
+    """The 1-D mesh of the run's ranks (made outside any FakeTensorMode: it reads its rank map)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size,))
+
+
+def shard_model(model: nn.Module, mesh, mixed_precision: str) -> int:
     """Apply FSDP2 in place: each decoder layer, then the whole model (embedding, norm, head).
 
     Every rank holds the same full model when this runs (same seed, same weights), so each keeps its
@@ -78,10 +78,8 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, mixed_p
     Returns:
         the number of decoder layers sharded.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision == "bf16" else MixedPrecisionPolicy())
     layers = decoder_layers(model)
@@ -118,10 +116,15 @@ def gradient_sync(model: nn.Module, sharding: str, accelerator, enabled: bool):
 
 def full_state_dict(model: nn.Module) -> dict:
     """The model's full (unsharded) state dict on CPU, on the main process (empty elsewhere): a
-    collective, every rank calls it. For saving the finished adapter or model in its usual format."""
+    collective, every rank calls it. For saving the finished adapter or model in its usual format, so
+    a tied weight (an unembedding that is the embedding) appears once, under its first name, as in
+    the state dict transformers saves itself."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from planner.errors import UserError
-from trainer.config import RunConfig, TrainConfig
+from trainer.config import RunConfig
 
 ERROR_DIR_ENV = "LOWREGRET_ERROR_DIR"  # where each rank writes the error that stopped it
 
@@ -86,19 +86,14 @@ def check_launch(config: RunConfig) -> None:
     """What the launcher refuses before starting anything.
 
     Raises:
-        UserError: unresolved processes=auto, an RL run on several processes, sharding that one process
-            cannot honour, or more processes per node than this machine has GPUs.
+        UserError: unresolved processes=auto, sharding that one process cannot honour, or more
+            processes per node than this machine has GPUs.
     """
     from trainer.distributed import choose_sharding
 
     launch = config.launch
     if launch.processes == "auto":
         raise UserError("launch.processes=auto must be resolved from the plan first (trainer.launch.resolve_launch).")
-    if not isinstance(config, TrainConfig) and launch.world_size > 1:
-        raise UserError(
-            f"launch.processes={launch.processes}, launch.nodes={launch.nodes}: RL runs train in one process "
-            "(sampling and the policy step are not sharded yet). Set launch.processes=1 for rl-train and rl-pipeline."
-        )
     choose_sharding(launch.sharding, config.method, launch.world_size)
     import torch
 
@@ -107,6 +102,53 @@ def check_launch(config: RunConfig) -> None:
             f"launch.processes={launch.processes} but this machine has {torch.cuda.device_count()} GPU(s): one "
             "process per GPU. Lower launch.processes, or add nodes (launch.nodes) for more GPUs."
         )
+
+
+def run(config: RunConfig, log: Callable[[str], None] = print, progress: bool = True, callbacks: Sequence = (),
+        gpu: str | None = None):
+    """Train a run config the one way it trains: in this process (`trainer.loop.train`, RL's
+    `trainer.rl.train_rl`), or on several processes under torchrun (`launch`). `processes: auto` is
+    resolved from the plan on `gpu` first. Callbacks see a launched run's start, curves and result
+    once it has finished (the ranks run in other processes).
+
+    Raises:
+        UserError: bad input, before any work. LaunchFailed: a rank of a launched run failed.
+    """
+    from trainer.rl_config import RLConfig
+
+    config = resolve_launch(config, gpu)
+    if isinstance(config, RLConfig):
+        from trainer.rl import train_rl
+
+        return train_rl(config, progress=progress)
+    if not is_launched(config):
+        from trainer.loop import train
+
+        return train(config, progress=progress, callbacks=callbacks)
+    log(describe_launch(config))
+    result = launch(config, log)
+    if result is not None:
+        _replay(config, result, callbacks)
+    return result
+
+
+def _replay(config: RunConfig, result, callbacks: Sequence) -> None:
+    """A finished launched run told to `callbacks` as a run in this process would have told it: its
+    start (from summary.json), every train and eval point of curves.json, and its result."""
+    if not callbacks:
+        return
+    summary = json.loads(Path(result.summary_path).read_text())
+    curves = json.loads(Path(result.curves_path).read_text())
+    info = {"output_dir": result.output_dir, "steps": result.steps, "global_batch": summary["global_batch"],
+            "processes": summary["processes"], "trainable_params": result.trainable_params,
+            "config_hash": result.config_hash, "data": summary["data"]}
+    points = sorted([(step, 1, {"train_loss": loss}) for step, loss in curves["train"]]
+                    + [(step, 2, {"eval_loss": loss}) for step, loss in curves["eval"]], key=lambda p: p[:2])
+    for callback in callbacks:
+        callback.on_start(config, info)
+        for step, _, metrics in points:
+            callback.on_step(step, metrics)
+        callback.on_end(result)
 
 
 def torchrun_command(config: RunConfig, config_path: Path) -> list[str]:

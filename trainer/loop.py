@@ -230,7 +230,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
 
     if sharding == "fsdp":
         model.to(accelerator.device)
-        layers = distributed.shard_model(model, accelerator.device, accelerator.num_processes, mixed_precision)
+        layers = distributed.shard_model(
+            model, distributed.device_mesh(accelerator.device, accelerator.num_processes), mixed_precision)
         say(f"FSDP2: {layers} decoder layers and the model sharded over {accelerator.num_processes} processes")
         optimizer = build_optimizer(model, config, use_cuda)  # over the sharded (DTensor) parameters
     else:

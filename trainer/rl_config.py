@@ -58,6 +58,12 @@ class RLConfig(RunConfig):
 
     def _validate_own(self) -> None:
         parse_reward(self.reward)
+        if self.launch.world_size != 1:
+            raise UserError(
+                f"launch.processes={self.launch.processes}, launch.nodes={self.launch.nodes}: RL runs train in one "
+                "process (sampling and the policy step are not distributed yet). Leave launch at its defaults for "
+                "rl-train and rl-pipeline."
+            )
         for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")

@@ -87,3 +87,24 @@ def test_deploy_to_a_work_pool_registers_the_schedule(prefect_harness, tiny_mode
     assert [s.schedule.cron for s in deployment.schedules] == ["30 1 * * 1"]
     assert deployment.parameters["workdir"] == str(tmp_path.resolve())
     assert deployment.parameters["config"]["name"] == "tiny-pool"
+
+
+def test_a_launched_pipeline_asks_its_kubernetes_job_for_as_many_gpus(prefect_harness, tiny_models, tmp_path):
+    """The work pool's GPU count reaches the launcher: a deployment whose runs train on 2 processes asks
+    the job template's `gpu_count` for 2 GPUs (and the launcher refuses a pod with fewer)."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.config import load_pipeline_config
+    from flows.deploy import deploy_to_work_pool
+
+    template = json.loads((REPO / "infra" / "k8s" / "gpu-job-template.json").read_text())
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="k8s-gpu", type="kubernetes", base_job_template=template))
+        config = load_pipeline_config(None, tiny_overrides(tiny_models("llama"), name="tiny-gpus",
+                                                           **{"train.launch.processes": 2}))
+        deployment = client.read_deployment(deploy_to_work_pool(config, "0 3 * * *", "gpus", "k8s-gpu", str(tmp_path)))
+    assert deployment.job_variables == {"gpu_count": 2}
+    assert deployment.parameters["config"]["train"]["launch"] == {"processes": 2}

@@ -30,8 +30,8 @@ def tiny_overrides(model_dir, **extra) -> list[str]:
 
 @pytest.fixture
 def train_calls(monkeypatch):
-    """Counts trainer.train calls by method (the tasks call `trainer.train`)."""
-    import trainer
+    """Counts trainer.loop.train calls in this process by method (the tasks call `trainer.launch.run`)."""
+    import trainer.loop
     from trainer.loop import train
 
     calls = collections.Counter()
@@ -40,7 +40,7 @@ def train_calls(monkeypatch):
         calls[config.method] += 1
         return train(config, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", counting, raising=False)
+    monkeypatch.setattr(trainer.loop, "train", counting)
     return calls
 
 
@@ -171,7 +171,7 @@ def test_regretful_run_moves_no_alias(prefect_harness, flow_settings, tiny_model
 
 def test_failing_step_leaves_the_registry_untouched(run_pipeline, tiny_models, monkeypatch, registry_client,
                                                     flow_settings):
-    import trainer
+    import trainer.loop
     from trainer.loop import train
 
     def lora_breaks(config, *args, **kwargs):
@@ -179,7 +179,7 @@ def test_failing_step_leaves_the_registry_untouched(run_pipeline, tiny_models, m
             raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
         return train(config, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", lora_breaks, raising=False)
+    monkeypatch.setattr(trainer.loop, "train", lora_breaks)
     with pytest.raises(RuntimeError, match="simulated"):
         run_pipeline(tiny_models("llama"), rank=2)
 

@@ -1,8 +1,8 @@
 """The deployment files in infra/ parse and carry what docs/PRODUCTION.md relies on.
 
 Nothing here starts a container or a cluster (this machine has no Docker engine or Kubernetes):
-the compose file and the Kubernetes template are only parsed and rendered. The accelerate configs
-go through accelerate's own `launch` validation, and the job template through Prefect's own
+the compose file and the Kubernetes files are only parsed and rendered. The multi-node JobSet's
+command goes through the trainer's own config loader, and the job template through Prefect's own
 work-pool validation and templating.
 """
 
@@ -12,13 +12,12 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
 K8S_TEMPLATE = INFRA / "k8s" / "gpu-job-template.json"
-ACCELERATE = INFRA / "accelerate"
+JOBSET = INFRA / "k8s" / "train-jobset.yaml"
 
 
 def _compose() -> dict:
@@ -27,7 +26,7 @@ def _compose() -> dict:
 
 def test_every_yaml_and_json_in_infra_parses():
     files = sorted(INFRA.rglob("*.yml")) + sorted(INFRA.rglob("*.yaml")) + sorted(INFRA.rglob("*.json"))
-    assert len(files) >= 5, files
+    assert len(files) >= 3, files  # compose, the k8s job template, the multi-node JobSet
     for path in files:
         doc = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
         assert isinstance(doc, dict), path
@@ -139,44 +138,31 @@ def test_k8s_template_renders_a_gpu_job_with_defaults():
     assert not re.search(r"\{\{.*\}\}", json.dumps(config["job_manifest"])), "unrendered placeholder"
 
 
-@pytest.mark.parametrize(
-    ("name", "distributed", "machines", "processes"),
-    [("ddp-1node", "MULTI_GPU", 1, 8), ("fsdp-1node", "FSDP", 1, 8), ("fsdp-2node", "FSDP", 2, 16)],
-)
-def test_accelerate_config_passes_accelerate_launch_validation(name, distributed, machines, processes):
-    from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+def test_train_jobset_starts_one_launcher_per_node_that_meet_at_node_0():
+    """infra/k8s/train-jobset.yaml: every pod runs the same `lowregret train` with its JobSet job index as
+    launch.node_rank; replicas = launch.nodes, GPUs = launch.processes, the address is node 0's DNS name."""
+    import shlex
 
-    path = ACCELERATE / f"{name}.yaml"
-    config = load_config_from_file(str(path))  # rejects unknown top-level keys
-    assert config.distributed_type.value == distributed
-    assert (config.num_machines, config.num_processes) == (machines, processes)
-    assert config.mixed_precision == "bf16"
+    from trainer.config import load_config
 
-    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
-    args, _, _ = _validate_launch_command(args)
-    env = prepare_multi_gpu_env(args)  # what `accelerate launch` hands torchrun's workers
-    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    if distributed == "FSDP":
-        assert env["FSDP_VERSION"] == "2"
-        assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"  # FSDP2's FULL_SHARD
-        assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
-        assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
-    if machines > 1:
-        assert args.main_process_ip and args.main_process_port
-
-
-def test_fsdp_config_builds_accelerate_fsdp_plugin(monkeypatch):
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE / "fsdp-1node.yaml"), "train.py"])
-    args, _, _ = _validate_launch_command(args)
-    for key, value in prepare_multi_gpu_env(args).items():
-        if key.startswith(("FSDP_", "ACCELERATE_")):
-            monkeypatch.setenv(key, value)
-    plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.cpu_ram_efficient_loading is True
+    jobset = yaml.safe_load(JOBSET.read_text())
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+    [node] = jobset["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/job-index']"
+    words = shlex.split(container["args"][0].replace("$NODES", str(node["replicas"])).replace("$NODE_RANK", "1"))
+    assert words[:3] == ["exec", "lowregret", "train"]
+    overrides = [w for w in words[3:] if "=" in w and not w.startswith("--")]
+    config = load_config(None, overrides)  # every option is a real one, every value valid
+    launch = config.launch
+    assert (launch.nodes, launch.node_rank) == (node["replicas"], 1)
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert launch.processes == gpus == container["resources"]["requests"]["nvidia.com/gpu"]
+    name = jobset["metadata"]["name"]
+    assert launch.main_address == f"{name}-{node['name']}-0-0.{name}"  # JobSet's pod DNS name of node 0
+    assert launch.main_port == container["ports"][0]["containerPort"]
+    assert config.output_dir.startswith("/data/") and config.resume == "auto"
+    assert pod["restartPolicy"] == "Never" and node["template"]["spec"]["backoffLimit"] == 0

@@ -1,0 +1,61 @@
+"""`lowregret pipeline` with 2 training processes end to end on a tiny llama: the FullFT baseline
+(FSDP2) and the LoRA adapter (DDP) are trained under the launcher (torchrun, 2 gloo processes), the
+regret computed, the adapter registered and promoted exactly as a one-process run's; a second
+pipeline reuses the baseline, which the launch's world size keys (train.launch.processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.config import load_pipeline_config
+from tests.flows.test_pipeline import tiny_overrides
+
+NAME = "tiny-launched"
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_trains_both_runs_under_the_launcher_registers_and_reuses_the_baseline(
+        prefect_harness, flow_settings, tiny_models, registry_client, monkeypatch):
+    import logging
+
+    import trainer.loop
+    from flows.pipeline import pipeline
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    task_log = Lines()
+    logging.getLogger("prefect.task_runs").addHandler(task_log)
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("a launched run must not train in the flow's process")
+
+    monkeypatch.setattr(trainer.loop, "train", in_process)
+    overrides = tiny_overrides(tiny_models("llama"), name=NAME, **{"train.launch.processes": 2})
+    first = pipeline(load_pipeline_config(None, overrides), workdir=str(flow_settings.home.parent))
+
+    assert first["comparison"]["verdict"] == "PASS" and not first["baseline_cached"]
+    assert first["registration"] == {"name": NAME, "version": "1", "created": True}
+    assert first["promotion"]["promoted"]
+    assert {a: str(v) for a, v in registry_client.get_registered_model(NAME).aliases.items()} == {
+        "candidate": "1", "champion": "1"}
+    runs = {}
+    for summary_path in (flow_settings.runs_dir / NAME).glob("*/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        runs[summary["method"]] = summary
+    assert (runs["full"]["processes"], runs["full"]["sharding"], runs["full"]["sharded_parameters"]) == (2, "fsdp", True)
+    assert (runs["lora"]["processes"], runs["lora"]["sharding"]) == (2, "ddp")
+    logging.getLogger("prefect.task_runs").removeHandler(task_log)
+    assert any(line.startswith("launch: 2 processes, sharding fsdp") for line in task_log.lines)
+    assert any(line.startswith("done: 6 steps") for line in task_log.lines)  # the ranks' lines reach the task log
+
+    second = pipeline(load_pipeline_config(None, overrides + ["lora_lr=2e-3"]), workdir=str(flow_settings.home.parent))
+    assert second["baseline_cached"]
+    assert second["registration"]["version"] == "2"
