@@ -9,6 +9,8 @@ allocator fragmentation.
     python benchmarks/memory_model.py                  # the grid; writes benchmarks/MEMORY_RESULTS.md
     python benchmarks/memory_model.py --only 1,7,13    # some rows (1-based), no file written
     python benchmarks/memory_model.py --fit            # re-measure planner/memory.py's MEASURED constants
+    python benchmarks/memory_model.py --sharded        # one FSDP2 rank of 2, 4, 8 (fake process group);
+                                                       # rewrites the FSDP2 section of MEMORY_RESULTS.md
 
 A GPU check imports `GRID`, `measure` (device="cuda" puts the fakes on the GPU's device type),
 `estimate` and `compare` from here and adds torch.cuda.max_memory_allocated beside them.
@@ -47,13 +49,15 @@ class Setup:
     gradient_checkpointing: bool = False
     grad_accum_steps: int = 1
     rank: int = 16
+    world_size: int = 1
 
     @property
     def name(self) -> str:
         return (f"{self.model} {self.method} {self.micro_batch}x{self.seq_len}"
                 + (" ckpt" if self.gradient_checkpointing else "")
                 + (f" accum{self.grad_accum_steps}" if self.grad_accum_steps > 1 else "")
-                + (f" r{self.rank}" if self.method == "lora" else ""))
+                + (f" r{self.rank}" if self.method == "lora" else "")
+                + (f" fsdp{self.world_size}" if self.world_size > 1 else ""))
 
 
 # Llama and Qwen3 dense shapes from 1B to 8B, a Qwen3-MoE shape; full (mixed precision), full_bf16
@@ -77,21 +81,34 @@ GRID: tuple[Setup, ...] = (
 )
 
 
+# One FSDP2 rank (trainer/distributed.py's sharding) of 2, 4 and 8: the FullFT baseline and LoRA of
+# the flagship 8B, and the MoE model, LoRA and bf16 FullFT (fp32 MoE weights cannot run on the CPU fakes).
+SHARDED_GRID: tuple[Setup, ...] = tuple(
+    Setup(model, method, micro_batch, seq_len, world_size=world)
+    for model, method, micro_batch, seq_len in (("Llama-3.1-8B", "full", 1, 2048), ("Llama-3.1-8B", "lora", 1, 2048),
+                                                ("Qwen3-30B-A3B", "lora", 1, 2048),
+                                                ("Qwen3-30B-A3B", "full_bf16", 1, 512))
+    for world in (2, 4, 8)
+)
+SHARDED_SECTION = "## FSDP2: one rank of a sharded run"
+
+
 def measure(setup: Setup, device: str = "cpu"):
     """The trainer's step, measured (a `trainer.memory.StepMemory`)."""
     from trainer.memory import measure_peak_memory
 
     return measure_peak_memory(load_config(setup.model), setup.method, seq_len=setup.seq_len,
                                micro_batch=setup.micro_batch, grad_accum_steps=setup.grad_accum_steps,
-                               gradient_checkpointing=setup.gradient_checkpointing, rank=setup.rank, device=device)
+                               gradient_checkpointing=setup.gradient_checkpointing, rank=setup.rank, device=device,
+                               world_size=setup.world_size)
 
 
 def estimate(setup: Setup) -> memory_mod.MemoryEstimate:
-    """The planner's estimate for one GPU."""
+    """The planner's estimate for one GPU of `setup.world_size`."""
     shape = load_shape(setup.model)
     adapter = count_lora_params(shape, setup.rank).total
-    return memory_mod.estimate_memory(shape, adapter, setup.method, setup.seq_len, setup.micro_batch, 1,
-                                      setup.gradient_checkpointing, setup.grad_accum_steps)
+    return memory_mod.estimate_memory(shape, adapter, setup.method, setup.seq_len, setup.micro_batch,
+                                      setup.world_size, setup.gradient_checkpointing, setup.grad_accum_steps)
 
 
 def compare(setups=GRID, device: str = "cpu") -> list[dict]:
@@ -172,6 +189,41 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         lines.append(f"| {i} | {r['setup']} | {_gb(r['measured_bytes'])} | {_gb(r['planner_bytes'])} | "
                      f"{r['ratio']:.3f} | {r['measured_phase']} | {_parts(r['measured'])} | {_parts(r['planner'])} |")
     return "\n".join(lines) + "\n"
+
+
+def sharded_markdown(rows: list[dict], command: str, seconds: float) -> str:
+    """The FSDP2 section of MEMORY_RESULTS.md: one rank of each world size, measured and planned."""
+    import torch
+
+    lo, hi = RATIO_BAND
+    inside = sum(lo <= r["ratio"] <= hi for r in rows)
+    lines = [
+        SHARDED_SECTION,
+        "",
+        f"- Date: {datetime.date.today().isoformat()}; {_cpu()}; torch {torch.__version__}",
+        f"- Command: `{command}` ({seconds:.0f} s wall)",
+        "- Measured: rank 0 of a world of 2, 4 or 8 in one process, under torch's fake process group "
+        "(`torch.testing._internal.distributed.fake_pg.FakeStore`, backend \"fake\": collectives return at once) "
+        "and FakeTensorMode: the trainer's FSDP2 step (`trainer.distributed.shard_model`: each decoder layer and "
+        "the model, bf16 MixedPrecisionPolicy, full logits), MemTracker around its second step, 2-3 layers "
+        "extrapolated to the model's depth. Planner: `estimate_memory(num_gpus=N)`, which adds FSDP2's "
+        "all-gathered root and layer and a layer's unsharded gradients (planner/memory.py).",
+        f"- Result: {inside} of {len(rows)} ratios planner/measured within {lo:.2f}-{hi:.2f}.",
+        "",
+        "| # | set-up (per rank) | measured | planner | ratio | measured peak in | measured parts | planner parts |",
+        "|---:|---|---:|---:|---:|---|---|---|",
+    ]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {r['setup']} | {_gb(r['measured_bytes'])} | {_gb(r['planner_bytes'])} | "
+                     f"{r['ratio']:.3f} | {r['measured_phase']} | {_parts(r['measured'])} | {_parts(r['planner'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Put the FSDP2 section at the end of the results file, replacing the one there."""
+    text = path.read_text() if path.exists() else ""
+    kept = text.split("\n" + SHARDED_SECTION)[0].rstrip("\n")
+    path.write_text(kept + "\n\n" + section)
 
 
 # ---- fitting planner/memory.py's MEASURED constants ------------------------------------------
@@ -326,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma list of 1-based grid rows to run (no results file written)")
     parser.add_argument("--device", default="cpu", help="device the fake tensors live on (cpu, or cuda on a GPU machine)")
     parser.add_argument("--fit", action="store_true", help="measure the design shapes and print MEASURED")
+    parser.add_argument("--sharded", action="store_true",
+                        help="one FSDP2 rank of 2, 4 and 8 (SHARDED_GRID); rewrites the results file's FSDP2 section")
     parser.add_argument("--design-json", help="with --fit: keep the design measurements in this file (a rerun reuses them)")
     parser.add_argument("--out", default=str(RESULTS), help="results file (default benchmarks/MEMORY_RESULTS.md)")
     args = parser.parse_args(argv)
@@ -333,15 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         print_measured(fit(measure_design(Path(args.design_json) if args.design_json else None)))
         return 0
-    setups = GRID if not args.only else tuple(GRID[int(i) - 1] for i in args.only.split(","))
+    grid = SHARDED_GRID if args.sharded else GRID
+    setups = grid if not args.only else tuple(grid[int(i) - 1] for i in args.only.split(","))
     rows = compare(setups, args.device)
     lo, hi = RATIO_BAND
     outside = [r["setup"] for r in rows if not lo <= r["ratio"] <= hi]
     print(f"{len(rows) - len(outside)} of {len(rows)} ratios within {lo:.2f}-{hi:.2f}"
           + (f"; outside: {', '.join(outside)}" if outside else ""))
     if not args.only:
-        command = "python benchmarks/memory_model.py" + (f" --device {args.device}" if args.device != "cpu" else "")
-        Path(args.out).write_text(markdown(rows, command, time.perf_counter() - started))
+        command = ("python benchmarks/memory_model.py" + (" --sharded" if args.sharded else "")
+                   + (f" --device {args.device}" if args.device != "cpu" else ""))
+        seconds = time.perf_counter() - started
+        if args.sharded:
+            write_section(Path(args.out), sharded_markdown(rows, command, seconds))
+        else:  # the single-GPU table; the FSDP2 section is kept
+            old = Path(args.out).read_text() if Path(args.out).exists() else ""
+            section = old[old.index(SHARDED_SECTION):] if SHARDED_SECTION in old else ""
+            Path(args.out).write_text(markdown(rows, command, seconds) + ("\n" + section if section else ""))
         print(f"wrote {args.out}")
     return 0 if not outside else 1
 

@@ -151,8 +151,9 @@ def _check_measurable() -> None:
 
 def _measure(plan, config: dict, shape) -> tuple[dict, ...]:
     """Each method's measured peak per GPU at the plan's answer (its GPUs, micro-batch, accumulation and
-    checkpointing), beside the planner's allocated bytes there. Imports the trainer (torch) lazily."""
-    from planner.memory import estimate_memory, per_gpu_bytes
+    checkpointing), beside the planner's allocated bytes there: on more than one GPU, rank 0 of the
+    trainer's FSDP2 step under a fake process group of that world size. Imports the trainer (torch) lazily."""
+    from planner.memory import estimate_memory
     from trainer.memory import METHOD_CONFIGS, measure_peak_memory
 
     rows = []
@@ -174,19 +175,16 @@ def _measure(plan, config: dict, shape) -> tuple[dict, ...]:
             m = measure_peak_memory(config, fit.method, seq_len=seq_len, micro_batch=b, grad_accum_steps=min(accum, 2),
                                     gradient_checkpointing=checkpointing, rank=plan.rank, targets=plan.targets,
                                     expert_rank_divisor=plan.expert_rank_divisor,
-                                    target_unembedding=plan.settings["target_unembedding"])
+                                    target_unembedding=plan.settings["target_unembedding"], world_size=n)
         except UserError as exc:
             rows.append({**row, "error": str(exc)})
             continue
         except RuntimeError as exc:  # a kernel the fake (CPU) tensors cannot run, e.g. fp32 grouped_mm
             rows.append({**row, "error": f"the step did not run on fake tensors: {str(exc).splitlines()[0][:160]}"})
             continue
-        # Sharding shrinks each phase's weights, gradients and optimizer state: its peak may move.
-        phase = max(m.phases, key=lambda p: per_gpu_bytes(p.components, n))
-        measured = per_gpu_bytes(phase.components, n)
-        rows.append({**row, "measured_bytes": measured, "ratio": planned.allocated_bytes / measured,
-                     "peak_phase": phase.phase, "measured_layers": list(m.measured_layers),
-                     "components": phase.components, "seconds": m.seconds})
+        rows.append({**row, "measured_bytes": m.peak_bytes, "ratio": planned.allocated_bytes / m.peak_bytes,
+                     "peak_phase": m.peak_phase, "measured_layers": list(m.measured_layers),
+                     "components": m.components, "seconds": m.seconds})
     return tuple(rows)
 
 

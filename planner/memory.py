@@ -7,7 +7,7 @@ A training step peaks in one of three phases, and the estimate is the largest of
     bottom    W + O + G − G_emb  + S_bottom       (the first layer's backward: all but the embedding's gradient)
     end       W + O + G      + S_end              (all gradients made; the optimizer step)
 
-W, G, O are the weights, gradients and AdamW state (divided over N GPUs by FSDP / ZeRO-3); G_held
+W, G, O are the weights, gradients and AdamW state (divided over N GPUs by FSDP2); G_held
 is G when gradient accumulation keeps earlier micro-batches' gradients, else the gradients made
 by then (the output layer's). A is one decoder layer's saved activations and S the step's other bytes (loss, output
 layer, one layer's backward temporaries, its recomputation under gradient checkpointing): both
@@ -16,6 +16,12 @@ per GPU, for its own micro-batch, as sums of measured bytes per unit of the shap
 PyTorch's MemTracker on fake tensors), with the command named in its source; the fit and the
 comparison with the measurement on a grid of set-ups are in benchmarks/memory_model.py and
 benchmarks/MEMORY_RESULTS.md. `allocated_bytes` is what `torch.cuda.max_memory_allocated` sees;
+On N > 1 GPUs the step is the trainer's FSDP2 step (trainer/distributed.py), one rank's share
+plus what FSDP2 holds unsharded while it computes: the root group's (embedding, output layer)
+and one decoder layer's all-gathered bf16 weights, and in the backward that layer's gradients
+before their reduce-scatter; FullFT computes in bf16 there (MixedPrecisionPolicy), so its saved
+activations are bf16 training's (`full_bf16`). Checked against one rank of 2, 4 and 8 measured
+under a fake process group (`python benchmarks/memory_model.py --sharded`).
 `total_bytes` adds a stated overhead (CUDA context, kernel workspaces, fragmentation) that no CPU
 measurement contains.
 """
@@ -181,6 +187,9 @@ MEASURED: dict[tuple[str, bool], StepBytes] = {
 # CUDA context, cuBLAS/NCCL workspaces (~1 GB) and allocator fragmentation (~5%): priors, not in a
 # CPU measurement (docs/PLANNER.md); the GPU check compares `allocated_bytes` with
 # torch.cuda.max_memory_allocated and the total with nvidia-smi.
+# FSDP2 all-gathers in the compute dtype: bf16 under the trainer's MixedPrecisionPolicy on GPU
+# (trainer/distributed.py), and a LoRA base is bf16 already.
+FSDP_GATHER_BYTES_PER_PARAM = 2
 OVERHEAD_FIXED_BYTES = 1 * GB
 OVERHEAD_FRACTION = 0.05
 GPU_COUNTS = tuple(2**i for i in range(11))  # 1, 2, 4, ..., 1024
@@ -354,33 +363,35 @@ def estimate_memory(
     # At the first layer's backward every gradient but the embedding's exists (with accumulation, all).
     before_embedding = grads if grad_accum_steps > 1 else grads - outer_grads["embedding"] / num_gpus
 
-    measured = _measured(method, gradient_checkpointing)
+    top = "moe" if shape.is_moe else "dense"
+    gathered = layer_grads = 0.0
+    compute = method
+    if num_gpus > 1:  # the FSDP2 step (module docstring)
+        layer = sum(_layer_params(shape, top))
+        gathered = FSDP_GATHER_BYTES_PER_PARAM * (outer + layer)
+        trained_per_layer = layer if method.startswith("full") else adapter_params / shape.num_layers
+        layer_grads = trained_per_layer * mb.grad_bytes_per_param
+        compute = "full_bf16" if method == "full" else method
+    measured = _measured(compute, gradient_checkpointing)
     activations = 0.0
     for kind, count in shape.layers_by_kind.items():
         activations += count * _dot(measured.layer, layer_features(shape, kind, seq_len, micro_batch))
-    top = "moe" if shape.is_moe else "dense"
-    full_layer = _dot(_measured(method, False).layer, layer_features(shape, top, seq_len, micro_batch))
+    full_layer = _dot(_measured(compute, False).layer, layer_features(shape, top, seq_len, micro_batch))
     rest = {phase: _dot(measured.phases[phase], step_features(shape, seq_len, micro_batch, full_layer))
             for phase in PHASES}
-    candidates = {
-        "forward": (held, activations, rest["forward"]),
-        "backward": (held, activations, rest["backward"]),
-        "bottom": (before_embedding, 0.0, rest["bottom"]),
-        "end": (grads, 0.0, rest["end"]),
+    candidates = {  # (gathered weights, gradients, activations, temporaries) held in each phase
+        "forward": (gathered, held, activations, rest["forward"]),
+        "backward": (gathered, held + layer_grads, activations, rest["backward"]),
+        "bottom": (gathered, before_embedding + layer_grads, 0.0, rest["bottom"]),
+        "end": (0.0, grads, 0.0, rest["end"]),
     }
     phase = max(candidates, key=lambda p: sum(candidates[p]))
-    grads_now, activations_now, temporaries = candidates[phase]
+    gathered_now, grads_now, activations_now, temporaries = candidates[phase]
+    weights += gathered_now
     allocated = weights + grads_now + optimizer + activations_now + temporaries
     overhead = OVERHEAD_FIXED_BYTES + OVERHEAD_FRACTION * allocated
     return MemoryEstimate(method, num_gpus, micro_batch, seq_len, gradient_checkpointing, grad_accum_steps, phase,
                           weights, grads_now, optimizer, activations_now, temporaries, overhead)
-
-
-def per_gpu_bytes(components: dict[str, float], num_gpus: int) -> float:
-    """Bytes per GPU of a measured peak (weights, gradients, optimizer, activations, temporaries, other)
-    when FSDP / ZeRO-3 shards the weights, gradients and optimizer state over `num_gpus`."""
-    sharded = ("weights", "gradients", "optimizer")
-    return sum(v / num_gpus if k in sharded else v for k, v in components.items())
 
 
 def fit_hardware(

@@ -208,7 +208,7 @@ def _memory_section(plan: CapacityPlan, title: str) -> Section:
                         + (gb(m.total_bytes), "yes" if m.total_bytes <= _gpu_bytes(plan) else "no")
                         for m in plan.memory), numeric=tuple(range(1, 10)))
     blocks: list = [
-        f"The fewest {s['gpu']} GPUs each method fits on (FSDP/ZeRO-3 sharding, {s['memory_seq_len']:,} tokens per "
+        f"The fewest {s['gpu']} GPUs each method fits on (FSDP2 sharding, {s['memory_seq_len']:,} tokens per "
         f"row, batch {s['batch_size']} sequences):",
         fit_table,
         Figure("memory.png", title.replace("\n", ": ")),

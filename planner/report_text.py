@@ -85,7 +85,7 @@ def summary_lines(plan: CapacityPlan) -> list[str]:
         lines.append(f"Run of {_num(r.tokens)} tokens on {r.gpu} at MFU {r.mfu:g}: FullFT "
                      f"{r.fullft_gpu_hours:.3g} GPU-hours, LoRA {r.lora_gpu_hours:.3g} GPU-hours")
     lines.append(f"Fewest {plan.settings['gpu']} per method ({plan.settings['memory_seq_len']} tokens per row, "
-                 f"batch {plan.settings['batch_size']}, FSDP/ZeRO-3 sharding):")
+                 f"batch {plan.settings['batch_size']}, FSDP2 sharding):")
     for fit in plan.hardware:
         if fit.num_gpus is None:
             lines.append(f"  {fit.method:9s}: does not fit on {plan.settings['num_gpus'] or 'up to 1024'} x {fit.gpu}")

@@ -25,6 +25,13 @@ activations, no layer gradients" to "no activations, all gradients"). `measure_p
 therefore measures a 2- and 3-layer copy (1 + one per kind for dense + MoE stacks), extrapolates each
 phase to the real depth, and takes the largest.
 
+One rank of an FSDP2 run (`world_size` > 1): the step is the trainer's FSDP path
+(`trainer.distributed.shard_model`: every decoder layer and the model sharded, bf16 compute through
+FSDP2's MixedPrecisionPolicy, full logits) under torch's fake process group (its test utility
+`FakeStore`, backend "fake": collectives return at once), so one process measures rank 0 of a world
+of any size: its weight, gradient and AdamW shards and the all-gathered layers and reduce-scattered
+gradients that FSDP holds while a layer computes.
+
 What it does not see: CUDA kernels' workspaces (cuBLAS, flash attention), the caching allocator's
 fragmentation and the CUDA context; CPU autocast and CPU SDPA kernels stand in for CUDA's when the
 fakes live on the CPU (docs/PLANNER.md says how large the difference is expected to be).
@@ -99,6 +106,8 @@ class StepMemory:
     components: dict[str, float]
     phases: tuple[PhasePeak, ...]
     seconds: float
+    #: FSDP2 ranks the step is one of (1: a single process, nothing sharded).
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -268,8 +277,10 @@ def measure_step_memory(
     expert_rank_divisor: str = "active",
     target_unembedding: bool = False,
     device: str = "cpu",
+    world_size: int = 1,
 ) -> StepMemory:
-    """Peak memory of one trainer step of the model `model_config` (a config.json dict) at its own depth.
+    """Peak memory of one trainer step of the model `model_config` (a config.json dict) at its own depth;
+    with `world_size` > 1, of rank 0 of that many FSDP2 ranks (the micro-batch is per rank).
 
     The step is the second optimizer step of a run: AdamW's state exists (made by a first step on
     zero gradients), and with `grad_accum_steps` > 1 the gradients of the earlier micro-batches are
@@ -283,8 +294,9 @@ def measure_step_memory(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from planner.shapes import shape_from_config
+    from trainer.distributed import device_mesh, shard_model
     from trainer.loop import build_optimizer, precision
-    from trainer.loss import loss_head, train_micro_batch
+    from trainer.loss import loss_head
     from trainer.model import model_from_config, prepare_model
 
     started = time.perf_counter()
@@ -298,21 +310,21 @@ def measure_step_memory(
     loss_tokens = int(batch.loss_positions_N.numel()) * grad_accum_steps
     _reset_accelerate()
     try:
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
-            with _fake_safe_swap():
-                model, _ = prepare_model(model_from_config(model_config, base_dtype), config)
-                optimizer = build_optimizer(model, config, use_cuda=True)
-                model, optimizer = accelerator.prepare(model, optimizer)
-            head, _ = loss_head(accelerator.unwrap_model(model))
-            prime_step(model, optimizer, grad_accum_steps)
-            tracker = _StepTracker(_decoder_layers(model, shape.num_layers))
-            tracker.track_external(model, optimizer)
-            with tracker:
-                train_micro_batch(model, batch.to(accelerator.device), accelerator.num_processes / loss_tokens,
-                                  head=head, backward=accelerator.backward)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        with _fake_process_group(world_size):
+            accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
+            mesh = device_mesh(torch.device(device), world_size) if world_size > 1 else None
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
+                with _fake_safe_swap():
+                    model, _ = prepare_model(model_from_config(model_config, base_dtype), config)
+                    if world_size > 1:  # the loop's FSDP path: shard, then the optimizer over the shards
+                        shard_model(model, mesh, mixed_precision)
+                        optimizer = build_optimizer(model, config, use_cuda=True)
+                    else:
+                        optimizer = build_optimizer(model, config, use_cuda=True)
+                        model, optimizer = accelerator.prepare(model, optimizer)
+                head, _ = loss_head(accelerator.unwrap_model(model), sharded=world_size > 1)
+                tracker = _measure_step(model, optimizer, batch, accelerator, head, shape.num_layers,
+                                        loss_tokens, grad_accum_steps)
     finally:
         _reset_accelerate()
     peaks = tuple(tracker.peaks[p] for p in PHASES if p in tracker.peaks)
@@ -320,7 +332,42 @@ def measure_step_memory(
     layers = dict(shape.layers_by_kind)
     return StepMemory(method, seq_len, micro_batch, grad_accum_steps, gradient_checkpointing, device, layers,
                       (layers,), top.total_bytes, top.phase, top.components, peaks,
-                      round(time.perf_counter() - started, 2))
+                      round(time.perf_counter() - started, 2), world_size)
+
+
+@contextlib.contextmanager
+def _fake_process_group(world_size: int):
+    """Rank 0 of a fake world of `world_size` (torch's test process group: collectives do nothing)
+    for the measured step; nothing for one process."""
+    if world_size == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise UserError("A process group is already running in this process: measure sharded steps in a fresh one.")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure_step(model, optimizer, batch, accelerator, head, num_layers: int, loss_tokens: int,
+                  grad_accum_steps: int) -> _StepTracker:
+    """Run the measured (second) step under the tracker; return it with the phases' peaks."""
+    from trainer.loss import train_micro_batch
+
+    prime_step(model, optimizer, grad_accum_steps)
+    tracker = _StepTracker(_decoder_layers(model, num_layers))
+    tracker.track_external(model, optimizer)
+    with tracker:
+        train_micro_batch(model, batch.to(accelerator.device), accelerator.num_processes / loss_tokens,
+                          head=head, backward=accelerator.backward)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker
 
 
 def with_layers(model_config: dict, layers: dict[str, int]) -> dict:
@@ -386,4 +433,4 @@ def measure_peak_memory(model_config: dict, method: str, **kwargs) -> StepMemory
     first = runs[0]
     return StepMemory(method, first.seq_len, first.micro_batch, first.grad_accum_steps, first.gradient_checkpointing,
                       first.device, full, tuple(samples), top.total_bytes, top.phase, top.components, tuple(phases),
-                      round(time.perf_counter() - started, 2))
+                      round(time.perf_counter() - started, 2), first.world_size)

@@ -97,3 +97,21 @@ def test_leaves_accelerate_ready_for_a_cpu_run():
 
     memory.measure_step_memory(LLAMA, "lora", seq_len=32)  # bf16 autocast inside
     assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+
+
+def test_one_fsdp_rank_holds_its_shards_and_the_gathered_layers():
+    """Rank 0 of 4 under the fake process group: weights, gradients and AdamW state are a quarter of
+    one process's, plus what FSDP2 all-gathers; the fake world is torn down after the measurement."""
+    import torch.distributed as dist
+
+    from planner.shapes import load_config
+    from trainer.memory import measure_step_memory, with_layers
+
+    config = with_layers(load_config("Llama-3.2-1B"), {"dense": 2})
+    one = measure_step_memory(config, "full", seq_len=256, micro_batch=1)
+    four = measure_step_memory(config, "full", seq_len=256, micro_batch=1, world_size=4)
+    assert (one.world_size, four.world_size) == (1, 4) and not dist.is_initialized()
+    optimizer = {p.phase: p.components["optimizer"] for p in four.phases}["optimizer"]
+    assert optimizer == pytest.approx(one.components["optimizer"] / 4, rel=0.01)
+    assert four.peak_bytes < one.peak_bytes
+    assert four.components["weights"] > one.components["weights"] / 4  # the all-gathered root and layers
