@@ -230,7 +230,8 @@ def card_peak_bytes(setup, device: str) -> int | None:
     from accelerate import Accelerator
 
     from planner.shapes import load_config, shape_from_config
-    from trainer.loop import build_optimizer, precision
+    from trainer.lifecycle import build_optimizer
+    from trainer.loop import precision
     from trainer.loss import loss_head, train_micro_batch
     from trainer.memory import prime_step, step_batch, step_train_config
     from trainer.model import model_from_config, prepare_model

@@ -72,3 +72,19 @@ def get_gpu(name: str) -> Gpu:
     if gpu is None:
         raise UserError(f"Unknown GPU {name!r}: use one of {', '.join(gpu_names())}.")
     return gpu
+
+
+# torch.cuda.get_device_name() spellings -> catalog names, most specific first ("NVIDIA H100 80GB
+# HBM3" is the SXM part; the PCIe card reports "NVIDIA H100 PCIe"; A100s report their memory).
+_DEVICE_NAMES = ((("h100", "pcie"), "H100-80GB-PCIe"), (("h100",), "H100-80GB-SXM"), (("h200",), "H200-141GB"),
+                 (("a100", "40gb"), "A100-40GB"), (("a100",), "A100-80GB"), (("l40s",), "L40S"), (("l4",), "L4"),
+                 (("rtx4090",), "RTX-4090"), (("mi300x",), "MI300X"))
+
+
+def device_gpu(device_name: str) -> Gpu | None:
+    """The catalog GPU a device reports itself as (`torch.cuda.get_device_name`), or None if unknown."""
+    key = _key(device_name)
+    for tokens, name in _DEVICE_NAMES:
+        if all(token in key for token in tokens):
+            return get_gpu(name)
+    return None

@@ -97,7 +97,8 @@ def read_state(checkpoint: Path) -> dict:
 
 def check_resumable(checkpoint: Path, state: dict, config_hash: str, global_batch: int, processes: int,
                     sharding: str) -> None:
-    """Refuse to resume a checkpoint another configuration or process layout wrote.
+    """Refuse to resume a checkpoint another configuration or process layout wrote (the supervised
+    loop's and RL's, whose global batch is its episodes per step).
 
     A sharded checkpoint could be read into another world size (DCP reshards), but the step's
     micro-batches would then be summed in another order and the run would no longer equal the
@@ -106,10 +107,10 @@ def check_resumable(checkpoint: Path, state: dict, config_hash: str, global_batc
     Raises:
         UserError: the config, data, global batch, process count or sharding differs.
     """
-    if state["config_hash"] != config_hash or state["global_batch"] != global_batch:
+    if state.get("config_hash") != config_hash or state.get("global_batch") != global_batch:
         raise UserError(
             f"Cannot resume from {checkpoint}: it was written by another configuration "
-            f"(hash {state['config_hash']}, global batch {state['global_batch']}; "
+            f"(hash {state.get('config_hash')}, global batch {state.get('global_batch')}; "
             f"now {config_hash}, {global_batch}). Resume with the same config, data and process count, "
             "or start a fresh run in another output_dir."
         )

@@ -171,11 +171,11 @@ def launch(config: RunConfig, log: Callable[[str], None] = print):
         UserError: bad input, found here or by every rank before any work (the ranks' message).
         LaunchFailed: a rank crashed or was killed (its rank and error), after all ranks have ended.
     """
-    from trainer.loop import _preflight_dirs
+    from trainer.lifecycle import preflight_dirs
     from trainer.result import TrainResult
 
     check_launch(config)
-    _preflight_dirs(config)  # output/resume paths: refused here, before any process starts
+    preflight_dirs(config)  # output/resume paths: refused here, before any process starts
     with tempfile.TemporaryDirectory(prefix="lowregret-launch-") as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config.to_dict()))

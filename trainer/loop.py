@@ -18,40 +18,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import resource
-import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from planner.errors import UserError
-from planner.paths import check_output_dir
 from trainer import checkpoint as ckpt
 from trainer import distributed
+from trainer import lifecycle as life
 from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
 from trainer.data import collate, describe_data, example_id, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
 from trainer.model import base_dtype, count_trainable, load_base_tokenizer, load_for_training, save_trained
 from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
-
-
-def eval_steps(max_steps: int, points: int) -> list[int]:
-    """`points` evaluation steps (all of 0..max_steps when there are fewer): 0 (the base model),
-    max_steps, and between them steps as close to log-spaced from 1 as distinct integers allow."""
-    count = min(points, max_steps + 1)
-    targets = np.geomspace(1, max_steps, num=count - 1) if count > 2 else [max_steps] * (count - 1)
-    steps = [0]
-    for k, target in enumerate(targets):
-        # Round, but stay above the previous step and leave room for the ones still to come.
-        steps.append(min(max(int(round(target)), steps[-1] + 1), max_steps - (len(targets) - 1 - k)))
-    return steps
 
 
 def lr_lambda(config: TrainConfig, max_steps: int | None = None):
@@ -70,53 +52,12 @@ def lr_lambda(config: TrainConfig, max_steps: int | None = None):
     return factor
 
 
-def _run_dirs(config: TrainConfig) -> tuple[Path, Path]:
-    final = Path(config.output_dir)
-    return final, final.with_name(final.name + ".partial")
-
-
-def _preflight_dirs(config: TrainConfig) -> Path | None:
-    """Check the output and resume paths before any work; return the checkpoint to resume, if any.
-
-    Raises:
-        UserError: output_dir cannot be created (under a file, read-only), a finished run would be
-            overwritten, a killed run's output would be lost, or the resume path holds no checkpoint.
-    """
-    final, partial = _run_dirs(config)
-    check_output_dir(final, "output_dir")
-    if final.exists() and not config.overwrite:
-        raise UserError(
-            f"{final} already exists (a finished run or another folder). Choose another output_dir, "
-            "or set overwrite=true to replace it."
-        )
-    if config.resume is None:
-        if ckpt.list_checkpoints(partial) and not config.overwrite:
-            raise UserError(
-                f"{partial} holds checkpoints of an unfinished run. Continue it with resume=auto, "
-                "or set overwrite=true to start over."
-            )
-        return None
-    if config.resume == "auto":
-        return ckpt.find_checkpoint(partial)
-    found = ckpt.find_checkpoint(config.resume)
-    if found is None:
-        raise UserError(f"resume={config.resume!r} holds no checkpoint (checkpoints/step-N/state.json).")
-    return found
-
-
 @dataclass(frozen=True)
 class HeldOutNll:
     """The held-out loss (nats per completion token) and each example's summed NLL, in example order."""
 
     loss: float
     example_nll: list[float]
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "process_max_rss"
 
 
 def _evaluate(model, seqs, batch_size, pad_id, accelerator, head) -> HeldOutNll:
@@ -151,14 +92,6 @@ def precision(config: TrainConfig, use_cuda: bool) -> tuple[str, str]:
     return mixed_precision, base_dtype(config, use_cuda)
 
 
-def build_optimizer(model, config: TrainConfig, use_cuda: bool) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused kernel on CUDA (one launch, no foreach copies)."""
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay, fused=True if use_cuda else None,
-    )
-
-
 def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
     """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json
     and eval_examples.json (per-example held-out NLL, `trainer.result.EVAL_EXAMPLES_FILE`).
@@ -177,8 +110,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
 
     started = time.perf_counter()
     # ---- setup: checks, data, model (nothing written until all of it succeeded) ----------------
-    resume_from = _preflight_dirs(config)
-    final_dir, run_dir = _run_dirs(config)
+    resume_from = life.preflight_dirs(config)
+    final_dir, run_dir = life.run_dirs(config)
     use_cuda = torch.cuda.is_available()
     mixed_precision, _ = precision(config, use_cuda)
     # cpu=True without CUDA: under torchrun, accelerate then joins the processes over gloo.
@@ -233,9 +166,9 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         layers = distributed.shard_model(
             model, distributed.device_mesh(accelerator.device, accelerator.num_processes), mixed_precision)
         say(f"FSDP2: {layers} decoder layers and the model sharded over {accelerator.num_processes} processes")
-        optimizer = build_optimizer(model, config, use_cuda)  # over the sharded (DTensor) parameters
+        optimizer = life.build_optimizer(model, config, use_cuda)  # over the sharded (DTensor) parameters
     else:
-        optimizer = build_optimizer(model, config, use_cuda)
+        optimizer = life.build_optimizer(model, config, use_cuda)
         model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, max_steps))
@@ -256,10 +189,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
 
     # ---- from here on we write: the partial run directory, renamed to output_dir at the end -----
     if accelerator.is_main_process:
-        if resume_state is None and run_dir.exists():
-            shutil.rmtree(run_dir)  # a stale partial run: allowed by overwrite=true or empty of checkpoints
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        life.open_run_dir(config, run_dir, resuming=resume_state is not None)
     accelerator.wait_for_everyone()
     notify("on_start", config, {"output_dir": str(final_dir), "steps": max_steps, "global_batch": global_batch,
                                 "processes": accelerator.num_processes, "trainable_params": trainable_params,
@@ -267,7 +197,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
 
     # ---- train --------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
-    evals_at = set(eval_steps(max_steps, config.eval_points))
+    evals_at = set(life.eval_steps(max_steps, config.eval_points))
 
     def evaluate(at_step: int) -> None:
         held_out = _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head)
@@ -279,7 +209,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
         notify("on_step", 0, {"eval_loss": curves["eval"][-1][1]})
     model.train()
-    step_time, step_tokens_run = 0.0, 0
+    mean_length = sum(len(s.input_ids) for s in data.train) / len(data.train)
+    throughput = life.Throughput(config, mean_length, accelerator.device, accelerator.num_processes)
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps,
                disable=not (progress and accelerator.is_main_process), desc=f"train {config.method}")
     for step in bar:
@@ -306,18 +237,16 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         optimizer.zero_grad(set_to_none=True)
         nll_step, input_tokens = accelerator.reduce(torch.stack([nll_step, input_tokens]), reduction="sum")
         train_loss = nll_step.item() / loss_tokens
-        step_time += time.perf_counter() - t0
-        step_tokens_run += int(input_tokens.item())
+        speed = throughput.add(int(input_tokens.item()), time.perf_counter() - t0)
         tokens_total += int(input_tokens.item())
         curves["train"].append([step + 1, train_loss])
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_tokens_run / step_time:,.0f}")
-        notify("on_step", step + 1, {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                                     "tokens_per_s": step_tokens_run / step_time})
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed['tokens_per_s']:,.0f}")
+        notify("on_step", step + 1, {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **speed})
         if step + 1 in evals_at:
             evaluate(step + 1)
             say(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {curves['eval'][-1][1]:.4f}")
             notify("on_step", step + 1, {"eval_loss": curves["eval"][-1][1]})
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < max_steps:
+        if life.checkpoint_due(config, step + 1, max_steps):
             state = {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
                      "examples_seen": (step + 1) * global_batch, "curves": curves, "eval_nll": eval_nll,
                      "processes": accelerator.num_processes, "sharding": sharding}
@@ -333,7 +262,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
 
     # ---- save ---------------------------------------------------------------------------------
     wall_s = time.perf_counter() - started
-    peak_bytes, peak_kind = _peak_memory(accelerator.device)
+    peak_bytes, peak_kind = life.peak_memory(accelerator.device)
     sub = "adapter" if config.method == "lora" else "model"
     held_out_ids = [example_id(s) for s in data.eval]
     result = TrainResult(
@@ -347,7 +276,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         steps=max_steps,
         tokens=tokens_total,
         wall_s=round(wall_s, 3),
-        tokens_per_s=round(step_tokens_run / step_time, 1) if step_time else 0.0,
+        tokens_per_s=round(throughput.metrics()["tokens_per_s"], 1),
         peak_memory_bytes=int(peak_bytes),
         trainable_params=trainable_params,
         config_hash=config_hash,
@@ -375,12 +304,11 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
             "device": str(accelerator.device),
             "mixed_precision": mixed_precision,
             "loss_path": loss_path,
-            "versions": _versions(),
+            "throughput": throughput.summary(),
+            "versions": life.versions(),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if final_dir.exists():  # only reachable with overwrite=true (checked in preflight)
-            shutil.rmtree(final_dir)
-        os.replace(run_dir, final_dir)
+        life.finalize(run_dir, final_dir)
     accelerator.wait_for_everyone()
     notify("on_end", result)
     say(
@@ -389,12 +317,3 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         f"final train loss {result.final_train_loss:.4f}, eval loss {result.final_eval_loss:.4f} → {final_dir}"
     )
     return result
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__, "python": sys.version.split()[0]}

@@ -2,7 +2,7 @@
 
 `measure_step_memory` runs the trainer's own step on fake tensors: the precision policy
 (`loop.precision`), the model preparation (`model.prepare_model`: peft LoRA, gradient
-checkpointing), the optimizer (`loop.build_optimizer`), accelerate's `prepare` (autocast and the
+checkpointing), the optimizer (`lifecycle.build_optimizer`), accelerate's `prepare` (autocast and the
 fp32 conversion of the model's outputs), the loop's loss path (`loss.loss_head`: chunked or full
 logits) and micro-batch step (`loss.train_micro_batch`: forward, loss, backward), on a batch made
 by the loop's `data.collate`. The tensors are `torch._subclasses.fake_tensor.FakeTensorMode` fakes
@@ -295,7 +295,8 @@ def measure_step_memory(
 
     from planner.shapes import shape_from_config
     from trainer.distributed import device_mesh, shard_model
-    from trainer.loop import build_optimizer, precision
+    from trainer.lifecycle import build_optimizer
+    from trainer.loop import precision
     from trainer.loss import loss_head
     from trainer.model import model_from_config, prepare_model
 

@@ -20,16 +20,15 @@ uninterrupted run drew. Held-out evaluation is greedy, at log-spaced steps: the 
 the accuracy (share of prompts whose reward reaches `trainer.rewards.SOLVED_REWARD`), with each
 prompt's reward kept for the paired comparison of LoRA with FullFT (evaluation/rl.py).
 
-Single process (CPU or one GPU). Output, checkpoints and resume follow docs/TRAINER.md: everything
-goes to `<output_dir>.partial/` and is renamed at the end.
+Single process (CPU or one GPU). The run's lifecycle is the supervised loop's (trainer/lifecycle.py:
+preflight, the partial folder, the resume check, the optimizer, the eval and checkpoint cadence,
+finalize): everything goes to `<output_dir>.partial/` and is renamed at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -38,8 +37,8 @@ import torch
 from planner.dataset import IGNORE_INDEX
 from planner.errors import UserError
 from trainer import checkpoint as ckpt
+from trainer import lifecycle as life
 from trainer.data import Sequence, collate, load_split, step_indices
-from trainer.loop import _peak_memory, _preflight_dirs, _run_dirs, _versions, eval_steps
 from trainer.loss import completion_nll, loss_head
 from trainer.model import count_trainable, load_base_tokenizer, load_for_training, save_trained
 from trainer.rewards import SOLVED_REWARD, load_reward
@@ -247,8 +246,8 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
 
     started = time.perf_counter()
     # ---- setup: checks, reward, prompts, model (nothing written until all of it succeeded) -----
-    resume_from = _preflight_dirs(config)
-    final_dir, run_dir = _run_dirs(config)
+    resume_from = life.preflight_dirs(config)
+    final_dir, run_dir = life.run_dirs(config)
     reward_fn = load_reward(config.reward)  # python: rewards import the user's module here
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(config.seed)
@@ -269,19 +268,12 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     end_ids = end_token_ids(model, tokenizer)
     head, _ = loss_head(model)  # the chunked completion NLL where it is exact, else full logits
 
+    episodes_per_step = config.prompts_per_step * config.group_size
     resume_state = None
     if resume_from is not None:
         resume_state = ckpt.read_state(resume_from)
-        if resume_state.get("config_hash") != config_hash:
-            raise UserError(
-                f"Cannot resume from {resume_from}: it was written by another configuration "
-                f"(hash {resume_state.get('config_hash')}, now {config_hash}). Resume with the same config and "
-                "data, or start a fresh run in another output_dir."
-            )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay, fused=True if device.type == "cuda" else None,
-    )
+        ckpt.check_resumable(resume_from, resume_state, config_hash, episodes_per_step, 1, "single")
+    optimizer = life.build_optimizer(model, config, device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant LR (the paper's protocol)
 
     curves: dict[str, list] = {"train_reward": [], "signal_fraction": [], "eval_reward": [], "eval_accuracy": []}
@@ -295,10 +287,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         say(f"resumed from {resume_from} at step {start_step}")
 
     # ---- from here on we write: the partial run directory, renamed to output_dir at the end -----
-    if resume_state is None and run_dir.exists():
-        shutil.rmtree(run_dir)  # a stale partial run: allowed by overwrite=true or empty of checkpoints
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    life.open_run_dir(config, run_dir, resuming=resume_state is not None)
 
     final_texts: list[str] = []  # the last evaluation's greedy completions, kept as examples
 
@@ -323,12 +312,11 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
             f"accuracy {curves['eval_accuracy'][-1][1]:.3f}" + (" (base model)" if at_step == 0 else ""))
 
     # ---- train --------------------------------------------------------------------------------
-    evals_at = set(eval_steps(config.max_steps, config.eval_points))
+    evals_at = set(life.eval_steps(config.max_steps, config.eval_points))
     if start_step == 0:
         evaluate(0)
         write_curves()
     group, per_step = config.group_size, config.prompts_per_step
-    episodes_per_step = per_step * group
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                disable=not progress, desc=f"rl {config.method}")
     for step in bar:
@@ -375,17 +363,22 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         if step + 1 in evals_at:
             evaluate(step + 1)
         write_curves()
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
+        if life.checkpoint_due(config, step + 1, config.max_steps):
             ckpt.save_checkpoint(
                 run_dir, step + 1, model, optimizer, scheduler,
-                {"config_hash": config_hash, "curves": curves, "eval_rewards": eval_rewards, "counters": counters},
+                {"config_hash": config_hash, "global_batch": episodes_per_step, "processes": 1, "sharding": "single",
+                 "curves": curves, "eval_rewards": eval_rewards, "counters": counters},
                 keep=config.keep_checkpoints,
             )
     bar.close()
 
     # ---- save ---------------------------------------------------------------------------------
     wall_s = time.perf_counter() - started
-    peak_bytes, peak_kind = _peak_memory(device)
+    # The policy-gradient steps' model FLOPs and MFU (sampling is generation, not a training step).
+    episode_tokens = sum(len(p.input_ids) for p in data.train) / len(data.train) + config.max_new_tokens
+    policy_throughput = life.Throughput(config, episode_tokens, device, 1)
+    policy_throughput.add(counters["train_tokens"], counters["train_s"])
+    peak_bytes, peak_kind = life.peak_memory(device)
     sub = "adapter" if config.method == "lora" else "model"
     result = RLResult(
         method=config.method,
@@ -421,12 +414,11 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         "resumed_from_step": start_step or None,
         "device": str(device),
         "timing_s": {"sampling": round(counters["sample_s"], 3), "policy_gradient": round(counters["train_s"], 3)},
-        "versions": _versions(),
+        "throughput": policy_throughput.summary(),
+        "versions": life.versions(),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if final_dir.exists():  # only reachable with overwrite=true (checked in preflight)
-        shutil.rmtree(final_dir)
-    os.replace(run_dir, final_dir)
+    life.finalize(run_dir, final_dir)
     say(
         f"done: {result.steps} steps, {result.episodes:,} episodes, {result.wall_s:.1f} s "
         f"(sampling {result.sample_tokens_per_s:,.0f} tokens/s, policy gradient {result.train_tokens_per_s:,.0f} "

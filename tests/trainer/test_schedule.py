@@ -3,7 +3,8 @@
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.loop import eval_steps, lr_lambda
+from trainer.lifecycle import eval_steps
+from trainer.loop import lr_lambda
 
 
 def test_constant_is_flat_and_warmup_ramps():
