@@ -182,12 +182,8 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         "temporaries, recomputation); the measured A/T split follows MemTracker's forward/backward "
         "attribution, the planner's its own, so compare the totals.",
         "",
-        "| # | set-up | measured | planner | ratio | measured peak in | measured parts | planner parts |",
-        "|---:|---|---:|---:|---:|---|---|---|",
+        *_table(rows, "set-up"),
     ]
-    for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | {r['setup']} | {_gb(r['measured_bytes'])} | {_gb(r['planner_bytes'])} | "
-                     f"{r['ratio']:.3f} | {r['measured_phase']} | {_parts(r['measured'])} | {_parts(r['planner'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,13 +206,19 @@ def sharded_markdown(rows: list[dict], command: str, seconds: float) -> str:
         "all-gathered root and layer and a layer's unsharded gradients (planner/memory.py).",
         f"- Result: {inside} of {len(rows)} ratios planner/measured within {lo:.2f}-{hi:.2f}.",
         "",
-        "| # | set-up (per rank) | measured | planner | ratio | measured peak in | measured parts | planner parts |",
-        "|---:|---|---:|---:|---:|---|---|---|",
+        *_table(rows, "set-up (per rank)"),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict], setup_header: str) -> list[str]:
+    """The results table's lines: measured and planned bytes, their ratio and both breakdowns per row."""
+    lines = [f"| # | {setup_header} | measured | planner | ratio | measured peak in | measured parts | planner parts |",
+             "|---:|---|---:|---:|---:|---|---|---|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['setup']} | {_gb(r['measured_bytes'])} | {_gb(r['planner_bytes'])} | "
                      f"{r['ratio']:.3f} | {r['measured_phase']} | {_parts(r['measured'])} | {_parts(r['planner'])} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_section(path: Path, section: str) -> None:

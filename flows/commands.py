@@ -443,12 +443,15 @@ def dry_run(config, sweep=None) -> int:
         runs = [("full", None, config.full_lr), ("lora", config.rank, config.lora_lr)]
     else:
         runs = sweep.grid()
+    from trainer.launch import describe_launch
+
     print(f"Runs ({len(runs)}):")
     for method, rank, lr in runs:
         train = config.train_config(method, rank=rank or config.rank, lr=lr)
         steps = f"{train.max_steps} steps" if train.max_steps else f"{train.num_epochs:g} epochs"
         print(f"  {method}{f' r={rank}' if rank else ''}: lr {lr:g}, {steps} of batch "
-              f"{train.batch_size} x {train.grad_accum_steps}, max_length {train.max_length}")
+              f"{train.batch_size} x {train.grad_accum_steps}, max_length {train.max_length}; "
+              f"{describe_launch(train)}")
     plan = config.plan()
     print(f"Capacity plan (LoRA r={config.rank}):\n  " + "\n  ".join(summary_lines(plan)))
     print("Dry run: nothing trained, nothing written.")

@@ -119,8 +119,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError(
             "accelerate's FSDP plugin is not used: the trainer shards with FSDP2 itself (on CPU the plugin "
-            "silently runs DDP). Launch with launch.processes=N launch.sharding=fsdp, or accelerate launch "
-            "--multi_gpu, not an accelerate FSDP config."
+            "silently runs DDP). Train on several processes with `lowregret train ... launch.processes=N` "
+            "(FSDP2 for FullFT; launch.sharding=fsdp for LoRA), not an accelerate FSDP config."
         )
     sharding = distributed.choose_sharding(config.launch.sharding, config.method, accelerator.num_processes)
     set_seed(config.seed)
@@ -166,9 +166,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         layers = distributed.shard_model(
             model, distributed.device_mesh(accelerator.device, accelerator.num_processes), mixed_precision)
         say(f"FSDP2: {layers} decoder layers and the model sharded over {accelerator.num_processes} processes")
-        optimizer = life.build_optimizer(model, config, use_cuda)  # over the sharded (DTensor) parameters
-    else:
-        optimizer = life.build_optimizer(model, config, use_cuda)
+    optimizer = life.build_optimizer(model, config, use_cuda)  # under FSDP2: over the sharded (DTensor) parameters
+    if sharding != "fsdp":
         model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; our schedule counts optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, max_steps))
@@ -250,13 +249,10 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
             state = {"config_hash": config_hash, "global_batch": global_batch, "tokens": tokens_total,
                      "examples_seen": (step + 1) * global_batch, "curves": curves, "eval_nll": eval_nll,
                      "processes": accelerator.num_processes, "sharding": sharding}
-            if sharding == "fsdp":  # every rank writes its shards
+            if sharding == "fsdp" or accelerator.is_main_process:  # under FSDP2 every rank writes its shards
                 ckpt.save_checkpoint(run_dir, step + 1, unwrapped, optimizer, scheduler, state,
-                                     keep=config.keep_checkpoints, sharded=True,
+                                     keep=config.keep_checkpoints, sharded=sharding == "fsdp",
                                      is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
-            elif accelerator.is_main_process:
-                ckpt.save_checkpoint(run_dir, step + 1, unwrapped, optimizer, scheduler, state,
-                                     keep=config.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
 
