@@ -168,13 +168,18 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
 
     _init_adam_state(model, optimizer)
     state = _trainable_state(model, optimizer)
     try:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
-    except Exception as exc:  # DCP wraps every rank's failure in a CheckpointException
+    except (CheckpointException, Exception) as exc:  # a BaseException: DCP gathers every rank's failure in it
+        failures = getattr(exc, "failures", None) or {}
+        first = failures[min(failures)] if failures else exc
+        reason = str(first[0] if isinstance(first, tuple) else first).strip().splitlines()
         raise UserError(
             f"Cannot resume from {folder.parent}: its sharded weights and optimizer state do not load into this "
-            f"run ({str(exc).splitlines()[0][:300]}). Resume with the config that wrote it, or start a fresh run."
+            f"run ({(reason[-1] if reason else type(exc).__name__)[:300]}). The checkpoint is damaged or was "
+            "written by another run: resume from an earlier checkpoint, or start a fresh run (overwrite=true)."
         ) from exc

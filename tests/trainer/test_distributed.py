@@ -116,6 +116,19 @@ def test_kill_of_a_rank_then_the_same_command_resumes_exactly(tmp_path, tiny_mod
     assert message.startswith("lowregret train: training failed: rank ") and "SIGKILL" in message, message
     assert not out.exists() and not _workers(os.getpid())
 
+    # A damaged shard (its safetensors header overwritten) is refused in one paragraph by every rank.
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out.with_name(out.name + ".partial"), damaged.with_name("damaged.partial"))
+    shard = sorted(damaged.with_name("damaged.partial").glob("checkpoints/step-*/shards/*.safetensors"))[0]
+    with shard.open("r+b") as f:
+        f.write(b"not a safetensors header")
+    refused = _train(_options(model, rows_file, damaged, "full") + common + ["resume=auto"], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("lowregret train: error: Cannot resume from ")
+    assert not damaged.exists()
+
     resumed = _train(command + ["resume=auto"])
     assert "resumed from" in resumed.stdout
     assert _curves(out) == _curves(reference)
