@@ -38,6 +38,8 @@ DEFAULT_FULL_LR = DEFAULT_LORA_LR / 10
 # the config hash, so a resumed run (or a run under another output_dir) counts as the same run.
 _UNHASHED_FIELDS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "report_to",
                     "launch")
+# Options only a LoRA run reads (trainer.model.prepare_model): out of a FullFT run's hash.
+_LORA_ONLY_FIELDS = ("rank", "alpha", "targets", "expert_rank_divisor", "target_unembedding")
 
 
 @dataclass
@@ -301,6 +303,8 @@ def config_hash(config, data_fingerprint: str = "") -> str:
     """16 hex chars of a run config's fields that change the result (not where or how often it
     writes) + the data fingerprint; shared by `TrainConfig` and `trainer.rl_config.RLConfig`."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _UNHASHED_FIELDS}
+    if config.method == "full":  # the adapter's shape does not touch a FullFT run: one baseline for every rank
+        fields = {k: v for k, v in fields.items() if k not in _LORA_ONLY_FIELDS}
     # The process layout changes the numbers only through the global batch (batch_size x
     # grad_accum_steps x processes): FSDP and DDP ranks equal one process with as many
     # accumulation steps (tests/trainer/test_distributed.py). So the world size is hashed, not the

@@ -1,7 +1,8 @@
 """`lowregret pipeline` with 2 training processes end to end on a tiny llama: the FullFT baseline
 (FSDP2) and the LoRA adapter (DDP) are trained under the launcher (torchrun, 2 gloo processes), the
 regret computed, the adapter registered and promoted exactly as a one-process run's; a second
-pipeline reuses the baseline, which the launch's world size keys (train.launch.processes)."""
+pipeline at another LoRA rank reuses the baseline, which the launch's world size keys
+(train.launch.processes) and the adapter's shape does not."""
 
 from __future__ import annotations
 
@@ -56,6 +57,6 @@ def test_pipeline_trains_both_runs_under_the_launcher_registers_and_reuses_the_b
     assert any(line.startswith("launch: 2 processes, sharding fsdp") for line in task_log.lines)
     assert any(line.startswith("done: 6 steps") for line in task_log.lines)  # the ranks' lines reach the task log
 
-    second = pipeline(load_pipeline_config(None, overrides + ["lora_lr=2e-3"]), workdir=str(flow_settings.home.parent))
+    second = pipeline(load_pipeline_config(None, overrides + ["rank=2"]), workdir=str(flow_settings.home.parent))
     assert second["baseline_cached"]
     assert second["registration"]["version"] == "2"

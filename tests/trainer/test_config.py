@@ -104,6 +104,10 @@ def test_hash_ignores_where_output_goes_but_not_what_is_trained():
     base = TrainConfig()
     assert base.hash("d") == TrainConfig(output_dir="elsewhere", checkpoint_every=7).hash("d")
     assert base.hash("d") != TrainConfig(rank=8).hash("d")
+    # A FullFT baseline is the same run whatever LoRA shape a pipeline compares it with.
+    full = TrainConfig(method="full")
+    assert full.hash("d") == TrainConfig(method="full", rank=8, alpha=16, targets="mlp").hash("d")
+    assert full.hash("d") != TrainConfig(method="full", lr=1e-4).hash("d")
     assert base.hash("d") != base.hash("other data")
 
 
