@@ -37,7 +37,18 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:
         _record("crash", "".join(traceback.format_exception_only(exc)).strip())
         raise
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group left alive can abort
+    the rank at exit ("terminate called without an active exception", SIGABRT), after its run finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
