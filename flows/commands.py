@@ -244,10 +244,10 @@ def run_train(args) -> int:
 def run_rl_train(args) -> int:
     import json
 
-    from trainer.rl import train_rl
+    from trainer.launch import run
     from trainer.rl_config import load_rl_config
 
-    result = train_rl(load_rl_config(args.config, args.overrides), progress=not args.no_progress)
+    result = run(load_rl_config(args.config, args.overrides), progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     return 0

@@ -43,6 +43,32 @@ def choose_sharding(requested: str, method: str, world_size: int) -> str:
     return "fsdp" if method == "full" else "ddp"
 
 
+def make_accelerator(mixed_precision: str, use_cuda: bool):
+    """The run's `accelerate.Accelerator`: one process, or this rank of a torchrun launch (over gloo
+    when there is no CUDA: `cpu=True`). Both loops start here.
+
+    Raises:
+        UserError: an accelerate FSDP config is active (`accelerate launch --use_fsdp`, a config file):
+            the trainer shards with FSDP2 itself.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError(
+            "accelerate's FSDP plugin is not used: the trainer shards with FSDP2 itself (on CPU the plugin "
+            "silently runs DDP). Train on several processes with `launch.processes=N` (FSDP2 for FullFT; "
+            "launch.sharding=fsdp for LoRA), not an accelerate FSDP config."
+        )
+    return accelerator
+
+
+def gathered_counts(accelerator, *values: int) -> torch.Tensor:
+    """Each rank's integer `values` as a [processes, len(values)] tensor, in rank order (a collective)."""
+    return accelerator.gather(torch.tensor([values], dtype=torch.long, device=accelerator.device))
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, the FSDP units: modules whose class is in transformers'
     `_no_split_modules` (LlamaDecoderLayer, Qwen3MoeDecoderLayer, ...).

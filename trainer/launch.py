@@ -52,12 +52,16 @@ def resolve_launch(config: RunConfig, gpu: str | None = None) -> RunConfig:
     if launch.processes != "auto":
         return config
     from planner.plan import DEFAULT_GPU, build_plan
+    from trainer.rl_config import RLConfig
 
     method = "full" if config.method == "full" else "lora"
-    batch = getattr(config, "batch_size", 1) * getattr(config, "grad_accum_steps", 1)
+    if isinstance(config, RLConfig):  # a policy-gradient micro-batch: prompt + completion tokens
+        batch, seq_len = config.micro_batch_size, config.max_prompt_tokens + config.max_new_tokens
+    else:
+        batch, seq_len = config.batch_size * config.grad_accum_steps, config.max_length
     plan = build_plan(config.model, config.rank, targets=config.targets, expert_rank_divisor=config.expert_rank_divisor,
-                      target_unembedding=config.target_unembedding, seq_len=getattr(config, "max_length", 2048),
-                      batch_size=batch, gpu=gpu or DEFAULT_GPU)
+                      target_unembedding=config.target_unembedding, seq_len=seq_len, batch_size=batch,
+                      gpu=gpu or DEFAULT_GPU)
     fit = next(f for f in plan.hardware if f.method == method)
     if fit.num_gpus is None:
         raise UserError(f"launch.processes=auto: the plan finds no GPU count on which {config.model} {method} fits "
@@ -117,19 +121,43 @@ def run(config: RunConfig, log: Callable[[str], None] = print, progress: bool = 
     from trainer.rl_config import RLConfig
 
     config = resolve_launch(config, gpu)
-    if isinstance(config, RLConfig):
-        from trainer.rl import train_rl
-
-        return train_rl(config, progress=progress)
     if not is_launched(config):
+        if isinstance(config, RLConfig):
+            from trainer.rl import train_rl
+
+            return train_rl(config, progress=progress)
         from trainer.loop import train
 
         return train(config, progress=progress, callbacks=callbacks)
     log(describe_launch(config))
     result = launch(config, log)
-    if result is not None:
+    if result is not None and not isinstance(config, RLConfig):  # RL runs take no callbacks
         _replay(config, result, callbacks)
     return result
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    """The run config for the ranks (`trainer.worker`): its objective and its options, as JSON."""
+    from trainer.rl_config import RLConfig
+
+    objective = "rl" if isinstance(config, RLConfig) else "supervised"
+    path.write_text(json.dumps({"objective": objective, "config": config.to_dict()}))
+
+
+def read_config(path: Path) -> RunConfig:
+    """The run config `write_config` wrote: a TrainConfig or an RLConfig."""
+    from trainer.config import TrainConfig
+    from trainer.rl_config import RLConfig
+
+    record = json.loads(path.read_text())
+    return (RLConfig if record["objective"] == "rl" else TrainConfig).from_dict(record["config"])
+
+
+def _result_class(config: RunConfig):
+    from trainer.result import TrainResult
+    from trainer.rl_config import RLConfig, RLResult
+
+    return RLResult if isinstance(config, RLConfig) else TrainResult
 
 
 def _replay(config: RunConfig, result, callbacks: Sequence) -> None:
@@ -163,7 +191,7 @@ def torchrun_command(config: RunConfig, config_path: Path) -> list[str]:
 
 def launch(config: RunConfig, log: Callable[[str], None] = print):
     """Train `config` on `launch.processes` × `launch.nodes` processes and return its result (the
-    `TrainResult` read from summary.json; None on a node other than 0 when output_dir is not shared).
+    `TrainResult` or `RLResult` read from summary.json; None on a node other than 0 when output_dir is not shared).
 
     Every line the ranks print goes to `log` as it comes (the Prefect task log in a flow).
 
@@ -172,13 +200,12 @@ def launch(config: RunConfig, log: Callable[[str], None] = print):
         LaunchFailed: a rank crashed or was killed (its rank and error), after all ranks have ended.
     """
     from trainer.lifecycle import preflight_dirs
-    from trainer.result import TrainResult
 
     check_launch(config)
     preflight_dirs(config)  # output/resume paths: refused here, before any process starts
     with tempfile.TemporaryDirectory(prefix="lowregret-launch-") as tmp:
         config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps(config.to_dict()))
+        write_config(config, config_path)
         errors = Path(tmp) / "errors"
         errors.mkdir()
         env = {**os.environ, ERROR_DIR_ENV: str(errors), "PYTHONUNBUFFERED": "1"}
@@ -188,7 +215,7 @@ def launch(config: RunConfig, log: Callable[[str], None] = print):
     summary = Path(config.output_dir) / "summary.json"
     if not summary.is_file():
         return None
-    return TrainResult.from_dict(json.loads(summary.read_text()))
+    return _result_class(config).from_dict(json.loads(summary.read_text()))
 
 
 def _run(command: Sequence[str], env: dict, log: Callable[[str], None]) -> deque | None:

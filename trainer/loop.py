@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from planner.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import lifecycle as life
@@ -103,8 +102,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         UserError: bad input (data, targets, rank, output/resume paths), always before the first step
             and before anything is written.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -114,14 +112,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     final_dir, run_dir = life.run_dirs(config)
     use_cuda = torch.cuda.is_available()
     mixed_precision, _ = precision(config, use_cuda)
-    # cpu=True without CUDA: under torchrun, accelerate then joins the processes over gloo.
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not use_cuda)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise UserError(
-            "accelerate's FSDP plugin is not used: the trainer shards with FSDP2 itself (on CPU the plugin "
-            "silently runs DDP). Train on several processes with `lowregret train ... launch.processes=N` "
-            "(FSDP2 for FullFT; launch.sharding=fsdp for LoRA), not an accelerate FSDP config."
-        )
+    accelerator = distributed.make_accelerator(mixed_precision, use_cuda)
     sharding = distributed.choose_sharding(config.launch.sharding, config.method, accelerator.num_processes)
     set_seed(config.seed)
     if use_cuda:

@@ -15,20 +15,32 @@ on-policy (one step per batch of samples), so PPO's importance ratio is 1 and it
 acts; there is no KL penalty, as in LoRA Without Regret's RL experiments. Groups whose samples all
 earn the same reward have zero advantage and are skipped: they carry no signal.
 
-Sampling is seeded per step (`seed`, step), so a resumed run draws exactly the samples the
-uninterrupted run drew. Held-out evaluation is greedy, at log-spaced steps: the mean reward and
-the accuracy (share of prompts whose reward reaches `trainer.rewards.SOLVED_REWARD`), with each
-prompt's reward kept for the paired comparison of LoRA with FullFT (evaluation/rl.py).
+Sampling draws each episode with its own seed, (seed, step, prompt position, sample index), through
+inverse-CDF sampling with one hashed uniform per token (`SeededSampling`), so an episode's completion depends neither on the other rows
+of its batch nor on the process that samples it: a resumed run, and a run on any number of processes,
+draws exactly the episodes the uninterrupted one-process run drew. Held-out evaluation is greedy, at
+log-spaced steps: the mean reward and the accuracy (share of prompts whose reward reaches
+`trainer.rewards.SOLVED_REWARD`), with each prompt's reward kept for the paired comparison of LoRA
+with FullFT (evaluation/rl.py).
 
-Single process (CPU or one GPU). The run's lifecycle is the supervised loop's (trainer/lifecycle.py:
-preflight, the partial folder, the resume check, the optimizer, the eval and checkpoint cadence,
-finalize): everything goes to `<output_dir>.partial/` and is renamed at the end.
+Several processes (`launch.processes`, started by `trainer.launch` under torchrun): each samples and
+scores whole groups (the step's prompts split in equal blocks, hence `prompts_per_step` divisible by
+the processes), and the policy gradient is summed over all of them: DDP for LoRA, FSDP2 for FullFT
+(trainer/distributed.py), as in the supervised loop. Every process runs as many forwards as the
+others (zero-weight micro-batches where it has fewer episodes with signal; transformers'
+`synced_gpus` while generating under FSDP2), because FSDP's all-gathers and DDP's all-reduces are
+collectives. The held-out prompts are shared out and their rewards gathered.
+
+The run's lifecycle is the supervised loop's (trainer/lifecycle.py: preflight, the partial folder,
+the resume check, the optimizer, the eval and checkpoint cadence, finalize): everything goes to
+`<output_dir>.partial/` and is renamed at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +49,7 @@ import torch
 from planner.dataset import IGNORE_INDEX
 from planner.errors import UserError
 from trainer import checkpoint as ckpt
+from trainer import distributed
 from trainer import lifecycle as life
 from trainer.data import Sequence, collate, load_split, step_indices
 from trainer.loss import completion_nll, loss_head
@@ -167,9 +180,13 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 
 def generate(model, prompts: list[tuple[int, ...]], *, max_new_tokens: int, pad_id: int, end_ids: list[int],
-             greedy: bool, tokenizer) -> Rollouts:
-    """Complete each prompt once (batched, left-padded): sampled at temperature 1, or greedy."""
-    from transformers import GenerationConfig
+             seeds: list[int] | None, tokenizer, synced: bool = False) -> Rollouts:
+    """Complete each prompt once (batched, left-padded): greedy when `seeds` is None, else sampled at
+    temperature 1 with row i's draws seeded by seeds[i] alone (`SeededSampling`), so a row's completion
+    does not depend on the other rows of its batch, nor on which process samples it. `synced`: every
+    process runs as many forwards as the longest (transformers' `synced_gpus`, what FSDP's all-gathers need).
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -178,21 +195,55 @@ def generate(model, prompts: list[tuple[int, ...]], *, max_new_tokens: int, pad_
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention[row, width - len(ids):] = 1
-    # Sampling knobs set explicitly: unset ones are filled from the model's generation_config and
-    # then transformers' defaults (top_k=50), which would sample from another distribution than the
-    # policy's. top_k=0 turns top-k off.
-    sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
-                                  eos_token_id=end_ids, **sampling)
+    # Decoding is argmax; sampling first masks all but each row's seeded draw (no temperature, top-k or
+    # top-p warper is built, so the draws come from the policy's own distribution).
+    processors = LogitsProcessorList([] if seeds is None else [SeededSampling(seeds, width)])
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                  eos_token_id=end_ids)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             generation_config=generation)
+                             generation_config=generation, logits_processor=processors, synced_gpus=synced)
     completions = []
     for row in out[:, width:].tolist():
         end = next((i for i, token in enumerate(row) if token in end_ids), None)
         completions.append(row if end is None else row[: end + 1])  # what follows the end token is padding
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     return Rollouts(list(prompts), completions, texts)
+
+
+class SeededSampling:
+    """A transformers logits processor that makes greedy decoding draw from softmax(logits) (temperature 1):
+    each row's token is the inverse CDF of softmax(logits) at one uniform number, and every other token
+    is masked, so the argmax is that draw. Row i's uniform at its t-th new token comes from (seeds[i], t)
+    only (a hash, no random stream), which is what makes a row's draw independent of its batch and
+    process: `torch.multinomial` over a batch draws from one stream for all rows."""
+
+    def __init__(self, seeds: list[int], prompt_width: int):
+        self.seeds, self.prompt_width = seeds, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        position = input_ids.shape[1] - self.prompt_width
+        uniform_B = torch.tensor([(_mix(seed, position) >> 10) / 2**53 for seed in self.seeds],  # in [0, 1)
+                                 dtype=torch.float64, device=scores.device)
+        cdf_B_V = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)
+        # The token whose CDF step holds u x total: the first with cdf > u x total (a zero-probability
+        # token has no step, so it is never drawn).
+        token_B = torch.searchsorted(cdf_B_V, (uniform_B * cdf_B_V[:, -1])[:, None], right=True)
+        token_B = token_B.clamp(max=scores.shape[-1] - 1)
+        drawn = torch.full_like(scores, float("-inf"))
+        return drawn.scatter_(1, token_B, 0.0)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (sha256: distinct tuples give unrelated streams)."""
+    digest = hashlib.sha256(":".join(map(str, values)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def sample_seeds(seed: int, step: int, positions: range, group: int) -> list[int]:
+    """The sampling seeds of a step's episodes: prompt position p's j-th sample gets (seed, step, p, j).
+    The same on any number of processes, and on resume."""
+    return [_mix(seed, step, p, j) for p in positions for j in range(group)]
 
 
 def group_advantages(rewards_P_G: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -203,25 +254,36 @@ def group_advantages(rewards_P_G: torch.Tensor, scale: bool) -> torch.Tensor:
     return centred
 
 
-def _sampling_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % 2**63
-
-
 # ---------------------------------------------------------------------------------- evaluation
 
 
 def greedy_rewards(model, tokenizer, prompts: list[Prompt], reward_fn, *, max_new_tokens: int, batch_size: int,
-                   end_ids: list[int]) -> tuple[list[float], list[str]]:
-    """Each held-out prompt's reward for its greedy completion, and the completions."""
+                   end_ids: list[int], accelerator=None, synced: bool = False) -> tuple[list[float], list[str]]:
+    """Each held-out prompt's reward for its greedy completion, and the completions, in prompt order.
+
+    With an `accelerator` of several processes the prompts are shared out (rank r takes r, r + P, ...)
+    and every process ends with all rewards and completions: each fills its prompts' slots of zero
+    tensors and a sum-reduction assembles them. Every process decodes as many batches (one short of
+    prompts decodes its first batch again and drops it): under FSDP the forwards are collectives.
+    """
     model.eval()
-    rewards, texts = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        out = generate(model, [p.input_ids for p in chunk], max_new_tokens=max_new_tokens,
-                       pad_id=tokenizer.pad_token_id, end_ids=end_ids, greedy=True, tokenizer=tokenizer)
-        texts += out.texts
-        rewards += [reward_fn(p.text, t, p.answer) for p, t in zip(chunk, out.texts, strict=True)]
-    return rewards, texts
+    world, rank = (1, 0) if accelerator is None else (accelerator.num_processes, accelerator.process_index)
+    device = next(model.parameters()).device
+    rewards_N = torch.zeros(len(prompts), dtype=torch.float64, device=device)
+    tokens_N_T = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)  # token + 1; 0 = none
+    mine = list(range(rank, len(prompts), world))
+    for k in range(math.ceil(math.ceil(len(prompts) / world) / batch_size)):
+        rows = mine[k * batch_size : (k + 1) * batch_size]
+        out = generate(model, [prompts[i].input_ids for i in rows or mine[:batch_size] or [0]],
+                       max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id, end_ids=end_ids, seeds=None,
+                       tokenizer=tokenizer, synced=synced)
+        for i, completion, text in zip(rows, out.completions, out.texts, strict=False):  # no rows: all dropped
+            rewards_N[i] = reward_fn(prompts[i].text, text, prompts[i].answer)
+            tokens_N_T[i, : len(completion)] = torch.tensor(completion, device=device) + 1
+    if world > 1:
+        rewards_N, tokens_N_T = accelerator.reduce(rewards_N, reduction="sum"), accelerator.reduce(tokens_N_T, "sum")
+    texts = [tokenizer.decode([t - 1 for t in row if t > 0], skip_special_tokens=True) for row in tokens_N_T.tolist()]
+    return rewards_N.tolist(), texts
 
 
 def accuracy(rewards: list[float]) -> float:
@@ -234,7 +296,8 @@ def accuracy(rewards: list[float]) -> float:
 
 def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     """Train `config.method` with RL on `config.dataset`; write adapter/ or model/, curves.json,
-    eval_rewards.json and summary.json to `config.output_dir`.
+    eval_rewards.json and summary.json to `config.output_dir`. Runs as is in one process, and as
+    every rank of a torchrun launch (`trainer.launch`; module docstring, "Several processes").
 
     Raises:
         UserError: bad input (data, reward, targets, rank, output/resume paths), always before the
@@ -249,51 +312,76 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     resume_from = life.preflight_dirs(config)
     final_dir, run_dir = life.run_dirs(config)
     reward_fn = load_reward(config.reward)  # python: rewards import the user's module here
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cuda = torch.cuda.is_available()
+    # No autocast: RL keeps the precision it loads (a bf16 frozen base for LoRA on CUDA, fp32 otherwise).
+    accelerator = distributed.make_accelerator("no", use_cuda)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    sharding = distributed.choose_sharding(config.launch.sharding, config.method, world)
     set_seed(config.seed)
-    if device.type == "cuda":
+    if use_cuda:
         torch.cuda.reset_peak_memory_stats()
     hf_logging.disable_progress_bar()
-    say = tqdm.write
 
+    def say(message: str) -> None:  # main process only; tqdm.write keeps the progress bar intact
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    if world > 1:
+        say(f"processes: {world}, sharding: {sharding}")
     tokenizer = load_base_tokenizer(config.model)
     data = prepare_prompts(config, tokenizer)
     say(f"data: {len(data.train)} train / {len(data.eval)} held-out prompts; reward {config.reward}; "
         f"{config.prompts_per_step} prompts x {config.group_size} samples per step")
     config_hash = config.hash(data.fingerprint)
 
-    model, what = load_for_training(config, device.type == "cuda", device)
+    model, what = load_for_training(config, use_cuda, device)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
     end_ids = end_token_ids(model, tokenizer)
-    head, _ = loss_head(model)  # the chunked completion NLL where it is exact, else full logits
 
     episodes_per_step = config.prompts_per_step * config.group_size
     resume_state = None
     if resume_from is not None:
         resume_state = ckpt.read_state(resume_from)
-        ckpt.check_resumable(resume_from, resume_state, config_hash, episodes_per_step, 1, "single")
-    optimizer = life.build_optimizer(model, config, device.type == "cuda")
+        ckpt.check_resumable(resume_from, resume_state, config_hash, episodes_per_step, world, sharding)
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        layers = distributed.shard_model(model, distributed.device_mesh(device, world), "no")
+        # generate() runs the model outside its forward (peft calls the base model's): FSDP2 gathers
+        # the root's parameters around the whole call.
+        register_fsdp_forward_method(model, "generate")
+        say(f"FSDP2: {layers} decoder layers and the model sharded over {world} processes")
+    optimizer = life.build_optimizer(model, config, use_cuda)
+    if sharding == "ddp":
+        model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant LR (the paper's protocol)
+    policy = accelerator.unwrap_model(model) if sharding == "ddp" else model  # what samples: no DDP wrapper
+    synced = sharding == "fsdp"
+    head, _ = loss_head(policy, sharded=synced)  # the chunked completion NLL where it is exact, else full logits
 
     curves: dict[str, list] = {"train_reward": [], "signal_fraction": [], "eval_reward": [], "eval_accuracy": []}
     eval_rewards: list = []  # [step, per-prompt greedy rewards]
     counters = {"completion_tokens": 0, "sample_tokens": 0, "sample_s": 0.0, "train_tokens": 0, "train_s": 0.0}
     start_step = 0
     if resume_state is not None:
-        ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, sharded=synced)
         start_step = resume_state["step"]
         curves, eval_rewards, counters = resume_state["curves"], resume_state["eval_rewards"], resume_state["counters"]
         say(f"resumed from {resume_from} at step {start_step}")
 
     # ---- from here on we write: the partial run directory, renamed to output_dir at the end -----
-    life.open_run_dir(config, run_dir, resuming=resume_state is not None)
+    if accelerator.is_main_process:
+        life.open_run_dir(config, run_dir, resuming=resume_state is not None)
+    accelerator.wait_for_everyone()
 
     final_texts: list[str] = []  # the last evaluation's greedy completions, kept as examples
 
     def write_curves() -> None:
         """curves.json and eval_rewards.json as they stand: a run stopped early still shows its curves
         in `<output_dir>.partial/` (the final write adds the completions as examples)."""
+        if not accelerator.is_main_process:
+            return
         (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
         (run_dir / EVAL_REWARDS_FILE).write_text(json.dumps({
             "prompt_ids": [p.key for p in data.eval],
@@ -303,8 +391,9 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         }))
 
     def evaluate(at_step: int) -> None:
-        rewards, final_texts[:] = greedy_rewards(model, tokenizer, data.eval, reward_fn, max_new_tokens=config.max_new_tokens,
-                                    batch_size=config.micro_batch_size, end_ids=end_ids)
+        rewards, final_texts[:] = greedy_rewards(
+            policy, tokenizer, data.eval, reward_fn, max_new_tokens=config.max_new_tokens,
+            batch_size=config.micro_batch_size, end_ids=end_ids, accelerator=accelerator, synced=synced)
         curves["eval_reward"].append([at_step, sum(rewards) / len(rewards)])
         curves["eval_accuracy"].append([at_step, accuracy(rewards)])
         eval_rewards.append([at_step, rewards])
@@ -316,67 +405,81 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     if start_step == 0:
         evaluate(0)
         write_curves()
-    group, per_step = config.group_size, config.prompts_per_step
+    group, per_rank = config.group_size, config.prompts_per_step // world
+    positions = range(rank * per_rank, (rank + 1) * per_rank)  # this process's prompts of each step: whole groups
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
-               disable=not progress, desc=f"rl {config.method}")
+               disable=not (progress and accelerator.is_main_process), desc=f"rl {config.method}")
     for step in bar:
-        prompts = [data.train[i] for i in step_indices(len(data.train), step, per_step, config.seed)]
-        # Sample: each prompt `group` times, seeded by (seed, step) so a resumed run samples alike.
+        order = step_indices(len(data.train), step, config.prompts_per_step, config.seed)
+        prompts = [data.train[order[p]] for p in positions]
+        # Sample: each prompt `group` times, each episode seeded by (seed, step, position, sample).
         t0 = time.perf_counter()
-        model.eval()
-        torch.manual_seed(_sampling_seed(config.seed, step))
-        rollouts = generate(model, [p.input_ids for p in prompts for _ in range(group)],
+        policy.eval()
+        rollouts = generate(policy, [p.input_ids for p in prompts for _ in range(group)],
                             max_new_tokens=config.max_new_tokens, pad_id=tokenizer.pad_token_id, end_ids=end_ids,
-                            greedy=False, tokenizer=tokenizer)
-        sampled = sum(len(c) for c in rollouts.completions)
-        counters["sample_s"] += time.perf_counter() - t0
-        counters["sample_tokens"] += sampled
-        counters["completion_tokens"] += sampled
+                            seeds=sample_seeds(config.seed, step, positions, group), tokenizer=tokenizer,
+                            synced=synced)
+        sample_s = time.perf_counter() - t0
         rewards = torch.tensor([reward_fn(prompts[i // group].text, text, prompts[i // group].answer)
                                 for i, text in enumerate(rollouts.texts)], dtype=torch.float64)
-        advantages = group_advantages(rewards.view(per_step, group), config.scale_rewards).flatten()
+        advantages = group_advantages(rewards.view(per_rank, group), config.scale_rewards).flatten()
 
-        # Policy gradient: Σ_i A_i · NLL_i / N, i.e. −(1/N) Σ_i A_i log π(y_i); only episodes with a
-        # nonzero advantage contribute.
+        # Policy gradient: Σ_i A_i · NLL_i / N over all processes' episodes, i.e. −(1/N) Σ_i A_i log π(y_i);
+        # only episodes with a nonzero advantage contribute. Every process runs as many micro-batches
+        # (the most any needs; zero-weight ones where it has fewer) and syncs gradients on the last.
         t0 = time.perf_counter()
         model.train()
-        rows = [i for i in range(episodes_per_step) if advantages[i] != 0]
-        for start in range(0, len(rows), config.micro_batch_size):
-            chunk = rows[start : start + config.micro_batch_size]
-            batch = rollouts.batch(chunk, tokenizer.pad_token_id).to(device)
-            weights = advantages[torch.tensor(chunk)].to(device, torch.float32)
-            nll = completion_nll(model, batch, head=head, weights_B=weights)
-            (nll.nll_sum / episodes_per_step).backward()
-            counters["train_tokens"] += sum(len(rollouts.prompts[i]) + len(rollouts.completions[i]) for i in chunk)
-        if rows:
-            if config.max_grad_norm is not None:
+        rows = [i for i in range(len(rollouts.texts)) if advantages[i] != 0]
+        micro = config.micro_batch_size
+        counts = distributed.gathered_counts(accelerator, len(rows), -(-len(rows) // micro))
+        signal_rows, passes = int(counts[:, 0].sum()), int(counts[:, 1].max())
+        train_tokens = 0
+        for k in range(passes):
+            chunk = rows[k * micro : (k + 1) * micro]
+            batch = rollouts.batch(chunk or [0], tokenizer.pad_token_id).to(device)
+            weights = (advantages[torch.tensor(chunk)] if chunk else torch.zeros(1)).to(device, torch.float32)
+            with distributed.gradient_sync(model, sharding, accelerator, enabled=k == passes - 1):
+                nll = completion_nll(model, batch, head=head, weights_B=weights)
+                accelerator.backward(nll.nll_sum * (world / episodes_per_step))  # DDP and FSDP average over processes
+            train_tokens += sum(len(rollouts.prompts[i]) + len(rollouts.completions[i]) for i in chunk)
+        if signal_rows:
+            if config.max_grad_norm is not None and sharding == "fsdp":  # the norm of DTensor gradients is global
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            elif config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sampled = sum(len(c) for c in rollouts.completions)
+        totals = distributed.gathered_counts(accelerator, sampled, train_tokens).sum(dim=0).tolist()
+        train_reward = accelerator.gather(rewards.to(device)).mean().item()  # over all processes' episodes
+        counters["completion_tokens"] += totals[0]
+        counters["sample_tokens"] += totals[0]
+        counters["train_tokens"] += totals[1]
+        counters["sample_s"] += sample_s  # this process's wall time: the processes sample at once
         counters["train_s"] += time.perf_counter() - t0
 
-        train_reward = rewards.mean().item()
         curves["train_reward"].append([step + 1, train_reward])
-        curves["signal_fraction"].append([step + 1, len(rows) / episodes_per_step])
-        bar.set_postfix(reward=f"{train_reward:.3f}", signal=f"{len(rows) / episodes_per_step:.2f}")
+        curves["signal_fraction"].append([step + 1, signal_rows / episodes_per_step])
+        bar.set_postfix(reward=f"{train_reward:.3f}", signal=f"{signal_rows / episodes_per_step:.2f}")
         if step + 1 in evals_at:
             evaluate(step + 1)
         write_curves()
         if life.checkpoint_due(config, step + 1, config.max_steps):
-            ckpt.save_checkpoint(
-                run_dir, step + 1, model, optimizer, scheduler,
-                {"config_hash": config_hash, "global_batch": episodes_per_step, "processes": 1, "sharding": "single",
-                 "curves": curves, "eval_rewards": eval_rewards, "counters": counters},
-                keep=config.keep_checkpoints,
-            )
+            state = {"config_hash": config_hash, "global_batch": episodes_per_step, "processes": world,
+                     "sharding": sharding, "curves": curves, "eval_rewards": eval_rewards, "counters": counters}
+            if sharding == "fsdp" or accelerator.is_main_process:  # under FSDP2 every rank writes its shards
+                ckpt.save_checkpoint(run_dir, step + 1, policy, optimizer, scheduler, state,
+                                     keep=config.keep_checkpoints, sharded=synced,
+                                     is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+            accelerator.wait_for_everyone()
     bar.close()
 
     # ---- save ---------------------------------------------------------------------------------
     wall_s = time.perf_counter() - started
     # The policy-gradient steps' model FLOPs and MFU (sampling is generation, not a training step).
     episode_tokens = sum(len(p.input_ids) for p in data.train) / len(data.train) + config.max_new_tokens
-    policy_throughput = life.Throughput(config, episode_tokens, device, 1)
+    policy_throughput = life.Throughput(config, episode_tokens, device, world)
     policy_throughput.add(counters["train_tokens"], counters["train_s"])
     peak_bytes, peak_kind = life.peak_memory(device)
     sub = "adapter" if config.method == "lora" else "model"
@@ -403,22 +506,30 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         trainable_params=trainable_params,
         config_hash=config_hash,
     )
-    save_trained(model, tokenizer, run_dir / sub, method=config.method, base_ref=config.model)
-    write_curves()
-    summary = {
-        **result.to_dict(),
-        "config": config.to_dict(),
-        "data": data.stats,
-        "data_fingerprint": data.fingerprint,
-        "heldout_fingerprint": heldout_fingerprint([p.key for p in data.eval]),
-        "resumed_from_step": start_step or None,
-        "device": str(device),
-        "timing_s": {"sampling": round(counters["sample_s"], 3), "policy_gradient": round(counters["train_s"], 3)},
-        "throughput": policy_throughput.summary(),
-        "versions": life.versions(),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    life.finalize(run_dir, final_dir)
+    # Gathers FSDP shards (a collective: every process calls it); peft keeps only the adapter's keys.
+    state_dict = distributed.full_state_dict(model) if synced else accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_trained(policy, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
+                     state_dict=state_dict)
+        write_curves()
+        summary = {
+            **result.to_dict(),
+            "config": config.to_dict(),
+            "data": data.stats,
+            "data_fingerprint": data.fingerprint,
+            "heldout_fingerprint": heldout_fingerprint([p.key for p in data.eval]),
+            "resumed_from_step": start_step or None,
+            "processes": world,
+            "sharding": sharding,
+            "sharded_parameters": distributed.is_sharded(model),
+            "device": str(device),
+            "timing_s": {"sampling": round(counters["sample_s"], 3), "policy_gradient": round(counters["train_s"], 3)},
+            "throughput": policy_throughput.summary(),
+            "versions": life.versions(),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        life.finalize(run_dir, final_dir)
+    accelerator.wait_for_everyone()
     say(
         f"done: {result.steps} steps, {result.episodes:,} episodes, {result.wall_s:.1f} s "
         f"(sampling {result.sample_tokens_per_s:,.0f} tokens/s, policy gradient {result.train_tokens_per_s:,.0f} "

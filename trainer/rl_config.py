@@ -58,15 +58,16 @@ class RLConfig(RunConfig):
 
     def _validate_own(self) -> None:
         parse_reward(self.reward)
-        if self.launch.world_size != 1:
-            raise UserError(
-                f"launch.processes={self.launch.processes}, launch.nodes={self.launch.nodes}: RL runs train in one "
-                "process (sampling and the policy step are not distributed yet). Leave launch at its defaults for "
-                "rl-train and rl-pipeline."
-            )
         for name in ("prompts_per_step", "max_new_tokens", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
+        world = self.launch.world_size
+        if world != "auto" and self.prompts_per_step % world:
+            raise UserError(
+                f"prompts_per_step={self.prompts_per_step} does not divide among {world} processes: each process "
+                f"samples whole groups of the same number of prompts. Use a multiple of {world} "
+                f"(e.g. prompts_per_step={world * max(1, round(self.prompts_per_step / world))}) or fewer processes."
+            )
         if self.group_size < 2:
             raise UserError(
                 f"group_size={self.group_size}: the advantage is the reward minus its group's mean, so a group "

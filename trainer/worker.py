@@ -1,5 +1,6 @@
 """One rank of a launched run: `python -m trainer.worker CONFIG.json`, started by torchrun
-(`trainer.launch`). Trains the TrainConfig in the file with `trainer.loop.train`; a user error is
+(`trainer.launch`). Trains the run config in the file (`trainer.launch.write_config`): a TrainConfig with
+`trainer.loop.train`, an RLConfig with `trainer.rl.train_rl`; a user error is
 printed in one paragraph and the rank exits 2; any error is also written to
 $LOWREGRET_ERROR_DIR/rank-<RANK>.json, so the launcher reports the failing rank's own message.
 """
@@ -24,12 +25,19 @@ def _record(kind: str, message: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from trainer.config import TrainConfig
-    from trainer.loop import train
+    from trainer.launch import read_config
+    from trainer.rl_config import RLConfig
 
     try:
-        config = TrainConfig.from_dict(json.loads(Path(argv[0]).read_text()))
-        train(config, progress=False)
+        config = read_config(Path(argv[0]))
+        if isinstance(config, RLConfig):
+            from trainer.rl import train_rl
+
+            train_rl(config, progress=False)
+        else:
+            from trainer.loop import train
+
+            train(config, progress=False)
     except UserError as exc:
         _record("user", str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""`lowregret pipeline` with 2 training processes end to end on a tiny llama: the FullFT baseline
+"""`lowregret pipeline` and `rl-pipeline` with 2 training processes end to end on a tiny llama: the FullFT baseline
 (FSDP2) and the LoRA adapter (DDP) are trained under the launcher (torchrun, 2 gloo processes), the
 regret computed, the adapter registered and promoted exactly as a one-process run's; a second
 pipeline at another LoRA rank reuses the baseline, which the launch's world size keys
@@ -60,3 +60,33 @@ def test_pipeline_trains_both_runs_under_the_launcher_registers_and_reuses_the_b
     second = pipeline(load_pipeline_config(None, overrides + ["rank=2"]), workdir=str(flow_settings.home.parent))
     assert second["baseline_cached"]
     assert second["registration"]["version"] == "2"
+
+
+def test_rl_pipeline_trains_both_runs_under_the_launcher_and_registers(prefect_harness, flow_settings, tiny_models,
+                                                                       registry_client, monkeypatch, tmp_path):
+    """`rl-pipeline` with rl.launch.processes=2: LoRA (DDP) and FullFT (FSDP2) RL runs trained by the
+    ranks, the rewards compared, the adapter registered and promoted. ~25 s."""
+    import trainer.rl
+    from flows.config import load_rl_pipeline_config
+    from flows.rl_pipeline import rl_pipeline
+    from tests.flows.test_rl_pipeline import tiny_overrides as rl_overrides
+    from tests.trainer.test_rl import write_prompts
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("a launched run must not train in the flow's process")
+
+    monkeypatch.setattr(trainer.rl, "train_rl", in_process)
+    name = "tiny-rl-launched"
+    overrides = rl_overrides(tiny_models("llama"), write_prompts(tmp_path / "prompts.jsonl"), name=name,
+                             **{"rl.launch.processes": 2})
+    summary = rl_pipeline(load_rl_pipeline_config(None, overrides), workdir=str(flow_settings.home.parent))
+
+    assert summary["comparison"]["verdict"] == "PASS" and summary["comparison"]["prompts"] == 4
+    assert summary["registration"] == {"name": name, "version": "1", "created": True}
+    assert summary["promotion"]["promoted"]
+    runs = {}
+    for summary_path in (flow_settings.runs_dir / name).glob("*/summary.json"):
+        run = json.loads(summary_path.read_text())
+        runs[run["method"]] = run
+    assert (runs["full"]["processes"], runs["full"]["sharding"], runs["full"]["sharded_parameters"]) == (2, "fsdp", True)
+    assert (runs["lora"]["processes"], runs["lora"]["sharding"]) == (2, "ddp")
