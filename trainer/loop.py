@@ -129,8 +129,9 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
                 getattr(callback, event)(*args)
 
     say(f"processes: {accelerator.num_processes}, sharding: {sharding}")
-    tokenizer = load_base_tokenizer(config.model)
-    with accelerator.main_process_first():  # one process tokenizes into the cache, the others read it
+    # One process converts a GGUF base and tokenizes into the caches, then the others read them.
+    with accelerator.main_process_first():
+        tokenizer = load_base_tokenizer(config.model)
         data = prepare_data(config, tokenizer)
     say(describe_data(data, config))
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes

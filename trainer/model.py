@@ -60,7 +60,7 @@ def loadable_path(ref: str) -> str:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = _cache_root() / key
-    if (target / "config.json").is_file():
+    if _complete(target):
         return str(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,13 +78,25 @@ def loadable_path(ref: str) -> str:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"ref": ref, "gguf": str(gguf)}))
+        if not _complete(tmp):
+            # transformers' save_pretrained writes nothing on a rank other than 0 of a process group;
+            # the loops load the base on the main process first, so only a stray caller lands here.
+            raise RuntimeError(f"converting {gguf.name} wrote no model weights to {tmp} (a rank other than 0 of "
+                               "a process group?): load the base on the main process first")
+        if target.exists():  # an incomplete entry (an earlier version's, or a killed copy): replace it
+            shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError:
-        if not (target / "config.json").is_file():  # not merely lost a race with another process
+        if not _complete(target):  # not merely lost a race with another process
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a converted-GGUF cache entry holds a loadable model: its config and its weights."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def _from_pretrained(cls, ref: str, what: str, **kwargs):

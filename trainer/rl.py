@@ -328,7 +328,8 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
 
     if world > 1:
         say(f"processes: {world}, sharding: {sharding}")
-    tokenizer = load_base_tokenizer(config.model)
+    with accelerator.main_process_first():  # one process converts a GGUF base into the cache, the others read it
+        tokenizer = load_base_tokenizer(config.model)
     data = prepare_prompts(config, tokenizer)
     say(f"data: {len(data.train)} train / {len(data.eval)} held-out prompts; reward {config.reward}; "
         f"{config.prompts_per_step} prompts x {config.group_size} samples per step")
