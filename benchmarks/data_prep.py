@@ -66,14 +66,14 @@ def main() -> None:
     if not data.is_file():
         write_rows(data, args.rows)
 
+    from data.sources import load_tokenizer
     from flows import tasks
     from flows.config import PipelineConfig
     from planner.profile import profile_dataset
     from trainer.data import prepare_data
-    from trainer.model import load_base_tokenizer
 
     config = PipelineConfig(model=args.model, dataset=str(data), train={"max_length": args.max_length})
-    tokenizer = load_base_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
     steps = {
         "check_inputs": lambda: tasks.check_inputs.fn(config),
         "plan profile": lambda: profile_dataset(config.dataset, tokenizer, method=config.info_method,

@@ -394,15 +394,16 @@ def plain_peft_losses(config, device: str) -> dict:
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
 
-    from planner.dataset import IGNORE_INDEX
+    from data.dataset import IGNORE_INDEX
+    from data.sources import load_tokenizer
     from trainer.data import collate, prepare_data, step_indices
-    from trainer.model import load_base_model, load_base_tokenizer
+    from trainer.model import load_base_model
 
     if config.grad_accum_steps != 1 or config.packing:
         raise ValueError("the plain peft loop mirrors unpacked runs without gradient accumulation")
     cuda = device == "cuda"
     set_seed(config.seed)
-    tokenizer = load_base_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
     data = prepare_data(config, tokenizer)
     model = load_base_model(config.model, "bfloat16" if cuda else "float32")
     model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
@@ -533,7 +534,7 @@ def write_report(out: Path, env: dict, parts: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from planner.sources import DEFAULT_MODEL
+    from data.sources import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu_check",
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_model() -> str:
-    from planner.sources import DEFAULT_MODEL
+    from data.sources import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.dataset import IGNORE_INDEX  # noqa: E402
+from data.dataset import IGNORE_INDEX  # noqa: E402
 from trainer.data import Sequence, collate  # noqa: E402
 from trainer.loss import loss_head, train_micro_batch  # noqa: E402
 

@@ -7,8 +7,8 @@ import argparse
 import dataclasses
 import json
 
-from planner.errors import UserError
-from planner.paths import check_output_file
+from data.errors import UserError
+from data.paths import check_output_file
 
 
 def register(subparsers) -> None:
@@ -190,7 +190,7 @@ def _evaluate_dirs(args: argparse.Namespace) -> dict:
         )
     if args.no_base and not args.adapter:
         raise UserError("--no-base leaves nothing to score without --adapter.")
-    from planner.dataset import check_local_file
+    from data.dataset import check_local_file
 
     check_local_file(args.dataset)  # a bad local file fails before the tokenizer and model load
     spec = HeldOutSpec(

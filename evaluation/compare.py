@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.errors import UserError
 from evaluation.curves import Curve, load_curves
 from evaluation.regret import FAIL, INCONCLUSIVE, PASS, RegretInterval, decide, regret_interval
 from planner.advice import (
@@ -29,7 +30,6 @@ from planner.advice import (
     SHORT_RUN_LORA_OVER_FULLFT_LR,
     SHORT_RUN_STEPS,
 )
-from planner.errors import UserError
 from trainer.result import EVAL_EXAMPLES_FILE
 
 # Default pass mark. "LoRA Without Regret" (Thinking Machines, 2025) finds that LoRA at adequate

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 
 # One curve: (step, loss) pairs in step order.
 Curve = list[tuple[int, float]]

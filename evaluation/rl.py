@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.rl_config import EVAL_REWARDS_FILE
 
 #: LoRA's final held-out reward may trail FullFT's by this much and still PASS (5 points of accuracy

@@ -212,8 +212,8 @@ def points_from_runs(run_dirs) -> list[SweepPoint]:
     Raises:
         UserError: a run is unreadable or records no method, lr or final eval loss.
     """
+    from data.errors import UserError
     from evaluation.compare import load_run
-    from planner.errors import UserError
 
     points = []
     for run_dir in run_dirs:

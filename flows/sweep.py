@@ -17,11 +17,11 @@ import os
 
 from prefect import flow, task
 
+from data.errors import UserError
 from flows import tasks
 from flows.config import SweepConfig
 from flows.settings import configure_mlflow, load_settings
 from flows.tracking import STATE_HOOKS
-from planner.errors import UserError
 
 RUNNERS = ("thread", "process", "dask", "ray")
 

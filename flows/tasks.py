@@ -38,7 +38,7 @@ def training_sources(root: Path) -> list[Path]:
     """Every first-party source file a training run can execute, relative to the checkout `root`.
 
     Starts from trainer/*.py and follows each `import` and `from ... import` of a first-party
-    module, at module level or inside functions (the data code imports planner.dataset lazily),
+    module, at module level or inside functions (the data code imports data.dataset lazily),
     plus the `__init__.py` of every package on the way. Read with `ast`: nothing is imported.
     """
     import ast
@@ -119,8 +119,8 @@ def serializable_cache(cache_key_fn):
 def check_inputs(config) -> dict:
     """`flows.preflight.check_inputs` as the flow's first step, so a scheduled run is checked too (the
     CLI has run it already, before starting Prefect)."""
+    from data.dataset import describe_format
     from flows import preflight
-    from planner.dataset import describe_format
 
     data = preflight.check_inputs(config)  # the token cache makes the second reading cheap
     print(f"data: {data['examples']:,} rows of {describe_format(data['format'])} from {config.dataset}", flush=True)
@@ -331,7 +331,7 @@ def log_dataset(settings, run_id: str, source: str, fingerprint: str, context: s
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
-    from planner.builtin_datasets import is_builtin
+    from data.builtin_datasets import is_builtin
 
     if is_builtin(source):
         origin = CodeDatasetSource({"lowregret_builtin": source})

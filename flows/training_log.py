@@ -102,7 +102,7 @@ class MlflowCallback:
             return
         from mlflow.tracking import MlflowClient
 
-        from planner.errors import UserError
+        from data.errors import UserError
 
         try:
             MlflowClient(self.settings.tracking_uri).search_experiments(max_results=1)

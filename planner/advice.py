@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from data.errors import UserError
 from planner import calibration as calibration_mod
-from planner.errors import UserError
 from planner.shapes import ModelShape
 
 LORA_OVER_FULLFT_LR = 10.0  # blog; tinker-cookbook get_lora_lr_over_full_finetune_lr

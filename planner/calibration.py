@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 
 CALIBRATION_FILE = Path(__file__).resolve().parent / "calibration.json"
 SCHEMA_VERSION = 1

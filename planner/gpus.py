@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.errors import UserError
+from data.errors import UserError
 
 GB = 10**9
 TFLOPS = 10**12

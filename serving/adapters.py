@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 
 log = logging.getLogger(__name__)
 

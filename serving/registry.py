@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 from serving.adapters import ResolvedSource
 
 

@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from planner.errors import UserError
+from data.errors import UserError
 from serving.adapters import AdapterExists, AdapterNotFound
 from serving.admin import AdminOptions, HostCheck, admin_router
 from serving.body_limit import BodyLimit

@@ -46,7 +46,7 @@ def cells_manifest(reports_dir, scale_name: str):
     """
     from pathlib import Path
 
-    from planner.errors import UserError
+    from data.errors import UserError
 
     manifest = Path(reports_dir) / f"study-{scale_name}" / "cells.json"
     if not manifest.is_file():
@@ -147,7 +147,7 @@ def _pairs(cells: list[Cell]) -> tuple[dict, list[Cell]]:
 
 def knee_table(cells: list[Cell], base_model: str, choices: int) -> dict:
     """Per dataset size: FullFT and every rank's bits, regret and verdict; measured and predicted knee."""
-    from planner.builtin_datasets import facts_information_bits
+    from data.builtin_datasets import facts_information_bits
     from study.design import facts_dataset
 
     by_size: dict[int, list[Cell]] = defaultdict(list)
@@ -286,7 +286,7 @@ def early_curves(group: list[Cell]) -> dict:
 
 def layers_table(cells: list[Cell], full_by_model: dict[str, Cell], choices: int) -> dict:
     """Attention-only / MLP-only / all at matched parameter counts, against FullFT."""
-    from planner.builtin_datasets import facts_information_bits
+    from data.builtin_datasets import facts_information_bits
 
     out = {}
     for model in ("facts", "lr"):
@@ -339,7 +339,7 @@ def noise_table(cells: list[Cell]) -> dict:
 
 def batch_table(cells: list[Cell], choices: int) -> dict:
     """LoRA against FullFT at each batch size (same passes over the data)."""
-    from planner.builtin_datasets import facts_information_bits
+    from data.builtin_datasets import facts_information_bits
 
     rows = []
     for batch, pair in _pairs_by(cells, "batch").items():

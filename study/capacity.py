@@ -36,7 +36,7 @@ def value_tokens_only(example, tokenizer):
     """`example` (a `builtin:facts` row tokenized as the trainer tokenizes it) with only the tokens
     of its value left trained, so a score counts the value's code length and nothing else.
 
-    A facts answer reads "The <attribute> of <entity> is <value>." (planner.builtin_datasets.
+    A facts answer reads "The <attribute> of <entity> is <value>." (data.builtin_datasets.
     facts_rows); the value is the text between the answer's last " is " and the "." after it.
     A token is kept when its characters (decoding the trained tokens one more at a time) overlap
     the value's: " pink" (space and value) is, " is" and "." are not.
@@ -44,7 +44,7 @@ def value_tokens_only(example, tokenizer):
     Raises:
         ValueError: the trained text is not a facts answer.
     """
-    from planner.dataset import IGNORE_INDEX
+    from data.dataset import IGNORE_INDEX
 
     trained = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
     ids = [example.input_ids[i] for i in trained]

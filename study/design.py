@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from planner.sources import DEFAULT_MODEL
+from data.sources import DEFAULT_MODEL
 from study.facts_model import ModelSpec
 
 EXPERIMENTS = ("pretrain", "memorise", "facts_lr", "lr", "knee", "layers", "noise", "batch")

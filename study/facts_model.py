@@ -64,7 +64,7 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from planner.dataset import load_rows
+    from data.dataset import load_rows
 
     texts = []
     for row in load_rows(TOKENIZER_CORPUS):

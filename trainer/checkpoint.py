@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from planner.errors import UserError
+from data.errors import UserError
 
 STATE_FILE = "state.json"
 RNG_TENSORS = "rng.safetensors"  # torch CPU and CUDA generator states (uint8 tensors)

@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.errors import UserError
-from planner.sources import DEFAULT_MODEL
+from data.errors import UserError
+from data.sources import DEFAULT_MODEL
 
 METHODS = ("lora", "full")
 TARGET_PRESETS = ("all", "attention", "mlp")

@@ -1,6 +1,6 @@
 """Training data: rows → tokenized sequences → deterministic batches.
 
-Rows are read, formatted and masked by `planner.dataset` (loss on completion tokens only). Here we
+Rows are read, formatted and masked by `data.dataset` (loss on completion tokens only). Here we
 shift labels into next-token targets per example, optionally pack, and cut the data stream into
 steps. The order is a function of the seed alone, so LoRA and FullFT runs with one seed see the
 same examples in the same order, and a resumed run continues exactly where the killed one was.
@@ -21,8 +21,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from planner.dataset import IGNORE_INDEX
-from planner.errors import UserError
+from data.dataset import IGNORE_INDEX
+from data.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class PreparedData:
 
 
 def to_sequence(example) -> Sequence:
-    """A `planner.dataset.TokenizedExample` as a row: targets[t] = labels[t + 1], the next token."""
+    """A `data.dataset.TokenizedExample` as a row: targets[t] = labels[t + 1], the next token."""
     ids = list(example.input_ids)
     targets = list(example.labels[1:]) + [IGNORE_INDEX]
     return Sequence(ids, targets, list(range(len(ids))))
@@ -93,7 +93,7 @@ def load_split(config) -> tuple[list[dict], list[dict], list[dict]]:
     Raises:
         UserError: no rows, no held-out rows, or too few rows to split.
     """
-    from planner.dataset import load_rows, split_rows
+    from data.dataset import load_rows, split_rows
 
     rows = load_rows(config.dataset, limit=config.dataset_limit)
     if not rows:
@@ -118,7 +118,7 @@ def load_split(config) -> tuple[list[dict], list[dict], list[dict]]:
 class DataSplit:
     """Which rows of the tokenized data a run trains on and scores (indices into the datasets)."""
 
-    data: object  # planner.token_cache.TokenizedDataset of `dataset`
+    data: object  # data.token_cache.TokenizedDataset of `dataset`
     held_out: object  # the same, or that of `eval_dataset`
     train_idx: list[int]
     held_out_idx: list[int]
@@ -126,13 +126,13 @@ class DataSplit:
 
 
 def split_data(config, tokenizer) -> DataSplit:
-    """Read and tokenize (once: `planner.token_cache`) the data of `config` and split it.
+    """Read and tokenize (once: `data.token_cache`) the data of `config` and split it.
 
     Raises:
         UserError: the data cannot be read, or is too small to hold a set out.
     """
-    from planner.dataset import split_indices
-    from planner.token_cache import tokenized_dataset
+    from data.dataset import split_indices
+    from data.token_cache import tokenized_dataset
 
     data = tokenized_dataset(config.dataset, tokenizer, limit=config.dataset_limit)
     if config.eval_dataset is None:
@@ -214,7 +214,7 @@ def prepare_data(config, tokenizer) -> PreparedData:
 def describe_data(data: PreparedData, config) -> str:
     """The run's data line, accounting for every row read: train + held-out (scored or beyond
     eval_max_examples), then what was dropped or truncated."""
-    from planner.dataset import describe_format
+    from data.dataset import describe_format
 
     s = data.stats
     if config.eval_dataset is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from planner.errors import UserError
+from data.errors import UserError
 
 SHARDS_DIR = "shards"  # inside a checkpoint folder: every rank's safetensors file
 

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.config import RunConfig
 
 ERROR_DIR_ENV = "LOWREGRET_ERROR_DIR"  # where each rank writes the error that stopped it

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from planner.errors import UserError
-from planner.paths import check_output_dir
+from data.errors import UserError
+from data.paths import check_output_dir
 from trainer import checkpoint as ckpt
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data.sources import load_tokenizer, loadable_path
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import lifecycle as life
@@ -31,7 +32,7 @@ from trainer.callbacks import TrainCallback
 from trainer.config import TrainConfig
 from trainer.data import collate, describe_data, example_id, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
-from trainer.model import base_dtype, count_trainable, load_base_tokenizer, load_for_training, save_trained
+from trainer.model import base_dtype, count_trainable, load_for_training, save_trained
 from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
 
 
@@ -131,7 +132,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     say(f"processes: {accelerator.num_processes}, sharding: {sharding}")
     # One process converts a GGUF base and tokenizes into the caches, then the others read them.
     with accelerator.main_process_first():
-        tokenizer = load_base_tokenizer(config.model)
+        loadable_path(config.model)
+        tokenizer = load_tokenizer(config.model)
         data = prepare_data(config, tokenizer)
     say(describe_data(data, config))
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes

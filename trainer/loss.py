@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.dataset import IGNORE_INDEX
+from data.dataset import IGNORE_INDEX
 from planner.memory import CHUNK_TOKENS, CHUNKED_MODEL_TYPES  # torch-free: the planner sizes the same loss
 
 

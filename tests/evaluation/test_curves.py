@@ -2,8 +2,8 @@
 
 import pytest
 
+from data.errors import UserError
 from evaluation.curves import curve_styles, load_curves, parse_curves, plot_curves
-from planner.errors import UserError
 
 
 def test_parse_sorts_and_defaults_missing_kind():

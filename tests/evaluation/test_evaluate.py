@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from data.errors import UserError
 from flows.cli import main
-from planner.errors import UserError
 
 ROWS = [
     {"prompt": f"What does function number {i} return?", "completion": f"It returns {i * 7} and a path."}
@@ -41,8 +41,8 @@ def adapter(tiny_models, tmp_path_factory):
 
 
 def expected_tokens(model_dir, rows, max_length):
-    from planner.dataset import detect_format, tokenize_example
-    from planner.sources import load_tokenizer
+    from data.dataset import detect_format, tokenize_example
+    from data.sources import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     fmt = detect_format(rows)
@@ -62,8 +62,8 @@ def test_evaluate_nll_counts_every_completion_token_and_ignores_batching(tiny_mo
 
 
 def test_held_out_split_and_first_n(tiny_models, data):
+    from data.dataset import split_rows
     from evaluation.nll import evaluate_nll
-    from planner.dataset import split_rows
 
     model = str(tiny_models("llama"))
     _, held_out = split_rows(ROWS, 0.25, 3)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_batched_equals_one_by_one_and_manual(tiny_llama):
 
 
 def test_score_examples_without_completion_tokens_is_user_error(tiny_llama):
-    from planner.errors import UserError
+    from data.errors import UserError
 
     with pytest.raises(UserError, match="completion token"):
         score_examples(tiny_llama, [Example([5, 6, 7], [-100, -100, -100])], pad_token_id=0)

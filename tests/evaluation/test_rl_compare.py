@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from data.errors import UserError
 from evaluation.rl import compare_rl_runs, load_rl_run
 from flows.cli import main
-from planner.errors import UserError
 
 
 def write_run(root: Path, name: str, method: str, final: list[float], *, base: list[float] | None = None,

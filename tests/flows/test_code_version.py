@@ -19,7 +19,7 @@ def test_tokenization_change_in_planner_changes_the_key(tmp_path):
     before = code_version(copy)
     assert before == code_version(ROOT)  # the key depends on the files, not on where they are
     sources = {p.relative_to(copy).as_posix() for p in training_sources(copy)}
-    assert {"planner/dataset.py", "trainer/loop.py", "trainer/loss.py", "planner/builtin_datasets.py"} <= sources
+    assert {"data/dataset.py", "trainer/loop.py", "trainer/loss.py", "data/builtin_datasets.py"} <= sources
     dataset = copy / "planner" / "dataset.py"
     text = dataset.read_text()
     assert "def tokenize_example(" in text

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from data.errors import UserError
 from flows.config import load_pipeline_config
-from planner.errors import UserError
 
 NAME = "tiny-pipeline"
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from data.errors import UserError
 from flows import registry
-from planner.errors import UserError
 
 
 def test_verify_adapter_accepts_a_peft_lora(tiny_adapter):

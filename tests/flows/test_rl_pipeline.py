@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from data.errors import UserError
 from flows.config import load_rl_pipeline_config
-from planner.errors import UserError
 
 NAME = "tiny-rl-pipeline"
 PRESETS = sorted((Path(__file__).parents[2] / "configs" / "rl" / "pipelines").glob("*.yaml"))

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from data.errors import UserError
 from flows.config import SweepConfig, load_sweep_config
-from planner.errors import UserError
 from tests.flows.test_pipeline import tiny_overrides
 
 

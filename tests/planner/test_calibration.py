@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from data.errors import UserError
 from planner import advice, calibration, capacity
 from planner.calibration import constant, load_calibration
-from planner.errors import UserError
 from planner.plan import build_plan
 from tests.planner.fakes import FakeProfile
 

@@ -1,6 +1,6 @@
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 from planner.gpus import get_gpu
 
 

@@ -4,7 +4,7 @@ import functools
 
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 from planner.lora import check_rank_fits, count_lora_params, count_run_lora, peft_target_kwargs
 from planner.shapes import load_shape
 

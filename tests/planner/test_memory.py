@@ -6,8 +6,8 @@ How close the estimate is to the trainer's measured step is benchmarks/memory_mo
 
 import pytest
 
+from data.errors import UserError
 from planner import memory
-from planner.errors import UserError
 from planner.gpus import get_gpu
 from planner.memory import estimate_memory, fit_hardware, layer_features, step_features
 from planner.shapes import load_shape

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 from planner.plan import build_plan
 from tests.planner.fakes import FakeProfile
 

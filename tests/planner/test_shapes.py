@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from data.errors import UserError
 from planner.catalog import catalog_names
-from planner.errors import UserError
 from planner.shapes import check_context, load_shape, shape_from_config
 
 

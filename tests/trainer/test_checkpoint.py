@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer.loop import train
 

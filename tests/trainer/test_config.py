@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, TrainConfig, load_config, parse_yaml
 
 _ROOT = Path(__file__).parents[2] / "configs"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from planner.dataset import IGNORE_INDEX as IGNORE
+from data.dataset import IGNORE_INDEX as IGNORE
 from tests.tiny import build_tokenizer, tiny_config
 from trainer.data import Sequence, collate, micro_batches, pack, step_indices
 
@@ -172,7 +172,7 @@ def test_evaluation_scores_the_same_held_out_examples_in_every_format(tmp_path):
 
 def test_check_data_checks_exactly_the_rows_a_run_uses(tmp_path):
     """The pipeline's input check fails on a prompt that fills max_length only if the run would use it."""
-    from planner.errors import UserError
+    from data.errors import UserError
     from tests.trainer.conftest import write_rows
     from trainer.config import TrainConfig
     from trainer.data import check_data

@@ -183,7 +183,7 @@ def test_bad_launches_are_refused_in_one_paragraph_before_anything_is_written(tm
 def test_more_processes_than_gpus_is_refused(monkeypatch, tiny_config):
     import torch
 
-    from planner.errors import UserError
+    from data.errors import UserError
     from trainer.launch import check_launch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer import lifecycle
 

@@ -4,7 +4,7 @@ and gradients to 1e-5 on CPU) in every trainer mode that uses it, and falls back
 import pytest
 import torch
 
-from planner.dataset import IGNORE_INDEX
+from data.dataset import IGNORE_INDEX
 from tests.tiny import build_tokenizer, tiny_config
 from trainer.data import Sequence, collate, pack
 from trainer.loss import completion_nll, loss_head, next_token_targets, train_micro_batch

@@ -2,7 +2,7 @@
 
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer import memory
 
 # A small Llama-shaped config: fake tensors cost the same whatever the sizes, so this is for clarity.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from planner.errors import UserError
+from data.errors import UserError
 from tests.tiny import build_tokenizer, tiny_config
 from trainer.model import apply_lora, count_trainable, resolve_targets
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.loss import completion_nll, loss_head
 from trainer.rl import SeededSampling, generate, group_advantages, prepare_prompts, sample_seeds, train_rl
 from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, load_rl_config
@@ -46,9 +46,10 @@ def test_group_advantages_are_reward_minus_group_mean():
 
 
 def _tiny(tiny_models):
-    from trainer.model import load_base_model, load_base_tokenizer
+    from data.sources import load_tokenizer
+    from trainer.model import load_base_model
 
-    return load_base_model(str(tiny_models("llama"))).eval(), load_base_tokenizer(str(tiny_models("llama")))
+    return load_base_model(str(tiny_models("llama"))).eval(), load_tokenizer(str(tiny_models("llama")))
 
 
 def _nll(model, rollouts, rows, tokenizer, head=None, weights=None):

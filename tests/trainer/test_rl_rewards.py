@@ -2,7 +2,7 @@
 
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 from trainer.rewards import RewardSpec, load_reward, normalize, parse_reward
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.errors import UserError
+from data.errors import UserError
 from tests.trainer.conftest import write_rows
 from trainer.loop import train
 
@@ -14,12 +14,12 @@ def _heldout_loss(model, config):
     """Held-out loss of `model` on the run's held-out examples, computed as the loop does."""
     from accelerate import Accelerator
 
+    from data.sources import load_tokenizer
     from trainer.data import prepare_data
     from trainer.loop import _evaluate
     from trainer.loss import loss_head
-    from trainer.model import load_base_tokenizer
 
-    data = prepare_data(config, load_base_tokenizer(config.model))
+    data = prepare_data(config, load_tokenizer(config.model))
     return _evaluate(model, data.eval, config.batch_size, 0, Accelerator(cpu=True), loss_head(model)[0]).loss
 
 

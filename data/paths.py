@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from planner.errors import UserError
+from data.errors import UserError
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> None:

@@ -1,11 +1,11 @@
-"""planner.dataset: loading every source type, format checks, label masks, split, fingerprint."""
+"""data.dataset: loading every source type, format checks, label masks, split, fingerprint."""
 
 import csv
 import json
 
 import pytest
 
-from planner.dataset import (
+from data.dataset import (
     IGNORE_INDEX,
     dataset_fingerprint,
     detect_format,
@@ -13,7 +13,7 @@ from planner.dataset import (
     split_rows,
     tokenize_example,
 )
-from planner.errors import UserError
+from data.errors import UserError
 from tests.tiny import build_tokenizer
 
 CHAT = [
@@ -439,7 +439,7 @@ def test_text_trains_every_token_and_its_end(tok):
 @pytest.mark.parametrize("rows,fmt", [(CHAT, "chat"), (PC, "prompt_completion"), (ALPACA, "alpaca"),
                                       (SHAREGPT, "sharegpt"), (TEXT, "text")])
 def test_batched_tokenization_equals_one_row_at_a_time(tok, rows, fmt):
-    from planner.dataset import tokenize_rows
+    from data.dataset import tokenize_rows
 
     assert tokenize_rows(tok, rows, fmt) == [tokenize_example(tok, row, fmt, 10_000) for row in rows]
 
@@ -458,7 +458,7 @@ def test_csv_conversations_cell_is_json(tmp_path):
 
 
 def test_split_rows_is_split_indices():
-    from planner.dataset import split_indices
+    from data.dataset import split_indices
 
     rows = [{"i": i} for i in range(30)]
     train_idx, eval_idx = split_indices(30, 0.2, 3)

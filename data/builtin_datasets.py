@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from planner.errors import UserError
+from data.errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -165,7 +165,7 @@ def _build_in_clean_interpreter(builder: str, extra_paths: tuple[str, ...] = ())
     paths = (str(Path(__file__).resolve().parent.parent), *extra_paths)
     code = (
         f"import json, sys; sys.path[:0] = {list(paths)!r}; "
-        f"from planner.builtin_datasets import {builder}; "
+        f"from data.builtin_datasets import {builder}; "
         f"json.dump({builder}(), sys.stdout)"
     )
     out = subprocess.run([sys.executable, "-S", "-E", "-c", code], capture_output=True, text=True, check=True)

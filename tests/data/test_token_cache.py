@@ -1,12 +1,12 @@
-"""planner.token_cache: a dataset is tokenized once per (data, tokenizer) and read back exactly."""
+"""data.token_cache: a dataset is tokenized once per (data, tokenizer) and read back exactly."""
 
 import json
 
 import pytest
 
-from planner import token_cache
-from planner.dataset import load_rows, tokenize_example
-from planner.errors import UserError
+from data import token_cache
+from data.dataset import load_rows, tokenize_example
+from data.errors import UserError
 from tests.tiny import build_tokenizer
 
 ALPACA = [{"instruction": f"Name item {i}.", "input": "", "output": f"item number {i}"} for i in range(12)]

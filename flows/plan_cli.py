@@ -1,4 +1,7 @@
-"""`lowregret plan`: the capacity planner on the command line.
+"""`lowregret plan`: the capacity planner on the command line. A command, so it lives above the
+layers it wires: the planner's math, the data layer's profile inputs, and what the planner must not
+import itself (the base model's logloss scorer from evaluation/, `--measure`'s real training step
+from trainer/), passed in from here.
 
 Nothing heavy at import: the dataset profiler, tokenizers and matplotlib load only when asked for.
 """
@@ -11,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from planner.errors import UserError
-from planner.paths import check_output_dir
+from data.errors import UserError
+from data.paths import check_output_dir
 
 
 def register(subparsers) -> None:
@@ -94,7 +97,7 @@ def _tokenizer_ref(model: str) -> str:
 
 def _load_tokenizer(args: argparse.Namespace) -> tuple[object, list[str]]:
     """The tokenizer for token counts; offline, SmolLM2's stands in for the model's (with a note)."""
-    from planner.sources import DEFAULT_MODEL, load_tokenizer
+    from data.sources import DEFAULT_MODEL, load_tokenizer
 
     if args.tokenizer:
         return load_tokenizer(args.tokenizer), []
@@ -124,15 +127,20 @@ def _profile(args: argparse.Namespace):
         return profile_rl(args.rl_episodes, args.reward_entropy_bits), []
     if not args.dataset:
         return None, []
-    from planner.dataset import check_local_file
+    from data.dataset import check_local_file
     from planner.profile import profile_dataset
 
     check_local_file(args.dataset)  # a bad local file fails now, not after the tokenizer loads
     tokenizer, notes = _load_tokenizer(args)
-    model_ref = _tokenizer_ref(args.model) if args.info_method == "logloss" else None
+    model_ref, score_bits = None, None
+    if args.info_method == "logloss":
+        from evaluation.nll import base_model_bits
+
+        model_ref = _tokenizer_ref(args.model)
+        score_bits = base_model_bits(model_ref)
     try:
         profile = profile_dataset(args.dataset, tokenizer, method=args.info_method, sample_size=args.sample_size,
-                                  model_ref=model_ref)
+                                  model_ref=model_ref, score_bits=score_bits)
     except OSError as exc:  # e.g. --info-method logloss with a Hub id offline
         raise UserError(f"Could not profile {args.dataset!r}: {exc}") from exc
     if not profile.examples:

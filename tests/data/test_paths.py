@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from planner.errors import UserError
-from planner.paths import check_existing_dir, check_output_dir, check_output_file
+from data.errors import UserError
+from data.paths import check_existing_dir, check_output_dir, check_output_file
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -48,7 +48,7 @@ def test_read_only_folders_are_refused(tmp_path):
 def test_what_access_denies_is_refused_even_as_root(tmp_path, monkeypatch):
     """The read-only branch as root (who may write anywhere): the check asks os.access, as the
     kernel would answer a regular user."""
-    monkeypatch.setattr("planner.paths.os.access", lambda path, mode: False)
+    monkeypatch.setattr("data.paths.os.access", lambda path, mode: False)
     with pytest.raises(UserError, match="read-only for this user"):
         check_output_dir(tmp_path / "report", "--out")
     with pytest.raises(UserError, match="read-only"):

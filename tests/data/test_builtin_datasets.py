@@ -1,4 +1,4 @@
-"""planner.builtin_datasets: facts with exactly known information, pydoc from Python's own text."""
+"""data.builtin_datasets: facts with exactly known information, pydoc from Python's own text."""
 
 import math
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.builtin_datasets import (
+from data.builtin_datasets import (
     FACT_ATTRIBUTES,
     FACTS_MAX_CHOICES,
     _truncate_paragraphs,
@@ -20,8 +20,8 @@ from planner.builtin_datasets import (
     parse_builtin,
     pydoc_rows,
 )
-from planner.dataset import dataset_fingerprint, detect_format, load_rows
-from planner.errors import UserError
+from data.dataset import dataset_fingerprint, detect_format, load_rows
+from data.errors import UserError
 
 ANSWER = re.compile(r"^The (?P<attr>[a-z ]+) of (?P<entity>[A-Z][a-z]+) is (?P<value>[A-Za-z]+)\.$")
 
@@ -99,8 +99,8 @@ def test_pydoc_does_not_depend_on_what_the_caller_imported():
     # and the fingerprint the FullFT cache is keyed on, are the same in every process.
     code = (
         "import inspect; inspect.getfile = lambda o: ''\n"
-        "from planner.builtin_datasets import pydoc_rows\n"
-        "from planner.dataset import dataset_fingerprint\n"
+        "from data.builtin_datasets import pydoc_rows\n"
+        "from data.dataset import dataset_fingerprint\n"
         "print(dataset_fingerprint(pydoc_rows()))"
     )
     root = Path(__file__).resolve().parents[2]  # this checkout, not an installed copy

@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner import builtin_datasets
-from planner.dataset import (
+from data import builtin_datasets
+from data.dataset import (
     IGNORE_INDEX,
     TokenizedExample,
     check_max_length,
@@ -76,7 +76,7 @@ class TokenizedDataset:
 
     Attributes:
         source: the dataset reference as given.
-        format: the detected format (`planner.dataset.FORMATS`).
+        format: the detected format (`data.dataset.FORMATS`).
         fingerprint: `dataset_fingerprint` of the rows read.
         rows: number of rows.
         path: the cache entry's folder.
@@ -219,7 +219,7 @@ def _build(key: str, rows: list[dict], fmt: str, tokenizer, meta: dict) -> None:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    from planner.dataset import completion_texts
+    from data.dataset import completion_texts
 
     ids = pa.list_(pa.int32())
     schema = pa.schema([("input_ids", ids), ("labels", ids), ("n_tokens", pa.int32()),

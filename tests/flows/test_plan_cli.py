@@ -99,9 +99,9 @@ def test_stand_in_tokenizer_note_is_whole_sentences(monkeypatch):
     """The note says why the model's tokenizer could not be loaded, in whole sentences, never cut."""
     import argparse
 
-    import planner.sources as sources
-    from planner import cli
-    from planner.errors import UserError
+    import data.sources as sources
+    from data.errors import UserError
+    from flows import plan_cli as cli
 
     def load(ref):
         if ref == sources.DEFAULT_MODEL:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from planner.builtin_datasets import is_builtin, load_builtin
-from planner.errors import UserError
+from data.builtin_datasets import is_builtin, load_builtin
+from data.errors import UserError
 
 Format = Literal["chat", "prompt_completion", "alpaca", "sharegpt", "text"]
 IGNORE_INDEX = -100  # the label torch's cross_entropy ignores (its default ignore_index)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from planner.builtin_datasets import ARITHMETIC_EXAMPLE, ARITHMETIC_SYSTEM, arithmetic_rows
-from planner.dataset import load_rows
-from planner.errors import UserError
+from data.builtin_datasets import ARITHMETIC_EXAMPLE, ARITHMETIC_SYSTEM, arithmetic_rows
+from data.dataset import load_rows
+from data.errors import UserError
 
 
 def test_every_sum_once_with_its_answer():
