@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -640,39 +639,8 @@ def _chat_pieces(tokenizer, messages: list[dict], at: str, fmt: str = "chat") ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Split and fingerprint
+# Fingerprint (the held-out split is data/split.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/eval split of rows: `split_indices(len(rows), eval_fraction, seed)`."""
-    train_idx, eval_idx = split_indices(len(rows), eval_fraction, seed)
-    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
-
-
-def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/eval split of row indices 0..n-1.
-
-    The indices are shuffled with `random.Random(seed)`; the first round(n·eval_fraction) (at
-    least 1 when eval_fraction > 0 and n ≥ 2, at most n − 1) go to eval. Each part is in
-    ascending order (the rows' original order).
-
-    Raises:
-        UserError: eval_fraction outside [0, 1).
-    """
-    if (
-        isinstance(eval_fraction, bool)
-        or not isinstance(eval_fraction, (int, float))
-        or not 0 <= eval_fraction < 1
-    ):
-        raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}.")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = round(n * eval_fraction)
-    if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)
-    eval_idx = set(order[:n_eval])
-    return [i for i in range(n) if i not in eval_idx], sorted(eval_idx)
 
 
 def dataset_fingerprint(rows: list[dict]) -> str:

@@ -16,7 +16,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from data.dataset import IGNORE_INDEX
 from data.errors import UserError
 
 LN2 = math.log(2.0)
@@ -146,7 +145,7 @@ class HeldOutSpec:
     dataset: str
     """Data source for `data.dataset.load_rows`."""
     eval_fraction: float | None
-    """Hold out this fraction of `dataset` with `split_rows`; None scores every row of `dataset`."""
+    """Hold out this fraction of `dataset` (`data.split.select`); None scores every row of `dataset`."""
     seed: int = 0
     """Seed of the held-out split."""
     max_length: int = 1024
@@ -158,30 +157,24 @@ class HeldOutSpec:
 
 
 def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
-    """The tokenized held-out examples of `spec`, chosen as the trainer chooses them.
-
-    Rows = load_rows(dataset, limit=dataset_limit); held out = split_rows(rows, eval_fraction,
-    seed)[1] (or every row when eval_fraction is None); then the first max_examples of them;
+    """The tokenized held-out examples of `spec`, chosen by the one held-out selection the trainer
+    uses (`data.split.split_tokenized`: the token cache, `split_indices(rows, eval_fraction, seed)`
+    or every row when eval_fraction is None, then the first max_examples), cut to max_length;
     examples whose completion was truncated away entirely are dropped (nothing to score).
 
     Raises:
         UserError: the data cannot be loaded or tokenized, or no held-out example is left.
     """
-    from data.dataset import detect_format, load_rows, split_rows, tokenize_example
+    from data.split import split_tokenized
 
-    rows = load_rows(spec.dataset, limit=spec.dataset_limit)
-    if spec.eval_fraction is not None and rows:
-        _, rows = split_rows(rows, spec.eval_fraction, spec.seed)
-    if spec.max_examples is not None:
-        rows = rows[: spec.max_examples]
-    if not rows:
+    split = split_tokenized(spec.dataset, tokenizer, eval_fraction=spec.eval_fraction, seed=spec.seed,
+                            max_examples=spec.max_examples, dataset_limit=spec.dataset_limit)
+    if not split.scored_idx:
         raise UserError(
             f"No held-out examples in {spec.dataset!r} (eval fraction {spec.eval_fraction}): use a "
             "larger dataset or eval fraction, or pass a separate eval dataset."
         )
-    fmt = detect_format(rows)
-    examples = [tokenize_example(tokenizer, row, fmt, spec.max_length) for row in rows]
-    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels[1:])]
+    kept = split.scored_examples(spec.max_length)
     if not kept:
         raise UserError(
             f"No held-out example keeps a completion token within max_length={spec.max_length}: "
@@ -238,7 +231,7 @@ def evaluate_nll(
         max_length: tokens per example; longer ones are truncated as in training.
         max_examples: score only the first N held-out examples.
         batch_size: examples per forward pass.
-        eval_fraction: hold out this fraction with `split_rows(rows, eval_fraction, seed)` and
+        eval_fraction: hold out this fraction (`data.split.select`, as the trainer does) and
             score it; None scores all of `dataset`.
         seed: the split's seed.
         dataset_limit: read only the first N rows of `dataset` before splitting.

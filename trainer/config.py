@@ -206,7 +206,7 @@ class RunConfig:
 
     @property
     def held_out_seed(self) -> int:
-        """The seed `split_rows` uses to choose the held-out examples."""
+        """The seed `data.split.select` uses to choose the held-out examples."""
         return self.seed
 
     def to_dict(self) -> dict:
@@ -295,7 +295,7 @@ class TrainConfig(RunConfig):
 
     @property
     def held_out_seed(self) -> int:
-        """The seed `split_rows` uses to choose the held-out examples."""
+        """The seed `data.split.select` uses to choose the held-out examples."""
         return self.seed if self.split_seed is None else self.split_seed
 
 

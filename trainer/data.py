@@ -86,70 +86,52 @@ def pack(sequences: list[Sequence], max_length: int, seed: int) -> list[Sequence
 
 def load_split(config) -> tuple[list[dict], list[dict], list[dict]]:
     """The raw rows of an RL run config (`RLConfig`: prompts with answers, not tokenized; supervised
-    runs use `split_data`): (all rows of `dataset`, training rows,
-    held-out rows), the held-out ones split off by `held_out_seed` or read from `eval_dataset`, the
-    first `eval_max_examples` of them.
+    runs use `split_data`): (all rows of `dataset`, training rows, scored held-out rows), chosen by the
+    one held-out selection (`data.split.select`) as the supervised runs choose theirs.
 
     Raises:
         UserError: no rows, no held-out rows, or too few rows to split.
     """
-    from data.dataset import load_rows, split_rows
+    from data.dataset import load_rows
+    from data.split import select
 
     rows = load_rows(config.dataset, limit=config.dataset_limit)
     if not rows:
         raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
-    if config.eval_dataset is None:
-        train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.held_out_seed)
-    else:
-        train_rows, eval_rows = rows, load_rows(config.eval_dataset)
-        if not eval_rows:
-            raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
-    if not train_rows or not eval_rows:
+    held_out = rows if config.eval_dataset is None else load_rows(config.eval_dataset)
+    if not held_out:
+        raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
+    selection = select(len(rows), config.eval_fraction, config.held_out_seed, config.eval_max_examples,
+                       held_out_rows=None if config.eval_dataset is None else len(held_out))
+    _check_split(selection, len(rows), config.eval_fraction)
+    return rows, [rows[i] for i in selection.train], [held_out[i] for i in selection.scored]
+
+
+def _check_split(selection, rows: int, eval_fraction: float) -> None:
+    if not selection.train or not selection.held_out:
         raise UserError(
-            f"{len(rows)} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
+            f"{rows} rows are too few to split off a held-out set with eval_fraction={eval_fraction}: "
             "give more rows or an eval_dataset of its own."
         )
-    if config.eval_max_examples is not None:
-        eval_rows = eval_rows[: config.eval_max_examples]
-    return rows, train_rows, eval_rows
 
 
-@dataclass(frozen=True)
-class DataSplit:
-    """Which rows of the tokenized data a run trains on and scores (indices into the datasets)."""
-
-    data: object  # data.token_cache.TokenizedDataset of `dataset`
-    held_out: object  # the same, or that of `eval_dataset`
-    train_idx: list[int]
-    held_out_idx: list[int]
-    scored_idx: list[int]  # the first eval_max_examples held-out rows
-
-
-def split_data(config, tokenizer) -> DataSplit:
-    """Read and tokenize (once: `data.token_cache`) the data of `config` and split it.
+def split_data(config, tokenizer):
+    """Read and tokenize (once: `data.token_cache`) the data of a run config and split it with the one
+    held-out selection (`data.split`): a `data.split.DataSplit`.
 
     Raises:
         UserError: the data cannot be read, or is too small to hold a set out.
     """
-    from data.dataset import split_indices
-    from data.token_cache import tokenized_dataset
+    from data.split import split_tokenized
 
-    data = tokenized_dataset(config.dataset, tokenizer, limit=config.dataset_limit)
-    if config.eval_dataset is None:
-        train_idx, held_out_idx = split_indices(data.rows, config.eval_fraction, config.held_out_seed)
-        held_out = data
-    else:
-        held_out = tokenized_dataset(config.eval_dataset, tokenizer)
-        train_idx, held_out_idx = list(range(data.rows)), list(range(held_out.rows))
-    if not train_idx or not held_out_idx:
-        raise UserError(
-            f"{data.rows} rows are too few to split off a held-out set with eval_fraction={config.eval_fraction}: "
-            "give more rows or an eval_dataset of its own."
-        )
-    return DataSplit(data, held_out, train_idx, held_out_idx, held_out_idx[: config.eval_max_examples])
+    split = split_tokenized(config.dataset, tokenizer, eval_fraction=config.eval_fraction, seed=config.held_out_seed,
+                            max_examples=config.eval_max_examples, dataset_limit=config.dataset_limit,
+                            eval_dataset=config.eval_dataset)
+    _check_split(split.selection, split.data.rows, config.eval_fraction)
+    return split
 
 
-def check_data(config, tokenizer) -> DataSplit:
+def check_data(config, tokenizer):
     """`split_data`, and every row the run will use checked against max_length, without building
     the run's sequences: what a pipeline checks before any run. Returns the split (`.data` is the
     dataset's TokenizedDataset, `.scored_idx` the held-out rows the runs score).
@@ -174,13 +156,15 @@ def prepare_data(config, tokenizer) -> PreparedData:
     Raises:
         UserError: empty dataset, missing columns, a prompt that fills max_length (from planner).
     """
+    from data.split import has_completion
+
     split = split_data(config, tokenizer)
     data, held_out = split.data, split.held_out
     train_examples = data.examples(split.train_idx, config.max_length)
-    eval_examples = held_out.examples(split.scored_idx, config.max_length)
     # An example whose completion was cut away entirely has nothing to learn or score: drop it.
     train = [s for s in map(to_sequence, train_examples) if s.loss_tokens]
-    evals = [s for s in map(to_sequence, eval_examples) if s.loss_tokens]
+    eval_examples = held_out.examples(split.scored_idx, config.max_length)
+    evals = [to_sequence(e) for e in eval_examples if has_completion(e)]  # what the evaluator scores
     if not train or not evals:
         raise UserError(
             f"No {'training' if not train else 'held-out'} example keeps a completion token within "

@@ -1,4 +1,4 @@
-"""data.dataset: loading every source type, format checks, label masks, split, fingerprint."""
+"""data.dataset: loading every source type, format checks, label masks, fingerprint."""
 
 import csv
 import json
@@ -10,7 +10,6 @@ from data.dataset import (
     dataset_fingerprint,
     detect_format,
     load_rows,
-    split_rows,
     tokenize_example,
 )
 from data.errors import UserError
@@ -311,31 +310,7 @@ def test_bad_max_length_and_bad_row(tok):
         tokenize_example(tok, {"messages": [{"role": "user", "content": "x"}]}, "chat", 512)
 
 
-# --- split_rows and fingerprint ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "n,fraction,n_eval",
-    [(100, 0.1, 10), (100, 0.0, 0), (10, 0.25, 2), (2, 0.01, 1), (3, 0.9, 2), (1, 0.5, 0), (0, 0.5, 0)],
-)
-def test_split_sizes(n, fraction, n_eval):
-    rows = [{"i": i} for i in range(n)]
-    train, held_out = split_rows(rows, fraction, seed=0)
-    assert len(held_out) == n_eval and len(train) == n - n_eval
-    assert sorted(r["i"] for r in train + held_out) == list(range(n))
-    assert [r["i"] for r in train] == sorted(r["i"] for r in train)  # original order kept
-
-
-def test_split_is_deterministic_and_seed_dependent():
-    rows = [{"i": i} for i in range(50)]
-    assert split_rows(rows, 0.2, 1) == split_rows(list(rows), 0.2, 1)
-    assert split_rows(rows, 0.2, 1)[1] != split_rows(rows, 0.2, 2)[1]
-
-
-@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, True, "0.1"])
-def test_split_rejects_bad_fraction(fraction):
-    with pytest.raises(UserError, match=r"\[0, 1\)"):
-        split_rows([{"i": 1}, {"i": 2}], fraction, 0)
+# --- fingerprint ----------------------------------------------------------------------------
 
 
 def test_fingerprint_is_stable_and_content_sensitive():
@@ -455,11 +430,3 @@ def test_conversation_formats_need_a_chat_template():
 def test_csv_conversations_cell_is_json(tmp_path):
     _write(tmp_path / "sg.csv", SHAREGPT, "csv")
     assert load_rows(str(tmp_path / "sg.csv")) == SHAREGPT
-
-
-def test_split_rows_is_split_indices():
-    from data.dataset import split_indices
-
-    rows = [{"i": i} for i in range(30)]
-    train_idx, eval_idx = split_indices(30, 0.2, 3)
-    assert split_rows(rows, 0.2, 3) == ([rows[i] for i in train_idx], [rows[i] for i in eval_idx])

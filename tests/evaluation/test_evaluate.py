@@ -62,11 +62,11 @@ def test_evaluate_nll_counts_every_completion_token_and_ignores_batching(tiny_mo
 
 
 def test_held_out_split_and_first_n(tiny_models, data):
-    from data.dataset import split_rows
+    from data.split import split_indices
     from evaluation.nll import evaluate_nll
 
     model = str(tiny_models("llama"))
-    _, held_out = split_rows(ROWS, 0.25, 3)
+    held_out = [ROWS[i] for i in split_indices(len(ROWS), 0.25, 3)[1]]
     r = evaluate_nll(model, None, data, max_length=64, eval_fraction=0.25, seed=3, device="cpu")
     assert r.examples == len(held_out)
     assert r.tokens == expected_tokens(model, held_out, 64)
