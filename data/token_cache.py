@@ -197,10 +197,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    os.replace(tmp, path)
+    from data.atomic import write_json
+
+    write_json(path, record)
 
 
 def _open(source: str, key: str) -> TokenizedDataset | None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
-import os
 from pathlib import Path
 
 from prefect import task
@@ -406,14 +404,9 @@ def promote_adapter(settings, registration, passed: bool, eval_loss: float | Non
 @task
 def write_json(path: str, record: dict) -> str:
     """Write `record` to `path` atomically (a reader, or a concurrent pipeline, never sees half a file)."""
-    import tempfile
+    from data.atomic import write_json as write
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(record, indent=2, default=_jsonable) + "\n")
-    os.chmod(tmp, 0o644)  # mkstemp's file is private; a report is meant to be read
-    os.replace(tmp, path)
+    write(path, record, indent=2, default=_jsonable)
     return path
 
 

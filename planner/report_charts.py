@@ -63,15 +63,14 @@ def finish_chart(fig, ax, title: str, path: Path, *, grid_axis: str = "both", le
 
 def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
     """Tight layout, PNG written beside and renamed (no reader sees half a file), figure closed."""
-    import os
-    import threading
+    from data.atomic import replacing
 
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        pyplot().close(fig)
 
 
 def capacity_chart(plan, title: str, path: Path) -> None:

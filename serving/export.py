@@ -319,6 +319,7 @@ def export_merged(source: str, out_dir: str | Path, base: str | None = None, dty
             "model it was trained on."
         )
 
+    from data.atomic import replacing_dir
     from data.sources import load_tokenizer
     from trainer.model import load_trained, torch_dtype
 
@@ -327,17 +328,9 @@ def export_merged(source: str, out_dir: str | Path, base: str | None = None, dty
     merged = model.merge_and_unload().to(torch_dtype(target))
     merged.config.dtype = target
     tokenizer = tokenizer or load_tokenizer(base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing_dir(out) as tmp:  # out: absent or empty, checked above
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     parameters = sum(p.numel() for p in merged.parameters())
     return MergedExport(out, base, resolved.path, target, parameters, tuple(notes))
 

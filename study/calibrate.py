@@ -7,7 +7,6 @@ the committed docs/study/results.json and check that the packaged file says the 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -128,8 +127,6 @@ def calibration_record(results: dict) -> dict:
 
 def write_calibration_file(record: dict, path: str | Path) -> str:
     """Write the record as JSON (atomically: a temporary sibling renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return str(path)
+    from data.atomic import write_json
+
+    return str(write_json(path, record, indent=2))
