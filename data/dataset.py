@@ -54,8 +54,8 @@ class TokenizedExample:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_rows(source: str, limit: int | None = None) -> list[dict]:
-    """Rows of a dataset as plain dicts.
+def load_rows(source: str, limit: int | None = None, columns: dict | None = None) -> list[dict]:
+    """Rows of a dataset as plain dicts, with `columns` renamed (`apply_columns`).
 
     Args:
         source: a `.jsonl`, `.json`, `.parquet` or `.csv` file; a directory written by
@@ -64,10 +64,12 @@ def load_rows(source: str, limit: int | None = None) -> list[dict]:
             `builtin:pydoc` / `builtin:facts` with options as a query string
             (`builtin:facts?n_facts=2000&choices=16&seed=0`).
         limit: keep at most the first `limit` rows.
+        columns: {column the format reads: column of the data}, e.g. {"prompt": "question",
+            "completion": "answer"} (`apply_columns`); None = the data's own names.
 
     Raises:
         UserError: missing file, unsupported file type, unreadable content, a Hub id that cannot
-            be reached, an unknown built-in or option.
+            be reached, an unknown built-in or option, a mapping naming a column the data lacks.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive integer or None, got {limit!r}.")
@@ -87,10 +89,108 @@ def load_rows(source: str, limit: int | None = None) -> list[dict]:
             f"a directory saved with datasets' save_to_disk, a Hub id `org/name[:split]`, or "
             f"builtin:pydoc / builtin:facts."
         )
-    return rows if limit is None else rows[:limit]
+    rows = rows if limit is None else rows[:limit]
+    return rows if not columns else apply_columns(rows, columns, source)
 
 
-def check_local_file(source: str) -> None:
+# Columns a format reads (the first ones required, `FORMAT_COLUMNS`), and RL's prompt/answer rows.
+READ_COLUMNS = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "sharegpt": ("conversations", "system"),
+    "text": ("text",),
+}
+MAPPABLE_COLUMNS = tuple(sorted({c for cs in READ_COLUMNS.values() for c in cs} | {"answer"}))
+# Column names that, in datasets as they ship, usually hold what a format column holds: for the
+# suggestion a refusal makes (never applied without the user's mapping).
+_LIKELY_SOURCES = {
+    "prompt": ("question", "query", "problem", "prompt_text", "source", "input_text", "context"),
+    "completion": ("answer", "response", "output", "solution", "canonical_solution", "target", "reply",
+                   "completion_text", "chosen"),
+    "messages": ("conversation", "conversations_openai", "dialogue", "dialog", "turns", "chat"),
+    "text": ("content", "document", "body", "passage", "article"),
+}
+
+
+def check_columns(columns, option: str = "columns") -> dict | None:
+    """A validated column mapping (None or {} = none).
+
+    Raises:
+        UserError: not a mapping of format column names to data column names.
+    """
+    if columns is None or columns == {}:
+        return None
+    syntax = (f"{option} maps the names a format reads to your data's, e.g. "
+              f"{option}: {{prompt: question, completion: answer}} (YAML) or {option}.completion=answer")
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                               for k, v in columns.items()):
+        raise UserError(f"{option}={columns!r}: {syntax}.")
+    unknown = sorted(set(columns) - set(MAPPABLE_COLUMNS))
+    if unknown:
+        raise UserError(f"{option}: {', '.join(unknown)} is not a column any format reads "
+                        f"({', '.join(MAPPABLE_COLUMNS)}). {syntax}.")
+    sources = list(columns.values())
+    if len(set(sources)) < len(sources):
+        raise UserError(f"{option}={columns!r}: one data column is mapped to two names; map each once.")
+    return dict(columns)
+
+
+def apply_columns(rows: list[dict], columns: dict, source: str) -> list[dict]:
+    """Each row with `columns[name]` read as `name` (the mapped-from column dropped, so two formats'
+    columns do not clash); every other column is kept as is (the format reads what it needs, and
+    `ignored_columns` says what it does not).
+
+    Raises:
+        UserError: a mapped-from column the first row lacks (the message lists the data's columns).
+    """
+    columns = check_columns(columns)
+    if not rows or not columns:
+        return rows
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    missing = sorted(v for v in columns.values() if v not in first)
+    if missing:
+        raise UserError(
+            f"Dataset {source!r}: the column mapping names {', '.join(map(repr, missing))}, which the data lacks; "
+            f"its columns are {sorted(first)}."
+        )
+    renamed = []
+    for row in rows:
+        if not isinstance(row, dict):
+            renamed.append(row)
+            continue
+        out = {k: v for k, v in row.items() if k not in columns.values() and k not in columns}
+        out.update({name: row.get(column) for name, column in columns.items()})
+        renamed.append(out)
+    return renamed
+
+
+def ignored_columns(row: dict, fmt: str) -> list[str]:
+    """The row's columns format `fmt` does not read (RL reads `prompt` and `answer`)."""
+    return sorted(set(row) - set(READ_COLUMNS[fmt]))
+
+
+def suggest_columns(columns: list[str]) -> dict | None:
+    """A mapping the column names make likely (e.g. {"completion": "canonical_solution"} for a code set
+    with `prompt` and `canonical_solution`), or None: only names in `_LIKELY_SOURCES` are proposed."""
+    present = set(columns)
+    for fmt in ("prompt_completion", "chat", "text"):
+        need = FORMAT_COLUMNS[fmt]
+        mapping = {}
+        for name in need:
+            if name in present:
+                continue
+            found = next((c for c in _LIKELY_SOURCES.get(name, ()) if c in present), None)
+            if found is None:
+                break
+            mapping[name] = found
+        else:
+            if mapping:
+                return mapping
+    return None
+
+
+def check_local_file(source: str, columns: dict | None = None) -> None:
     """Read and format-check `source` now if it is a local file (cheap), so a bad file fails before
     a tokenizer or a model is loaded; Hub ids, folders and built-ins are checked when they are read.
 
@@ -98,7 +198,7 @@ def check_local_file(source: str) -> None:
         UserError: unreadable, non-UTF-8, malformed or empty file (see `load_rows`, `detect_format`).
     """
     if Path(source).is_file():
-        detect_format(load_rows(source), source=source)
+        detect_format(load_rows(source, columns=columns), source=source)
 
 
 def _load_file(path: Path, limit: int | None) -> list[dict]:
@@ -235,14 +335,14 @@ def _load_hub(source: str, limit: int | None) -> list[dict]:
 
 # What identifies each format: the columns of its first row. Structured formats win over `text`
 # (Alpaca exports often carry a pre-rendered `text` column beside instruction/output).
-_FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "sharegpt": ("conversations",),
     "text": ("text",),
 }
-FORMATS: tuple[str, ...] = tuple(_FORMAT_COLUMNS)
+FORMATS: tuple[str, ...] = tuple(FORMAT_COLUMNS)
 # What each format looks like and what is trained, for messages and docs.
 FORMAT_SHAPES = {
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
@@ -292,11 +392,11 @@ def detect_format(rows: list[dict], *, source: str | None = None) -> Format:
     first = rows[0]
     if not isinstance(first, dict):
         raise UserError(f"{where}, row 0: expected an object with named columns, got {type(first).__name__}.")
-    matches = [fmt for fmt, columns in _FORMAT_COLUMNS.items() if all(c in first for c in columns)]
+    matches = [fmt for fmt, columns in FORMAT_COLUMNS.items() if all(c in first for c in columns)]
     if len(matches) > 1 and "text" in matches:
         matches.remove("text")
     if len(matches) > 1:
-        columns = " and ".join(f"`{'`/`'.join(_FORMAT_COLUMNS[f])}` ({f})" for f in matches)
+        columns = " and ".join(f"`{'`/`'.join(FORMAT_COLUMNS[f])}` ({f})" for f in matches)
         raise UserError(f"{where} has the columns of two formats, {columns}: keep one so it is clear what is trained.")
     if not matches:
         raise UserError(f"{where} has columns {sorted(first)}, which match no accepted format. "
@@ -308,19 +408,23 @@ def detect_format(rows: list[dict], *, source: str | None = None) -> Format:
 
 
 def _accepted_formats(columns: list[str] | None = None) -> str:
-    """The accepted formats, each with a jq one-liner converting rows with `columns` into it."""
-    src = [c for c in (columns or []) if c.isidentifier()][:2]
-    prompt, answer = (f".{src[0]}" if src else ".question"), (f".{src[1]}" if len(src) > 1 else ".answer")
-    conversions = {
-        "chat": f'{{messages: [{{role: "user", content: {prompt}}}, {{role: "assistant", content: {answer}}}]}}',
-        "prompt_completion": f"{{prompt: {prompt}, completion: {answer}}}",
-        "alpaca": f'{{instruction: {prompt}, input: "", output: {answer}}}',
-        "sharegpt": f'{{conversations: [{{from: "human", value: {prompt}}}, {{from: "gpt", value: {answer}}}]}}',
-        "text": f'{{text: ({prompt} + "\\n" + {answer})}}',
-    }
-    lines = [f"  {fmt}: {FORMAT_SHAPES[fmt]}\n      jq -c '{conversions[fmt]}' in.jsonl > out.jsonl"
-             for fmt in FORMATS]
-    return "Accepted formats (one JSON object per row), each with a conversion from your columns:\n" + "\n".join(lines)
+    """The accepted formats, and how to use data whose columns have other names: the column mapping
+    the names make likely (`suggest_columns`), else the mapping's syntax."""
+    lines = [f"  {fmt}: {FORMAT_SHAPES[fmt]}" for fmt in FORMATS]
+    text = "Accepted formats (one object per row):\n" + "\n".join(lines)
+    if columns is None:
+        return text
+    suggestion = suggest_columns(columns)
+    if suggestion:
+        yaml = ", ".join(f"{k}: {v}" for k, v in suggestion.items())
+        overrides = " ".join(f"columns.{k}={v}" for k, v in suggestion.items())
+        flags = " ".join(f"--column {k}={v}" for k, v in suggestion.items())
+        return (f"{text}\nYour column names suggest a mapping: `columns: {{{yaml}}}` in a run config (the override "
+                f"`{overrides}`; for `lowregret plan`, `{flags}`) reads them as that format; other columns are "
+                "ignored.")
+    return (f"{text}\nTo use columns with other names, map them: `columns: {{prompt: <your prompt column>, "
+            "completion: <your answer column>}` in a run config (the override `columns.prompt=... "
+            "columns.completion=...`; for `lowregret plan`, `--column prompt=...`); other columns are ignored.")
 
 
 def _fail(at: str, problem: str, fmt: str) -> UserError:

@@ -106,16 +106,18 @@ def has_completion(example) -> bool:
 
 
 def split_tokenized(dataset: str, tokenizer, *, eval_fraction: float | None, seed: int, max_examples: int | None,
-                    dataset_limit: int | None = None, eval_dataset: str | None = None) -> DataSplit:
-    """Read and tokenize `dataset` (and `eval_dataset`) through the token cache, and `select` its rows.
+                    dataset_limit: int | None = None, eval_dataset: str | None = None,
+                    columns: dict | None = None) -> DataSplit:
+    """Read and tokenize `dataset` (and `eval_dataset`, with the same column mapping `columns`) through
+    the token cache, and `select` its rows.
 
     Raises:
         UserError: the data cannot be read or tokenized.
     """
     from data.token_cache import tokenized_dataset
 
-    data = tokenized_dataset(dataset, tokenizer, limit=dataset_limit)
-    held_out = data if eval_dataset is None else tokenized_dataset(eval_dataset, tokenizer)
+    data = tokenized_dataset(dataset, tokenizer, limit=dataset_limit, columns=columns)
+    held_out = data if eval_dataset is None else tokenized_dataset(eval_dataset, tokenizer, columns=columns)
     selection = select(data.rows, eval_fraction, seed, max_examples,
                        held_out_rows=None if eval_dataset is None else held_out.rows)
     return DataSplit(data, held_out, selection)

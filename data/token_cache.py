@@ -40,6 +40,7 @@ from data.dataset import (
     check_max_length,
     dataset_fingerprint,
     detect_format,
+    ignored_columns,
     load_rows,
     prompt_too_long,
     tokenize_rows,
@@ -83,6 +84,7 @@ class TokenizedDataset:
         table: a `datasets.Dataset` with columns input_ids, labels (IGNORE_INDEX where not
             trained), n_tokens, completion_tokens (trained tokens), prompt_tokens (tokens before
             the first trained one) and completion_text (the trained text, for compressors).
+        ignored_columns: the first row's columns the format does not read (`ignored_columns`).
     """
 
     source: str
@@ -91,6 +93,7 @@ class TokenizedDataset:
     rows: int
     path: Path
     table: object
+    ignored_columns: tuple[str, ...] = ()
 
     def column(self, name: str, indices: list[int] | None = None) -> list:
         """One column as a Python list, for all rows or the given row indices.
@@ -123,21 +126,23 @@ class TokenizedDataset:
         ]
 
 
-def tokenized_dataset(source: str, tokenizer, *, limit: int | None = None) -> TokenizedDataset:
-    """The tokenized rows of `source` (first `limit` rows), from the cache or tokenized now.
+def tokenized_dataset(source: str, tokenizer, *, limit: int | None = None,
+                      columns: dict | None = None) -> TokenizedDataset:
+    """The tokenized rows of `source` (first `limit` rows, `columns` renamed: `load_rows`), from the
+    cache or tokenized now.
 
     Raises:
         UserError: any error of `load_rows`, `detect_format` or tokenization, before anything is
             written to the cache.
     """
     tok_key = tokenizer_fingerprint(tokenizer)
-    identity = _identity(source, limit)
+    identity = _identity(source, limit, columns)
     known = _read_json(_memo_path(identity)) if identity else None
     if known is not None:
         cached = _open(source, _entry_key(known["fingerprint"], tok_key))
         if cached is not None:
             return cached
-    rows = load_rows(source, limit=limit)
+    rows = load_rows(source, limit=limit, columns=columns)
     fmt = detect_format(rows, source=source)
     fingerprint = dataset_fingerprint(rows)
     key = _entry_key(fingerprint, tok_key)
@@ -145,6 +150,7 @@ def tokenized_dataset(source: str, tokenizer, *, limit: int | None = None) -> To
     if cached is None:
         _build(key, rows, fmt, tokenizer, {"source": source, "format": fmt, "fingerprint": fingerprint,
                                            "rows": len(rows), "tokenizer": tok_key,
+                                           "ignored_columns": ignored_columns(rows[0], fmt),
                                            "version": TOKENIZATION_VERSION})
         cached = _open(source, key)
     if identity:
@@ -152,13 +158,14 @@ def tokenized_dataset(source: str, tokenizer, *, limit: int | None = None) -> To
     return cached
 
 
-def find_cached(source: str, tokenizer, *, limit: int | None = None) -> TokenizedDataset | None:
+def find_cached(source: str, tokenizer, *, limit: int | None = None,
+                columns: dict | None = None) -> TokenizedDataset | None:
     """The cached tokenization of a local file or built-in seen before unchanged, else None.
 
     Reads neither the data nor anything else when there is none: for callers that can do with
     less than every row tokenized (the plan's sampled profile).
     """
-    identity = _identity(source, limit)
+    identity = _identity(source, limit, columns)
     known = _read_json(_memo_path(identity)) if identity else None
     if known is None:
         return None
@@ -168,16 +175,19 @@ def find_cached(source: str, tokenizer, *, limit: int | None = None) -> Tokenize
 # ------------------------------------------------------------------------------------- internals
 
 
-def _identity(source: str, limit: int | None) -> str | None:
-    """What makes an unchanged source's rows the same without reading them, or None (always read)."""
+def _identity(source: str, limit: int | None, columns: dict | None = None) -> str | None:
+    """What makes an unchanged source's rows the same without reading them, or None (always read).
+    A column mapping is part of it: other names, other rows."""
+    mapping = sorted((columns or {}).items())
     if builtin_datasets.is_builtin(source):
         code = hashlib.sha256(Path(builtin_datasets.__file__).read_bytes()).hexdigest()[:16]
-        return json.dumps(["builtin", source, limit, sys.version, code])
+        return json.dumps(["builtin", source, limit, sys.version, code] + ([mapping] if mapping else []))
     path = Path(source)
     if not path.is_file():
         return None  # a Hub id or a save_to_disk folder: fingerprinted on every read
     stat = path.stat()
-    return json.dumps(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, limit])
+    return json.dumps(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, limit]
+                      + ([mapping] if mapping else []))
 
 
 def _memo_path(identity: str) -> Path:
@@ -210,7 +220,8 @@ def _open(source: str, key: str) -> TokenizedDataset | None:
     import datasets
 
     table = datasets.Dataset.from_file(str(folder / _DATA_FILE), in_memory=False)
-    return TokenizedDataset(source, meta["format"], meta["fingerprint"], meta["rows"], folder, table)
+    return TokenizedDataset(source, meta["format"], meta["fingerprint"], meta["rows"], folder, table,
+                            tuple(meta.get("ignored_columns", ())))
 
 
 def _build(key: str, rows: list[dict], fmt: str, tokenizer, meta: dict) -> None:

@@ -154,6 +154,8 @@ class HeldOutSpec:
     """Score only the first N held-out examples (None = all)."""
     dataset_limit: int | None = None
     """Read only the first N rows of `dataset` before splitting (the trainer's dataset_limit)."""
+    columns: dict | None = None
+    """The run's column mapping (`data.dataset.load_rows`)."""
 
 
 def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
@@ -168,7 +170,7 @@ def held_out_examples(spec: HeldOutSpec, tokenizer) -> list:
     from data.split import split_tokenized
 
     split = split_tokenized(spec.dataset, tokenizer, eval_fraction=spec.eval_fraction, seed=spec.seed,
-                            max_examples=spec.max_examples, dataset_limit=spec.dataset_limit)
+                            max_examples=spec.max_examples, dataset_limit=spec.dataset_limit, columns=spec.columns)
     if not split.scored_idx:
         raise UserError(
             f"No held-out examples in {spec.dataset!r} (eval fraction {spec.eval_fraction}): use a "
@@ -318,6 +320,7 @@ def spec_from_run(run, max_examples: int | None = None) -> HeldOutSpec:
         max_length=int(config.get("max_length") or 1024),
         max_examples=max_examples if max_examples is not None else config.get("eval_max_examples"),
         dataset_limit=None if separate else config.get("dataset_limit"),
+        columns=config.get("columns"),
     )
 
 

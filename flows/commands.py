@@ -214,7 +214,7 @@ def run_train(args) -> int:
     # Before torch is imported: a bad output path or data file fails at once.
     check_output_dir(config.output_dir, "output_dir")
     for source in filter(None, (config.dataset, config.eval_dataset)):
-        check_local_file(source)
+        check_local_file(source, config.columns)
     callbacks = []
     if config.report_to == "mlflow":
         from flows.settings import load_settings

@@ -165,14 +165,13 @@ class PipelineConfig(_GatedPipeline):
         from planner.profile import profile_dataset
 
         lora = self.train_config("lora")
-        # The trainer's loader: a GGUF base is converted once and cached for the training steps too.
         score_bits = None
         if self.info_method == "logloss":
             from evaluation.nll import base_model_bits
 
             score_bits = base_model_bits(self.model)
         profile = profile_dataset(self.dataset, load_tokenizer(self.model), method=self.info_method,
-                                  model_ref=self.model, score_bits=score_bits)
+                                  model_ref=self.model, score_bits=score_bits, columns=lora.columns)
         return build_plan(self.model, self.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                           target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
                           packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=self.gpu,

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--target-unembedding", action="store_true", help="also adapt lm_head")
     p.add_argument("--dataset", help="JSONL/JSON/Parquet/CSV, saved dataset folder, Hub dataset id, builtin:pydoc, builtin:facts?n_facts=N")
     p.add_argument("--tokenizer", help="tokenizer for token counts (default: the model's own)")
+    p.add_argument("--column", action="append", default=[], metavar="NAME=COLUMN", dest="columns",
+                   help="read your data's COLUMN as the format's NAME, e.g. --column completion=canonical_solution "
+                        "(repeatable; the training option `columns`)")
     p.add_argument("--info-method", choices=INFO_METHODS, default="auto", help="dataset information: auto (exact for builtin:facts, else lzma), exact, lzma, prior, "
                    "logloss (the base model's summed log loss; loads the model)")
     p.add_argument("--sample-size", type=int, default=2000, help="examples sampled to profile the dataset")
@@ -67,7 +70,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_plan)
 
 
+def _columns(args: argparse.Namespace) -> dict | None:
+    """--column NAME=COLUMN flags as the column mapping (`data.dataset.check_columns`)."""
+    from data.dataset import check_columns
+
+    mapping = {}
+    for item in args.columns:
+        name, sep, column = item.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            raise UserError(f"--column {item!r}: give NAME=COLUMN, e.g. --column completion=canonical_solution.")
+        mapping[name.strip()] = column.strip()
+    return check_columns(mapping, "--column")
+
+
 def _validate(args: argparse.Namespace) -> None:
+    _columns(args)
     for name in ("rank", "seq_len", "batch_size", "steps", "num_gpus", "rl_episodes", "sample_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -130,7 +147,8 @@ def _profile(args: argparse.Namespace):
     from data.dataset import check_local_file
     from planner.profile import profile_dataset
 
-    check_local_file(args.dataset)  # a bad local file fails now, not after the tokenizer loads
+    columns = _columns(args)
+    check_local_file(args.dataset, columns)  # a bad local file fails now, not after the tokenizer loads
     tokenizer, notes = _load_tokenizer(args)
     model_ref, score_bits = None, None
     if args.info_method == "logloss":
@@ -140,7 +158,7 @@ def _profile(args: argparse.Namespace):
         score_bits = base_model_bits(model_ref)
     try:
         profile = profile_dataset(args.dataset, tokenizer, method=args.info_method, sample_size=args.sample_size,
-                                  model_ref=model_ref, score_bits=score_bits)
+                                  model_ref=model_ref, score_bits=score_bits, columns=columns)
     except OSError as exc:  # e.g. --info-method logloss with a Hub id offline
         raise UserError(f"Could not profile {args.dataset!r}: {exc}") from exc
     if not profile.examples:

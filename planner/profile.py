@@ -129,6 +129,7 @@ def profile_dataset(
     bits_per_token_prior: float = 1.0,
     model_ref: str | None = None,
     score_bits: Callable[[list], list[float]] | None = None,
+    columns: dict | None = None,
 ) -> DatasetProfile:
     """Count a dataset's tokens and estimate its information content.
 
@@ -150,6 +151,7 @@ def profile_dataset(
         score_bits: for `logloss`, each example's summed log loss in bits under `model_ref`, given the
             (cut) tokenized examples. The planner scores nothing itself: the command layer passes the
             evaluator's scorer (`evaluation.nll.base_model_bits`), so planner/ imports no trainer.
+        columns: the run's column mapping (`data.dataset.load_rows`).
 
     Raises:
         UserError: unknown method, bad sample size or prior, `exact` on a dataset whose
@@ -186,11 +188,11 @@ def profile_dataset(
             )
 
     tok, tokenizer_name = _resolve_tokenizer(tokenizer)
-    cached = find_cached(source, tok)
+    cached = find_cached(source, tok, columns=columns)
     if cached is not None:
         fmt, n_rows = cached.format, cached.rows
     else:
-        rows = load_rows(source)
+        rows = load_rows(source, columns=columns)
         fmt, n_rows = detect_format(rows, source=source), len(rows)
     indices = (
         list(range(n_rows))

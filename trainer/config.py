@@ -130,6 +130,9 @@ class RunConfig:
     eval_fraction: float = 0.1
     #: Rows read from `dataset` (None = all); for quick runs on a large set.
     dataset_limit: int | None = None
+    #: Column mapping {name a format reads: column of your data}, e.g. {prompt: question, completion: answer}
+    #: (also for eval_dataset); other columns are ignored. None = the data's own names.
+    columns: dict | None = None
     #: "lora" (peft adapter on a frozen base) or "full" (every weight trained).
     method: str = "lora"
     #: LoRA rank r (matrices); 16 is mid-range, where the paper finds LoRA matches FullFT on SFT sets.
@@ -507,6 +510,9 @@ def validate_run_options(c) -> None:
             f"eval_fraction={c.eval_fraction}: must be in (0, 1) to hold out a split, "
             "or give eval_dataset=<file> for a held-out set of its own."
         )
+    from data.dataset import check_columns
+
+    c.columns = check_columns(c.columns)
     if c.dataset_limit is not None and c.dataset_limit < 2:
         raise UserError(f"dataset_limit={c.dataset_limit}: read at least 2 rows (or null for all).")
     if c.weight_decay < 0:

@@ -95,10 +95,10 @@ def load_split(config) -> tuple[list[dict], list[dict], list[dict]]:
     from data.dataset import load_rows
     from data.split import select
 
-    rows = load_rows(config.dataset, limit=config.dataset_limit)
+    rows = load_rows(config.dataset, limit=config.dataset_limit, columns=config.columns)
     if not rows:
         raise UserError(f"Dataset {config.dataset!r} has no rows: check the path or the filter.")
-    held_out = rows if config.eval_dataset is None else load_rows(config.eval_dataset)
+    held_out = rows if config.eval_dataset is None else load_rows(config.eval_dataset, columns=config.columns)
     if not held_out:
         raise UserError(f"Held-out dataset {config.eval_dataset!r} has no rows.")
     selection = select(len(rows), config.eval_fraction, config.held_out_seed, config.eval_max_examples,
@@ -126,7 +126,7 @@ def split_data(config, tokenizer):
 
     split = split_tokenized(config.dataset, tokenizer, eval_fraction=config.eval_fraction, seed=config.held_out_seed,
                             max_examples=config.eval_max_examples, dataset_limit=config.dataset_limit,
-                            eval_dataset=config.eval_dataset)
+                            eval_dataset=config.eval_dataset, columns=config.columns)
     _check_split(split.selection, split.data.rows, config.eval_fraction)
     return split
 
@@ -172,6 +172,8 @@ def prepare_data(config, tokenizer) -> PreparedData:
         )
     stats = {
         "format": data.format,
+        "columns": config.columns,
+        "ignored_columns": list(data.ignored_columns),
         "rows": data.rows + (held_out.rows if held_out is not data else 0),
         "train_rows": len(split.train_idx),
         "held_out_rows": len(split.held_out_idx),
@@ -218,6 +220,10 @@ def describe_data(data: PreparedData, config) -> str:
             f"{s['train_truncated'] + s['eval_truncated']:,} truncated to {config.max_length} tokens")
     if config.packing:
         line += f"; {s['train_examples']:,} train examples packed into {s['packed_rows']:,} rows"
+    if s.get("columns"):
+        line += "; columns mapped: " + ", ".join(f"{k} <- {v}" for k, v in s["columns"].items())
+    if s.get("ignored_columns"):
+        line += f"; columns ignored: {', '.join(s['ignored_columns'])}"
     return line
 
 

@@ -144,8 +144,10 @@ def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
     evals = encode(eval_rows, config.eval_dataset or config.dataset)
     fingerprint = dataset_fingerprint(train_rows) + (
         "" if config.eval_dataset is None else "+" + dataset_fingerprint(eval_rows))
+    first = train_rows[0] if isinstance(train_rows[0], dict) else {}
     stats = {"train_prompts": len(train), "eval_prompts": len(evals),
-             "max_prompt_tokens_seen": max(len(p.input_ids) for p in train + evals)}
+             "max_prompt_tokens_seen": max(len(p.input_ids) for p in train + evals),
+             "columns": config.columns, "ignored_columns": sorted(set(first) - {"prompt", "answer"})}
     return PromptData(train, evals, fingerprint, stats)
 
 
@@ -334,7 +336,8 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         tokenizer = load_tokenizer(config.model)
     data = prepare_prompts(config, tokenizer)
     say(f"data: {len(data.train)} train / {len(data.eval)} held-out prompts; reward {config.reward}; "
-        f"{config.prompts_per_step} prompts x {config.group_size} samples per step")
+        f"{config.prompts_per_step} prompts x {config.group_size} samples per step"
+        + (f"; columns ignored: {', '.join(data.stats['ignored_columns'])}" if data.stats["ignored_columns"] else ""))
     config_hash = config.hash(data.fingerprint)
 
     model, what = load_for_training(config, use_cuda, device)

@@ -347,16 +347,34 @@ def test_detect_format_each_format(rows, fmt):
     assert detect_format(rows) == fmt
 
 
-def test_unknown_columns_list_every_format_with_a_conversion_from_the_users_columns():
+def test_unknown_columns_list_every_format_and_suggest_the_mapping_the_names_make_likely():
     with pytest.raises(UserError) as error:
         detect_format([{"question": "q", "answer": "a"}], source="qa.jsonl")
     message = str(error.value)
     assert message.startswith("Dataset 'qa.jsonl' has columns ['answer', 'question'], which match no accepted format")
     for fmt in ("chat", "prompt_completion", "alpaca", "sharegpt", "text"):
         assert f"\n  {fmt}: {{" in message, fmt
-    assert "jq -c '{prompt: .question, completion: .answer}' in.jsonl > out.jsonl" in message
-    assert "jq -c '{instruction: .question, input: \"\", output: .answer}'" in message
-    assert message.count("jq -c") == 5
+    assert "`columns: {prompt: question, completion: answer}`" in message
+    assert "`columns.prompt=question columns.completion=answer`" in message
+    assert "`--column prompt=question --column completion=answer`" in message
+
+
+def test_a_code_set_as_it_ships_gets_the_mapping_its_names_suggest():
+    """HumanEval's columns (openai/human-eval's HumanEval.jsonl): the refusal once suggested
+    {prompt: .task_id, completion: .prompt}; the names say completion <- canonical_solution."""
+    row = {"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+           "test": "assert f() == 1", "entry_point": "f"}
+    with pytest.raises(UserError) as error:
+        detect_format([row], source="HumanEval.jsonl")
+    message = str(error.value)
+    assert "`columns: {completion: canonical_solution}`" in message and "task_id" not in message.split("format.")[-1]
+
+
+def test_names_that_suggest_nothing_get_the_mapping_syntax_not_a_guess():
+    with pytest.raises(UserError) as error:
+        detect_format([{"a": "x", "b": "y"}], source="ab.jsonl")
+    message = str(error.value)
+    assert "suggest" not in message and "columns: {prompt: <your prompt column>, completion: <your answer column>}" in message
 
 
 @pytest.mark.parametrize(
