@@ -27,7 +27,7 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": 2}
 
 
 # First-party packages; a training run's numbers depend on the files of these it can execute.
-FIRST_PARTY = ("planner", "trainer", "evaluation", "flows", "serving")
+FIRST_PARTY = ("data", "planner", "trainer", "evaluation", "flows", "serving")
 # Libraries whose versions change a run's numbers (kernels, model code, adapters, data loading).
 NUMERIC_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets")
 

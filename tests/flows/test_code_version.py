@@ -9,18 +9,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _copy(tmp_path):
-    for package in ("planner", "trainer", "evaluation", "flows"):
+    for package in ("data", "planner", "trainer", "evaluation", "flows"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
 
-def test_tokenization_change_in_planner_changes_the_key(tmp_path):
+def test_tokenization_change_in_the_data_layer_changes_the_key(tmp_path):
     copy = _copy(tmp_path)
     before = code_version(copy)
     assert before == code_version(ROOT)  # the key depends on the files, not on where they are
     sources = {p.relative_to(copy).as_posix() for p in training_sources(copy)}
     assert {"data/dataset.py", "trainer/loop.py", "trainer/loss.py", "data/builtin_datasets.py"} <= sources
-    dataset = copy / "planner" / "dataset.py"
+    dataset = copy / "data" / "dataset.py"
     text = dataset.read_text()
     assert "def tokenize_example(" in text
     dataset.write_text(text.replace("def tokenize_example(", "def tokenize_example(  # masking changed\n", 1))
