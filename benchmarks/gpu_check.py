@@ -342,8 +342,8 @@ def held_out_regret(lora_dir: str, full_dir: str, device: str) -> dict:
 
     Regret = Σ_i (LoRA_i − FullFT_i) / Σ_i tokens_i, in nats per completion token.
     """
-    from evaluation.compare import load_run
     from evaluation.nll import evaluate_models, run_model_dir, spec_from_run
+    from evaluation.runs import load_run
 
     lora_run, full_run = load_run(lora_dir), load_run(full_dir)
     spec = spec_from_run(lora_run)

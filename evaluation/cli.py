@@ -118,11 +118,12 @@ def register(subparsers) -> None:
 
 def run_rl_compare(args: argparse.Namespace) -> int:
     from evaluation.compare import EXIT_CODES
-    from evaluation.rl import DEFAULT_ALLOWED_REWARD_REGRET, format_comparison, load_rl_run, plot_rewards
+    from evaluation.rl import DEFAULT_ALLOWED_REWARD_REGRET, format_comparison, plot_rewards
     from evaluation.rl import compare_rewards as compare_rl
+    from evaluation.runs import RL, load_run
 
     allowed = DEFAULT_ALLOWED_REWARD_REGRET if args.allowed_regret is None else args.allowed_regret
-    lora, full = load_rl_run(args.lora), load_rl_run(args.full)
+    lora, full = load_run(args.lora, RL), load_run(args.full, RL)
     comparison = compare_rl(lora, full, allowed_regret=allowed)
     if args.chart:
         plot_rewards({"FullFT": full.curves, f"LoRA r={lora.config.get('rank')}": lora.curves}, args.chart)

@@ -15,22 +15,20 @@ against itself, two runs of one method, different base models, held-out sets or 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import UserError
-from evaluation.curves import Curve, load_curves
+from evaluation.curves import Curve
 from evaluation.regret import FAIL, INCONCLUSIVE, PASS, RegretInterval, decide, regret_interval
+from evaluation.runs import RunRecord, check_comparable, load_run
 from planner.advice import (
     BATCH_SMALL_PENALTY_ABOVE,
     LORA_OVER_FULLFT_LR,
     SHORT_RUN_LORA_OVER_FULLFT_LR,
     SHORT_RUN_STEPS,
 )
-from trainer.result import EVAL_EXAMPLES_FILE
 
 # Default pass mark. "LoRA Without Regret" (Thinking Machines, 2025) finds that LoRA at adequate
 # rank with ~10x FullFT's LR matches FullFT's loss curve, i.e. the two differ by no more than
@@ -289,130 +287,14 @@ def design_warnings(steps: int, held_out_examples: int) -> list[str]:
 # ----------------------------------------------------------------------------- runs on disk
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """A finished training run read from its output directory."""
-
-    path: Path
-    summary: dict
-    curves: dict[str, Curve]
-
-    @property
-    def config(self) -> dict:
-        return self.summary.get("config") or {}
-
-    def get(self, name: str):
-        """A TrainResult field, from summary.json's top level or its "result" object."""
-        if name in self.summary:
-            return self.summary[name]
-        return (self.summary.get("result") or {}).get(name)
-
-    @property
-    def method(self) -> str | None:
-        return self.get("method") or self.config.get("method")
-
-    @functools.cached_property
-    def eval_examples(self) -> dict:
-        """The run's per-example held-out losses (`trainer.result.EVAL_EXAMPLES_FILE`).
-
-        Raises:
-            UserError: the file is missing (a run from before per-example losses were kept) or bad.
-        """
-        path = self.path / EVAL_EXAMPLES_FILE
-        if not path.is_file():
-            raise UserError(
-                f"{self.path} has no {EVAL_EXAMPLES_FILE} (per-example held-out losses), so no interval can be "
-                "computed: it was trained by an older LowRegret. Re-train it with `lowregret train`."
-            )
-        try:
-            record = json.loads(path.read_text())
-            ids, tokens, nll = record["example_ids"], record["tokens"], record["nll"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"{path} is not a per-example loss file ({exc}); re-train the run.") from exc
-        if not nll or any(len(values) != len(ids) for _, values in nll) or len(tokens) != len(ids):
-            raise UserError(f"{path} is inconsistent (example counts differ); re-train the run.")
-        return record
-
-
-def load_run(run_dir: str | Path) -> RunRecord:
-    """Read a trainer output directory: summary.json and curves.json.
-
-    Raises:
-        UserError: the directory, summary.json or curves.json is missing or unreadable.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"Run directory {run_dir} not found: pass the trainer's output_dir.")
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise UserError(
-            f"{run_dir} has no summary.json, so it is not a finished training run (the trainer "
-            "writes it last). Pass the run's output_dir after `lowregret train` has completed."
-        )
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{summary_path} is not valid JSON ({exc}); re-run the trainer.") from exc
-    if not isinstance(summary, dict):
-        raise UserError(f"{summary_path} should hold a JSON object; re-run the trainer.")
-    curves_path = run_dir / "curves.json"
-    if not curves_path.is_file():
-        raise UserError(f"{run_dir} has summary.json but no curves.json; re-run the trainer.")
-    return RunRecord(path=run_dir, summary=summary, curves=load_curves(curves_path))
-
-
-def check_comparable(lora: list[RunRecord], full: list[RunRecord]) -> None:
-    """Refuse what is not a LoRA-vs-FullFT comparison on one held-out set.
-
-    Raises:
-        UserError: a run given twice; a FullFT run among the LoRA runs or the reverse; unequal
-            numbers of runs or seeds that do not pair up; different base models, training data
-            (data fingerprint) or held-out examples.
-    """
-    runs = lora + full
-    resolved = [r.path.resolve() for r in runs]
-    if len(set(resolved)) < len(resolved):
-        twice = next(p for p in resolved if resolved.count(p) > 1)
-        raise UserError(f"{twice} is given twice: a run compared with itself has no regret. Pass a LoRA run "
-                        "and a FullFT run trained on the same data.")
-    for flag, wanted, group in (("--lora", "lora", lora), ("--full", "full", full)):
-        for run in group:
-            if run.method != wanted:
-                raise UserError(
-                    f"{flag} {run.path} is a {run.method!r} run, not a {wanted!r} run: compare needs LoRA runs "
-                    "as --lora and FullFT runs as --full (two runs of one method measure noise, not regret; "
-                    "use seed replicates for that).")
-    if len(lora) != len(full):
-        raise UserError(f"{len(lora)} LoRA runs but {len(full)} FullFT runs: give one FullFT run per LoRA seed.")
-    lora_seeds, full_seeds = [r.config.get("seed") for r in lora], [r.config.get("seed") for r in full]
-    if len(lora) > 1 and (len(set(lora_seeds)) < len(lora) or sorted(lora_seeds) != sorted(full_seeds)):
-        raise UserError(f"Seed replicates must pair up: LoRA seeds {lora_seeds}, FullFT seeds {full_seeds}. "
-                        "Give each seed once per method.")
-    first = runs[0]
-    for run in runs[1:]:
-        for key, what in (("model", "base model"),):
-            if run.config.get(key) != first.config.get(key):
-                raise UserError(f"{run.path} and {first.path} start from different {what}s "
-                                f"({run.config.get(key)!r} vs {first.config.get(key)!r}): their losses do not compare.")
-        if run.get("data_fingerprint") != first.get("data_fingerprint"):
-            raise UserError(
-                f"{run.path} and {first.path} were trained on different data (data fingerprints "
-                f"{run.get('data_fingerprint')} vs {first.get('data_fingerprint')}): train both on the same "
-                "dataset, limit and held-out split (split_seed).")
-        if run.eval_examples["example_ids"] != first.eval_examples["example_ids"]:
-            raise UserError(
-                f"{run.path} and {first.path} were scored on different held-out examples: a paired comparison needs "
-                "the same ones. Give the runs the same eval_dataset (or dataset, eval_fraction, split_seed), "
-                "max_length and eval_max_examples.")
-
-
 def compare_runs(
     lora_dirs: str | Path | list,
     full_dirs: str | Path | list,
     *,
     threshold: RegretThreshold | float | None = None,
 ) -> tuple[Comparison, list[RunRecord], list[RunRecord]]:
-    """`compare` trainer output directories: one LoRA and one FullFT run, or seed replicates of each.
+    """`compare` trainer output directories: one LoRA and one FullFT run, or seed replicates of each
+    (read and checked as every comparison's runs are: `evaluation.runs`).
 
     Replicates pair by seed. Losses come from each run's per-example held-out file (the final eval);
     the base model's from the step-0 eval of the FullFT runs.
@@ -425,10 +307,10 @@ def compare_runs(
     lora = sorted((load_run(d) for d in lora_dirs), key=lambda r: r.config.get("seed") or 0)
     full = sorted((load_run(d) for d in full_dirs), key=lambda r: r.config.get("seed") or 0)
     check_comparable(lora, full)
-    lora_nll = [dict(r.eval_examples["nll"]) for r in lora]
-    full_nll = [dict(r.eval_examples["nll"]) for r in full]
+    lora_nll = [r.scores.by_step for r in lora]
+    full_nll = [r.scores.by_step for r in full]
     held_out = HeldOutLosses(
-        tokens=tuple(lora[0].eval_examples["tokens"]),
+        tokens=tuple(lora[0].scores.weights),
         lora=tuple(tuple(nll[max(nll)]) for nll in lora_nll),
         full=tuple(tuple(nll[max(nll)]) for nll in full_nll),
         base=tuple(full_nll[0][0]) if 0 in full_nll[0] else None,

@@ -296,7 +296,7 @@ def spec_from_run(run, max_examples: int | None = None) -> HeldOutSpec:
     """The held-out examples a run used, from its summary.json config.
 
     Args:
-        run: a `evaluation.compare.RunRecord`.
+        run: a `evaluation.runs.RunRecord`.
         max_examples: override the run's eval_max_examples (None keeps it).
 
     Raises:
@@ -349,7 +349,7 @@ def evaluate_run(
 
     The base model is scored too unless include_base is False.
     """
-    from evaluation.compare import load_run
+    from evaluation.runs import load_run
 
     run = load_run(run_dir)
     spec = spec_from_run(run, max_examples)

@@ -18,37 +18,16 @@ prompts, not training noise (sampling and seed): only replicate runs measure tha
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import UserError
-from trainer.rl_config import EVAL_REWARDS_FILE
+from evaluation.runs import RL, RunRecord, check_comparable, load_run
 
 #: LoRA's final held-out reward may trail FullFT's by this much and still PASS (5 points of accuracy
 #: for a pass/fail reward). A product default, not a finding: set it from the seed spread of your task.
 DEFAULT_ALLOWED_REWARD_REGRET = 0.05
-
-
-@dataclass(frozen=True)
-class RLRun:
-    """A finished RL run read from its output directory."""
-
-    path: Path
-    summary: dict
-    curves: dict
-    prompt_ids: list
-    rewards: dict
-    """step -> each held-out prompt's greedy reward."""
-
-    @property
-    def config(self) -> dict:
-        return self.summary.get("config") or {}
-
-    @property
-    def method(self) -> str | None:
-        return self.summary.get("method")
 
 
 @dataclass(frozen=True)
@@ -84,55 +63,7 @@ class RewardComparison:
         return dataclasses.asdict(self) | {"passed": self.passed}
 
 
-def load_rl_run(run_dir: str | Path) -> RLRun:
-    """Read an RL run: summary.json, curves.json and eval_rewards.json.
-
-    Raises:
-        UserError: not a finished RL run, or a file that is unreadable or inconsistent.
-    """
-    run_dir = Path(run_dir)
-    files = {name: run_dir / name for name in ("summary.json", "curves.json", EVAL_REWARDS_FILE)}
-    missing = [name for name, path in files.items() if not path.is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished RL run (no {', '.join(missing)}): pass the output_dir of "
-                        "`lowregret rl-train` after it completed.")
-    try:
-        summary, curves, record = (json.loads(p.read_text()) for p in files.values())
-        prompt_ids, rewards = record["prompt_ids"], {int(step): values for step, values in record["rewards"]}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{run_dir}: unreadable RL run files ({exc}); re-run `lowregret rl-train`.") from exc
-    if not rewards or 0 not in rewards or any(len(v) != len(prompt_ids) for v in rewards.values()):
-        raise UserError(f"{run_dir}/{EVAL_REWARDS_FILE} is inconsistent (no step 0, or prompt counts differ); "
-                        "re-run `lowregret rl-train`.")
-    return RLRun(run_dir, summary, curves, prompt_ids, rewards)
-
-
-def check_comparable(lora: RLRun, full: RLRun) -> None:
-    """Refuse what is not a LoRA-vs-FullFT comparison on one set of held-out prompts and one reward.
-
-    Raises:
-        UserError: the same run twice, wrong methods, different base models, data, reward or prompts.
-    """
-    if lora.path.resolve() == full.path.resolve():
-        raise UserError(f"{lora.path} is given twice: a run compared with itself has no regret.")
-    for flag, wanted, run in (("--lora", "lora", lora), ("--full", "full", full)):
-        if run.method != wanted:
-            raise UserError(f"{flag} {run.path} is a {run.method!r} run, not a {wanted!r} one: pass an RL LoRA run "
-                            "as --lora and an RL FullFT run as --full.")
-    for key, what in (("model", "base models"), ("reward", "rewards"), ("max_new_tokens", "completion lengths")):
-        if lora.config.get(key) != full.config.get(key):
-            raise UserError(f"The runs use different {what} ({lora.config.get(key)!r} vs {full.config.get(key)!r}): "
-                            "their rewards do not compare. Train both with the same setting.")
-    if lora.summary.get("data_fingerprint") != full.summary.get("data_fingerprint"):
-        raise UserError("The runs were trained on different prompts (data fingerprints "
-                        f"{lora.summary.get('data_fingerprint')} vs {full.summary.get('data_fingerprint')}): train "
-                        "both on the same dataset, limit and seed.")
-    if lora.prompt_ids != full.prompt_ids:
-        raise UserError("The runs were scored on different held-out prompts: a paired comparison needs the same "
-                        "ones. Give both the same eval_dataset (or dataset, eval_fraction, seed) and eval_max_examples.")
-
-
-def compare_rewards(lora: RLRun, full: RLRun, *, allowed_regret: float = DEFAULT_ALLOWED_REWARD_REGRET
+def compare_rewards(lora: RunRecord, full: RunRecord, *, allowed_regret: float = DEFAULT_ALLOWED_REWARD_REGRET
                     ) -> RewardComparison:
     """The paired reward regret of `lora` against `full` at their last evaluations.
 
@@ -145,17 +76,18 @@ def compare_rewards(lora: RLRun, full: RLRun, *, allowed_regret: float = DEFAULT
 
     if not allowed_regret >= 0:
         raise UserError(f"allowed regret {allowed_regret}: must be >= 0 (0.05 = 5 points of accuracy).")
-    check_comparable(lora, full)
+    check_comparable([lora], [full])
     from trainer.rewards import SOLVED_REWARD
 
-    lora_r, full_r = np.array(lora.rewards[max(lora.rewards)]), np.array(full.rewards[max(full.rewards)])
-    base_r = np.array(full.rewards[0])
+    lora_rewards, full_rewards = lora.scores.by_step, full.scores.by_step
+    lora_r, full_r = np.array(lora_rewards[max(lora_rewards)]), np.array(full_rewards[max(full_rewards)])
+    base_r = np.array(full_rewards[0])
     # A reward is a negative loss, one "token" per prompt: regret_interval's Σ(L − F)/Σn is then
     # mean(r_full − r_lora), and its "recovered" Σ(B − L)/Σ(B − F) the share of FullFT's gain.
     interval = regret_interval(np.ones(len(lora_r)), -lora_r, -full_r, -base_r)
     verdict = decide(interval, allowed_regret)
-    matched = tuple((step, float(np.mean(lora.rewards[step])), float(np.mean(full.rewards[step])))
-                    for step in sorted(lora.rewards) if step > 0 and step in full.rewards)
+    matched = tuple((step, float(np.mean(lora_rewards[step])), float(np.mean(full_rewards[step])))
+                    for step in sorted(lora_rewards) if step > 0 and step in full_rewards)
     comparison = RewardComparison(
         lora_reward=float(lora_r.mean()), full_reward=float(full_r.mean()), base_reward=float(base_r.mean()),
         lora_accuracy=float((lora_r >= SOLVED_REWARD).mean()), full_accuracy=float((full_r >= SOLVED_REWARD).mean()),
@@ -171,7 +103,7 @@ def compare_rewards(lora: RLRun, full: RLRun, *, allowed_regret: float = DEFAULT
 def compare_rl_runs(lora_dir: str | Path, full_dir: str | Path, *,
                     allowed_regret: float = DEFAULT_ALLOWED_REWARD_REGRET) -> RewardComparison:
     """`compare_rewards` on two RL output directories."""
-    return compare_rewards(load_rl_run(lora_dir), load_rl_run(full_dir), allowed_regret=allowed_regret)
+    return compare_rewards(load_run(lora_dir, RL), load_run(full_dir, RL), allowed_regret=allowed_regret)
 
 
 def _message(c: RewardComparison) -> str:

@@ -213,7 +213,7 @@ def points_from_runs(run_dirs) -> list[SweepPoint]:
         UserError: a run is unreadable or records no method, lr or final eval loss.
     """
     from data.errors import UserError
-    from evaluation.compare import load_run
+    from evaluation.runs import load_run
 
     points = []
     for run_dir in run_dirs:

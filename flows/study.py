@@ -152,7 +152,7 @@ def log_cells(settings, experiment: str, parent_run_id: str, cells: list) -> int
     """One nested MLflow run per cell not yet logged in `experiment` (tag run_key); returns how many."""
     from mlflow.tracking import MlflowClient
 
-    from evaluation.compare import load_run
+    from evaluation.runs import load_run
     from flows.settings import ensure_experiment
     from trainer.result import TrainResult
 

@@ -56,7 +56,7 @@ def cells_manifest(reports_dir, scale_name: str):
 
 
 def _load(cell: Cell):
-    from evaluation.compare import load_run
+    from evaluation.runs import load_run
 
     return load_run(cell.run_dir)
 

@@ -1,4 +1,4 @@
-"""`TrainResult`: the small record a training run hands to the next step (torch-free); `RunRecord`,
+"""`TrainResult`: the small record a training run hands to the next step (torch-free); `RunResult`,
 its summary.json round trip, shared with `trainer.rl_config.RLResult`."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 EVAL_EXAMPLES_FILE = "eval_examples.json"
 
 
-class RunRecord:
+class RunResult:
     """A run's result dataclass as JSON: `to_dict()`, and `from_dict` of that or of summary.json
     (whose extra keys, such as `config`, are ignored)."""
 
@@ -27,7 +27,7 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
-class TrainResult(RunRecord):
+class TrainResult(RunResult):
     """What a finished run produced. Losses are in nats per completion token.
 
     Attributes:

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from data.errors import UserError
 from trainer.config import RunConfig, apply_overrides, read_yaml_mapping
-from trainer.result import RunRecord
+from trainer.result import RunResult
 from trainer.rewards import parse_reward
 
 # The built-in task: integer addition that SmolLM2-135M-Instruct partly solves (docs/RL.md).
@@ -94,7 +94,7 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
 
 
 @dataclass(frozen=True)
-class RLResult(RunRecord):
+class RLResult(RunResult):
     """What a finished RL run produced. Rewards are means over episodes or held-out prompts.
 
     Attributes:

@@ -13,9 +13,9 @@ from evaluation.compare import (
     RunFacts,
     compare,
     compare_runs,
-    load_run,
     matched_points,
 )
+from evaluation.runs import load_run
 
 N, TOKENS = 300, 10
 

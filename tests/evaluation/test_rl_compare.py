@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from data.errors import UserError
-from evaluation.rl import compare_rl_runs, load_rl_run
+from evaluation.rl import compare_rl_runs
+from evaluation.runs import RL, load_run
 from flows.cli import main
 
 
@@ -56,7 +57,7 @@ def test_a_small_gap_on_few_prompts_is_inconclusive_and_says_how_many_would_deci
 
 @pytest.mark.parametrize("change, says", [
     ("same", "given twice"),
-    ("methods", "not a 'lora' one"),
+    ("methods", "is a 'full' run, not a 'lora' run"),
     ("prompts", "different held-out prompts"),
     ("reward", "different rewards"),
     ("model", "different base models"),
@@ -77,11 +78,11 @@ def test_refuses_what_is_not_a_comparison(tmp_path, change, says):
 
 def test_an_unfinished_or_broken_run_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a finished RL run"):
-        load_rl_run(tmp_path)
+        load_run(tmp_path, RL)
     run = write_run(tmp_path, "r", "lora", [1.0, 0.0])
     (run / "eval_rewards.json").write_text(json.dumps({"prompt_ids": ["a"], "rewards": [[0, [1.0, 0.0]]]}))
     with pytest.raises(UserError, match="inconsistent"):
-        load_rl_run(run)
+        load_run(run, RL)
 
 
 @pytest.mark.parametrize("final, code, verdict", [([1.0] * 50, 0, "PASS"), ([0.0] * 50, 1, "FAIL")])

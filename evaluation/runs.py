@@ -1,0 +1,197 @@
+"""One record of a finished run, supervised or RL, and one check that two sets of runs compare.
+
+`lowregret compare` (evaluation/compare.py: held-out NLL) and `lowregret rl-compare`
+(evaluation/rl.py: held-out reward) both read runs with `load_run` and refuse what is not a
+LoRA-vs-FullFT comparison with `check_comparable`; their paired statistics then read
+`RunRecord.scores`, each run's per-example held-out scores at every evaluated step: summed NLL
+weighted by completion tokens (supervised, `trainer.result.EVAL_EXAMPLES_FILE`) or reward, one per
+prompt (RL, `trainer.rl_config.EVAL_REWARDS_FILE`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.errors import UserError
+from trainer.result import EVAL_EXAMPLES_FILE
+from trainer.rl_config import EVAL_REWARDS_FILE
+
+SUPERVISED, RL = "supervised", "rl"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What differs between a supervised and an RL run's records."""
+
+    scores_file: str
+    unit: str  # what the held-out scores are of: "examples" or "prompts"
+    score: str  # what is compared: "losses" or "rewards"
+    same: tuple[tuple[str, str], ...]  # config keys both runs must share, and what they are
+    command: str  # what re-creates a run
+
+
+OBJECTIVES = {
+    SUPERVISED: Objective(EVAL_EXAMPLES_FILE, "examples", "losses", (("model", "base models"),), "lowregret train"),
+    RL: Objective(EVAL_REWARDS_FILE, "prompts", "rewards",
+                  (("model", "base models"), ("reward", "rewards"), ("max_new_tokens", "completion lengths")),
+                  "lowregret rl-train"),
+}
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """Per-example held-out scores: `by_step[step][i]` is example i's summed NLL (nats) or reward."""
+
+    ids: list[str]
+    weights: list[float]  # completion tokens per example (supervised); 1 per prompt (RL)
+    by_step: dict[int, list[float]]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run read from its output directory: summary.json, curves.json, and its per-example
+    held-out scores (read when first asked for)."""
+
+    path: Path
+    summary: dict
+    curves: dict
+    objective: str = SUPERVISED
+
+    @property
+    def config(self) -> dict:
+        return self.summary.get("config") or {}
+
+    def get(self, name: str):
+        """A result field, from summary.json's top level or its "result" object."""
+        if name in self.summary:
+            return self.summary[name]
+        return (self.summary.get("result") or {}).get(name)
+
+    @property
+    def method(self) -> str | None:
+        return self.get("method") or self.config.get("method")
+
+    @functools.cached_property
+    def scores(self) -> HeldOutScores:
+        """The run's per-example held-out scores.
+
+        Raises:
+            UserError: the file is missing (a run from before per-example scores were kept) or bad.
+        """
+        objective = OBJECTIVES[self.objective]
+        path = self.path / objective.scores_file
+        if not path.is_file():
+            raise UserError(
+                f"{self.path} has no {objective.scores_file} (per-example held-out scores), so no interval can be "
+                f"computed: it was trained by an older LowRegret. Re-train it with `{objective.command}`."
+            )
+        try:
+            record = json.loads(path.read_text())
+            if self.objective == RL:
+                ids = record["prompt_ids"]
+                weights, by_step = [1.0] * len(ids), {int(step): values for step, values in record["rewards"]}
+            else:
+                ids, weights = record["example_ids"], record["tokens"]
+                by_step = {int(step): values for step, values in record["nll"]}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} is not a per-example score file ({exc}); re-train the run "
+                            f"(`{objective.command}`).") from exc
+        if not by_step or any(len(values) != len(ids) for values in by_step.values()) or len(weights) != len(ids):
+            raise UserError(f"{path} is inconsistent (example counts differ); re-train the run (`{objective.command}`).")
+        if self.objective == RL and 0 not in by_step:
+            raise UserError(f"{path} is inconsistent (no step 0, the base model's rewards); re-run "
+                            f"`{objective.command}`.")
+        return HeldOutScores(ids, weights, by_step)
+
+
+def load_run(run_dir: str | Path, objective: str = SUPERVISED) -> RunRecord:
+    """Read a finished run's output directory.
+
+    Raises:
+        UserError: the directory or one of its files is missing or unreadable (a supervised run:
+            summary.json, curves.json; an RL run: those and eval_rewards.json, checked at once).
+    """
+    from evaluation.curves import load_curves
+
+    run_dir = Path(run_dir)
+    if objective == RL:
+        files = {name: run_dir / name for name in ("summary.json", "curves.json", EVAL_REWARDS_FILE)}
+        missing = [name for name, path in files.items() if not path.is_file()]
+        if missing:
+            raise UserError(f"{run_dir} is not a finished RL run (no {', '.join(missing)}): pass the output_dir of "
+                            "`lowregret rl-train` after it completed.")
+        try:
+            summary, curves = (json.loads(files[name].read_text()) for name in ("summary.json", "curves.json"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{run_dir}: unreadable RL run files ({exc}); re-run `lowregret rl-train`.") from exc
+        run = RunRecord(run_dir, summary, curves, RL)
+        run.scores  # noqa: B018 - an RL run is checked whole when read
+        return run
+    if not run_dir.is_dir():
+        raise UserError(f"Run directory {run_dir} not found: pass the trainer's output_dir.")
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(
+            f"{run_dir} has no summary.json, so it is not a finished training run (the trainer "
+            "writes it last). Pass the run's output_dir after `lowregret train` has completed."
+        )
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{summary_path} is not valid JSON ({exc}); re-run the trainer.") from exc
+    if not isinstance(summary, dict):
+        raise UserError(f"{summary_path} should hold a JSON object; re-run the trainer.")
+    curves_path = run_dir / "curves.json"
+    if not curves_path.is_file():
+        raise UserError(f"{run_dir} has summary.json but no curves.json; re-run the trainer.")
+    return RunRecord(path=run_dir, summary=summary, curves=load_curves(curves_path))
+
+
+def check_comparable(lora: list[RunRecord], full: list[RunRecord]) -> None:
+    """Refuse what is not a LoRA-vs-FullFT comparison on one held-out set (supervised or RL alike).
+
+    Raises:
+        UserError: a run given twice; a FullFT run among the LoRA runs or the reverse; unequal
+            numbers of runs or seeds that do not pair up; different base models (RL: rewards,
+            completion lengths), training data (data fingerprint) or held-out examples.
+    """
+    runs = lora + full
+    objective = OBJECTIVES[runs[0].objective]
+    resolved = [r.path.resolve() for r in runs]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p in resolved if resolved.count(p) > 1)
+        raise UserError(f"{twice} is given twice: a run compared with itself has no regret. Pass a LoRA run "
+                        "and a FullFT run trained on the same data.")
+    for flag, wanted, group in (("--lora", "lora", lora), ("--full", "full", full)):
+        for run in group:
+            if run.method != wanted:
+                raise UserError(
+                    f"{flag} {run.path} is a {run.method!r} run, not a {wanted!r} run: the comparison needs LoRA runs "
+                    "as --lora and FullFT runs as --full (two runs of one method measure noise, not regret; "
+                    "use seed replicates for that).")
+    if len(lora) != len(full):
+        raise UserError(f"{len(lora)} LoRA runs but {len(full)} FullFT runs: give one FullFT run per LoRA seed.")
+    lora_seeds, full_seeds = [r.config.get("seed") for r in lora], [r.config.get("seed") for r in full]
+    if len(lora) > 1 and (len(set(lora_seeds)) < len(lora) or sorted(lora_seeds) != sorted(full_seeds)):
+        raise UserError(f"Seed replicates must pair up: LoRA seeds {lora_seeds}, FullFT seeds {full_seeds}. "
+                        "Give each seed once per method.")
+    first = runs[0]
+    for run in runs[1:]:
+        for key, what in objective.same:
+            if run.config.get(key) != first.config.get(key):
+                raise UserError(f"{run.path} and {first.path} use different {what} ({run.config.get(key)!r} vs "
+                                f"{first.config.get(key)!r}): their {objective.score} do not compare. Train both "
+                                "with the same setting.")
+        if run.get("data_fingerprint") != first.get("data_fingerprint"):
+            raise UserError(
+                f"{run.path} and {first.path} were trained on different data (data fingerprints "
+                f"{run.get('data_fingerprint')} vs {first.get('data_fingerprint')}): train both on the same "
+                "dataset, limit and held-out split (split_seed).")
+        if run.scores.ids != first.scores.ids:
+            raise UserError(
+                f"{run.path} and {first.path} were scored on different held-out {objective.unit}: a paired comparison "
+                "needs the same ones. Give the runs the same eval_dataset (or dataset, eval_fraction, split_seed), "
+                "max_length and eval_max_examples.")
