@@ -286,7 +286,8 @@ def memory_markdown(ctx: Context, rows: list[dict], skipped: list[dict]) -> str:
 
 def trainer_configs(ctx: Context) -> dict:
     """The LoRA and FullFT TrainConfigs: the SmolLM2 presets with this check's model, steps and LRs."""
-    from trainer.config import TrainConfig, read_yaml_mapping
+    from data.config_kit import read_yaml_mapping
+    from trainer.config import TrainConfig
 
     args = ctx.args
     common = {"model": args.model, "dataset": args.dataset, "max_steps": args.steps, "checkpoint_every": 0,

@@ -184,7 +184,7 @@ def from_pretrained(cls, ref: str, what: str, **kwargs):
                 return cls.from_pretrained(path, local_files_only=True, **kwargs)
             except OSError:
                 if not hub_reachable():
-                    raise OSError("not in the local Hugging Face cache, and the Hub cannot be reached") from None
+                    raise OSError(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached") from None
         return cls.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(

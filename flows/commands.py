@@ -35,8 +35,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def register(subparsers) -> None:
+    from data.config_kit import options_help
     from flows.config import PipelineConfig, SweepConfig  # torch-free, Prefect-free
-    from trainer.config import TrainConfig, options_help
+    from trainer.config import TrainConfig
 
     p = subparsers.add_parser(
         "train",

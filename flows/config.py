@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from data.config_kit import apply_overrides, build, coerce_types, load, read_yaml_mapping
 from data.errors import UserError
 from data.sources import DEFAULT_MODEL
 from planner.gpus import get_gpu
 from planner.profile import METHODS as INFO_METHODS
-from trainer.config import apply_overrides, read_yaml_mapping
+from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR
 from trainer.launch import resolve_launch
 from trainer.rl_config import DEFAULT_RL_DATASET
 
@@ -43,9 +44,9 @@ class _GatedPipeline:
     #: LoRA rank of the candidate adapter.
     rank: int = 16
     #: LoRA learning rate; ~10× FullFT's is optimal (LoRA Without Regret).
-    lora_lr: float = 5e-4
+    lora_lr: float = DEFAULT_LORA_LR
     #: FullFT learning rate of the baseline.
-    full_lr: float = 5e-5
+    full_lr: float = DEFAULT_FULL_LR
     #: GPU kind the capacity plan sizes the run for (the planner's catalogue name).
     gpu: str = "H100-80GB-SXM"
     #: Retrain the FullFT baseline even when a cached one matches.
@@ -59,7 +60,7 @@ class _GatedPipeline:
     _floats: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        _coerce_numbers(self, ints=("rank",), floats=("lora_lr", "full_lr", *self._floats))
+        coerce_types(self, ("rank", "lora_lr", "full_lr", *self._floats))
         if not _NAME_RE.match(str(self.name or "")):
             raise UserError(
                 f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
@@ -266,28 +267,12 @@ class RLPipelineConfig(_GatedPipeline):
 
 def load_rl_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RLPipelineConfig:
     """Read an RL pipeline YAML (or start from defaults) and apply `key=value` / `rl.key=value`s."""
-    data = read_yaml_mapping(path)
-    apply_overrides(data, overrides)
-    return _build(RLPipelineConfig, data)
-
-
-def _coerce_numbers(config, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
-    """Accept what YAML gives for numbers ("5e-4" is a string in YAML 1.1)."""
-    for name, kind in [(n, int) for n in ints] + [(n, float) for n in floats]:
-        value = getattr(config, name)
-        try:
-            if isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
-                raise ValueError
-            setattr(config, name, kind(float(value)) if kind is int else float(value))
-        except (TypeError, ValueError):
-            raise UserError(f"{name}={value!r}: must be a {'whole number' if kind is int else 'number'}.") from None
+    return load(RLPipelineConfig, path, overrides)
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a pipeline YAML (or start from defaults) and apply `key=value` / `train.key=value`s."""
-    data = read_yaml_mapping(path)
-    apply_overrides(data, overrides)
-    return _build(PipelineConfig, data)
+    return load(PipelineConfig, path, overrides)
 
 
 def load_sweep_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
@@ -303,15 +288,6 @@ def sweep_config_from_dict(data: dict) -> SweepConfig:
     base = data.pop("base", {}) or {}
     if not isinstance(base, dict):
         raise UserError("base: must be a mapping holding a pipeline config (model, dataset, train, …).")
-    return _build(SweepConfig, data | {"base": _build(PipelineConfig, dict(base))})
+    return build(SweepConfig, data | {"base": build(PipelineConfig, dict(base))})
 
 
-def _build(cls, data: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"Unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(sorted(names))}.")
-    try:
-        return cls(**data)
-    except TypeError as exc:  # a wrongly typed value reaching a dataclass field
-        raise UserError(f"Bad config: {exc}") from exc

@@ -7,15 +7,14 @@ Torch-free, so `flows` can build and hash configs without loading the trainer. Y
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
-import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.config_kit import build, coerce_types, load
 from data.errors import UserError
 from data.sources import DEFAULT_MODEL
 
@@ -189,7 +188,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.launch = LaunchConfig.from_value(self.launch)
-        _coerce_types(self)
+        coerce_types(self)
         self._resolve_steps()
         validate_run_options(self)
         self._validate_own()
@@ -217,13 +216,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict):
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise UserError(
-                f"Unknown {cls._kind} option(s) {', '.join(unknown)}. Valid options: "
-                f"{', '.join(f.name for f in dataclasses.fields(cls))}."
-            )
-        return cls(**data)
+        return build(cls, data, cls._kind)
 
     def hash(self, data_fingerprint: str = "") -> str:
         """16 hex chars identifying what is trained: the fields that change the result + the data."""
@@ -318,52 +311,6 @@ def config_hash(config, data_fingerprint: str = "") -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def field_docs(cls) -> dict[str, str]:
-    """field name -> its `#:` comment in the source of the class (or a dataclass it derives from): the
-    one documentation of a config dataclass's options, which `--help` and the templates print."""
-    import inspect
-    import re
-
-    docs = {}
-    # Base classes first, so a subclass's comment on an option it declares again wins (RunConfig).
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        pending = []
-        for line in inspect.getsource(klass).splitlines():
-            stripped = line.strip()
-            if stripped.startswith("#:"):
-                pending.append(stripped[2:].strip())
-                continue
-            match = re.match(r"(\w+)\s*:", stripped)
-            if match and pending:
-                docs[match.group(1)] = " ".join(pending)
-            pending = []
-    return docs
-
-
-def options_help(cls, prefix: str = "") -> str:
-    """Every option of a config dataclass with its default and its `#:` documentation, for an
-    argparse epilog (RawDescriptionHelpFormatter)."""
-    import textwrap
-
-    docs = field_docs(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if default is None:
-            shown = "null"
-        elif dataclasses.is_dataclass(default):
-            lines.append(f"  {prefix}{f.name} (default as each {prefix}{f.name}.* option below)")
-            lines += textwrap.wrap(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
-            lines.append(options_help(type(default), prefix=f"{prefix}{f.name}."))
-            continue
-        else:
-            shown = default if isinstance(default, str) else json.dumps(default)
-        lines.append(f"  {prefix}{f.name} (default {shown})")
-        lines += textwrap.wrap(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
-    return "\n".join(lines)
-
-
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML preset (or start from the defaults when `path` is None) and apply `key=value`s.
 
@@ -372,112 +319,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     Raises:
         UserError: missing file, malformed YAML or override, unknown key, or an invalid value.
     """
-    data = read_yaml_mapping(path)
-    apply_overrides(data, overrides)
-    return TrainConfig.from_dict(data)
-
-
-def parse_yaml(text: str):
-    """`yaml.safe_load` with YAML 1.2's booleans: only true/false (any case) are booleans.
-
-    PyYAML follows YAML 1.1, where yes/no/on/off/y/n are booleans too, so the documented
-    `mixed_precision=no` arrived as False and was refused. Safe: no Python object is constructed.
-    """
-    import yaml
-
-    return yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
-
-
-@functools.cache
-def _config_loader():
-    import yaml
-
-    class ConfigLoader(yaml.SafeLoader):
-        """SafeLoader whose implicit booleans are YAML 1.2's."""
-
-    bool_tag = "tag:yaml.org,2002:bool"
-    ConfigLoader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    ConfigLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-    return ConfigLoader
-
-
-def read_yaml_mapping(path: str | Path | None) -> dict:
-    """The mapping a YAML config file holds ({} when `path` is None), or a UserError saying why not."""
-    import yaml
-
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {str(path)!r} not found: pass an existing YAML file (see configs/).")
-    try:
-        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8.") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of option: value, not {type(data).__name__}.")
-    return data
-
-
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
-    """Set each `key=value` (value parsed as a YAML scalar) in `data`; `a.b=v` sets data["a"]["b"]."""
-    import yaml
-
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"Override {item!r} must look like key=value, e.g. lr=1e-4 or train.max_steps=20.")
-        try:
-            value = parse_yaml(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UserError(f"Override {item!r}: value is not a valid YAML scalar ({exc}).") from exc
-        *parents, leaf = key.strip().split(".")
-        target = data
-        for part in parents:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise UserError(f"Override {item!r}: {part} is not a mapping.")
-        target[leaf] = value
-
-
-def _coerce_types(config) -> None:
-    """Check each field of a config dataclass against its annotation; accept what YAML gives for
-    numbers ("1e-4" is a str)."""
-    hints = typing.get_type_hints(type(config))
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        hint = hints[field.name]
-        allowed = typing.get_args(hint) or (hint,)
-        if value is None:
-            if type(None) not in allowed:
-                raise UserError(f"Option {field.name} cannot be null: give a value (default {field.default!r}).")
-            continue
-        if bool in allowed:
-            if not isinstance(value, bool):
-                raise UserError(f"Option {field.name} must be true or false, got {value!r}.")
-        elif int in allowed:
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                else:
-                    raise UserError(f"Option {field.name} must be a whole number, got {value!r}.")
-        elif float in allowed:
-            if isinstance(value, bool):
-                raise UserError(f"Option {field.name} must be a number, got {value!r}.")
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"Option {field.name} must be a number, got {value!r}.") from None
-        elif str in allowed:
-            if isinstance(value, (dict, list)):
-                raise UserError(f"Option {field.name} must be a string, got {value!r}.")
-            value = str(value)
-        setattr(config, field.name, value)
+    return load(TrainConfig, path, overrides, TrainConfig._kind)
 
 
 def _choice(c, name: str, options: tuple[str, ...]) -> None:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from data.config_kit import load
 from data.errors import UserError
-from trainer.config import RunConfig, apply_overrides, read_yaml_mapping
+from trainer.config import RunConfig
 from trainer.result import RunResult
 from trainer.rewards import parse_reward
 
@@ -88,9 +89,7 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
     Raises:
         UserError: missing file, malformed YAML or override, unknown key, or an invalid value.
     """
-    data = read_yaml_mapping(path)
-    apply_overrides(data, overrides)
-    return RLConfig.from_dict(data)
+    return load(RLConfig, path, overrides, RLConfig._kind)
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from data.config_kit import field_docs
 from flows.cli import CHECKED_WARNINGS, QUIET_ENVIRONMENT, build_parser, main, quiet, version
 from flows.commands import PIPELINE_TEMPLATE, SWEEP_TEMPLATE
 from flows.config import PipelineConfig, SweepConfig, load_pipeline_config, load_sweep_config
-from trainer.config import TrainConfig, field_docs
+from trainer.config import TrainConfig
 
 ROOT = Path(__file__).parents[2]
 

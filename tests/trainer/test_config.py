@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data.config_kit import parse_yaml
 from data.errors import UserError
-from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, TrainConfig, load_config, parse_yaml
+from trainer.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, TrainConfig, load_config
 
 _ROOT = Path(__file__).parents[2] / "configs"
 # Trainer presets (configs/<model>/<method>.yaml); configs/pipelines and configs/sweeps hold the
