@@ -453,7 +453,9 @@ def dry_run(config, sweep=None) -> int:
         print(f"  {method}{f' r={rank}' if rank else ''}: lr {lr:g}, {steps} of batch "
               f"{train.batch_size} x {train.grad_accum_steps}, max_length {train.max_length}; "
               f"{describe_launch(train)}")
-    plan = config.plan()
+    from flows.tasks import pipeline_plan
+
+    plan = pipeline_plan(config)
     print(f"Capacity plan (LoRA r={config.rank}):\n  " + "\n  ".join(summary_lines(plan)))
     print("Dry run: nothing trained, nothing written.")
     return 0

@@ -158,26 +158,6 @@ class PipelineConfig(_GatedPipeline):
         # launch.processes=auto: the plan's fewest GPUs of this pipeline's `gpu`, fixed before the run key.
         return resolve_launch(TrainConfig.from_dict(options), gpu=self.gpu)
 
-    def plan(self):
-        """The capacity plan (`planner.plan.CapacityPlan`) of this pipeline's LoRA run. Loads the
-        model's tokenizer and profiles the data; writes nothing but the GGUF and token caches."""
-        from data.sources import load_tokenizer
-        from planner.plan import build_plan
-        from planner.profile import profile_dataset
-
-        lora = self.train_config("lora")
-        score_bits = None
-        if self.info_method == "logloss":
-            from evaluation.nll import base_model_bits
-
-            score_bits = base_model_bits(self.model)
-        profile = profile_dataset(self.dataset, load_tokenizer(self.model), method=self.info_method,
-                                  model_ref=self.model, score_bits=score_bits, columns=lora.columns)
-        return build_plan(self.model, self.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
-                          target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
-                          packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=self.gpu,
-                          fullft_lr=self.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
-
 
 @dataclass
 class SweepConfig:

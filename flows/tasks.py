@@ -125,6 +125,28 @@ def check_inputs(config) -> dict:
     return data
 
 
+def pipeline_plan(config):
+    """The capacity plan (`planner.plan.CapacityPlan`) of a pipeline's LoRA run: loads the model's
+    tokenizer and profiles the data (reading them here, not in the config object); writes nothing but
+    the token cache."""
+    from data.sources import load_tokenizer
+    from planner.plan import build_plan
+    from planner.profile import profile_dataset
+
+    lora = config.train_config("lora")
+    score_bits = None
+    if config.info_method == "logloss":
+        from evaluation.nll import base_model_bits
+
+        score_bits = base_model_bits(config.model)
+    profile = profile_dataset(config.dataset, load_tokenizer(config.model), method=config.info_method,
+                              model_ref=config.model, score_bits=score_bits, columns=lora.columns)
+    return build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
+                      target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
+                      packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
+                      fullft_lr=config.full_lr, steps=lora.max_steps, epochs=lora.num_epochs or 1.0)
+
+
 @task
 def make_plan(config, out_dir: str) -> dict:
     """Capacity plan of the LoRA run, written as a report; returns its summary, files, the advised
@@ -133,7 +155,7 @@ def make_plan(config, out_dir: str) -> dict:
     from planner.report import write_report
     from planner.report_text import summary_lines
 
-    plan = config.plan()
+    plan = pipeline_plan(config)
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
