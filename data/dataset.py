@@ -312,18 +312,41 @@ def _load_saved_dataset(path: Path, limit: int | None) -> list[dict]:
     return loaded.to_list()
 
 
-def _load_hub(source: str, limit: int | None) -> list[dict]:
+def _hub_split(source: str):
+    """The `datasets.Dataset` of a Hub id `org/name[:split]` (memory-mapped from the datasets cache once
+    downloaded).
+
+    Raises:
+        UserError: offline, missing, gated or a bad split.
+    """
     name, _, split = source.partition(":")
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # offline, missing, gated, bad split: all mean "could not load"
         raise UserError(
             f"The Hub dataset {source!r} could not be reached or loaded ({type(exc).__name__}: "
             f"{exc}). Without network access pass a local .jsonl/.parquet file or a "
             f"builtin: dataset instead."
         ) from exc
+
+
+def hub_fingerprint(source: str) -> str | None:
+    """The content fingerprint `datasets` keeps for a Hub id's split (no row is read), or None when
+    `source` is not a Hub id. What lets the token cache find a Hub dataset it has tokenized before.
+
+    Raises:
+        UserError: a Hub id that cannot be loaded.
+    """
+    if (is_builtin(source) or Path(source).exists() or Path(source).suffix.lower() in FILE_SUFFIXES
+            or source.startswith((".", "/", "~")) or not _HUB_ID.match(source)):
+        return None  # what load_rows reads as something else, or refuses with its own message
+    return getattr(_hub_split(source), "_fingerprint", None)
+
+
+def _load_hub(source: str, limit: int | None) -> list[dict]:
+    loaded = _hub_split(source)
     if limit is not None:
         loaded = loaded.select(range(min(limit, len(loaded))))
     return loaded.to_list()

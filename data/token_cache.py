@@ -10,10 +10,10 @@ own cache files, which `datasets.Dataset.from_file` memory-maps back in well und
   `TOKENIZATION_VERSION`. The examples are stored untruncated: `max_length` is a slice of the
   token ids (`truncate_example`), so one entry serves every max_length, the profile's untruncated
   counts as well as each training's cut.
-- A local file or a built-in is not even parsed again while it is unchanged: its identity (the
+- A source is not even parsed again while it is unchanged: its identity (a local
   file's absolute path, size and modification time, or the built-in's name, options, Python
-  version and generator source) maps to its fingerprint in a small JSON file. Hub datasets and
-  `save_to_disk` folders are read each time (their rows are fingerprinted, not re-tokenized).
+  version and generator source; a `save_to_disk` folder's files' names, sizes and times; a Hub id's
+  split fingerprint from the `datasets` cache) maps to its fingerprint in a small JSON file.
 - Where: `$LOWREGRET_TOKEN_CACHE`, else `$LOWREGRET_CACHE/tokens`, else
   `~/.cache/lowregret/tokens`. Entries are written to a temporary folder and renamed, so a
   killed run or two processes tokenizing at once never leave a half-written entry. Delete the
@@ -183,11 +183,33 @@ def _identity(source: str, limit: int | None, columns: dict | None = None) -> st
         code = hashlib.sha256(Path(builtin_datasets.__file__).read_bytes()).hexdigest()[:16]
         return json.dumps(["builtin", source, limit, sys.version, code] + ([mapping] if mapping else []))
     path = Path(source)
-    if not path.is_file():
-        return None  # a Hub id or a save_to_disk folder: fingerprinted on every read
-    stat = path.stat()
-    return json.dumps(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns, limit]
-                      + ([mapping] if mapping else []))
+    tail = [limit] + ([mapping] if mapping else [])
+    if path.is_file():
+        stat = path.stat()
+        return json.dumps(["file", str(path.resolve()), stat.st_size, stat.st_mtime_ns] + tail)
+    if path.is_dir():  # a save_to_disk folder: its files' names, sizes and modification times
+        files = _folder_files(path)
+        return None if files is None else json.dumps(["folder", str(path.resolve()), files] + tail)
+    from data.dataset import hub_fingerprint
+
+    fingerprint = hub_fingerprint(source)  # a Hub id: the fingerprint `datasets` gives its cached split
+    return None if fingerprint is None else json.dumps(["hub", source, fingerprint] + tail)
+
+
+_MAX_FOLDER_FILES = 10_000
+
+
+def _folder_files(folder: Path) -> list | None:
+    """[relative path, size, mtime_ns] of every file under `folder`, sorted; None past _MAX_FOLDER_FILES
+    (then the folder is read and fingerprinted each time, as before)."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            files.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+            if len(files) > _MAX_FOLDER_FILES:
+                return None
+    return files
 
 
 def _memo_path(identity: str) -> Path:

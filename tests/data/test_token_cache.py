@@ -120,3 +120,40 @@ def test_profile_reads_the_cache_and_gives_the_same_numbers(tmp_path, cache, tok
         monkeypatch.setattr(f"planner.profile.{name}", lambda *a, n=name, **k: (_ for _ in ()).throw(AssertionError(n)))
     assert profile_dataset(path, tok, sample_size=10) == cold
     assert calls == []
+
+
+def test_a_saved_folder_is_not_read_again_while_unchanged(tmp_path, cache, tok, monkeypatch):
+    """A `save_to_disk` folder is known by its files' names, sizes and times, as a file is by its own:
+    the second read neither parses nor tokenizes; a changed folder is read again."""
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(ALPACA * 3).save_to_disk(str(folder))
+    first = token_cache.tokenized_dataset(str(folder), tok)
+    monkeypatch.setattr(token_cache, "load_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    assert token_cache.tokenized_dataset(str(folder), tok).path == first.path
+    assert token_cache.find_cached(str(folder), tok).path == first.path
+    monkeypatch.undo()
+    datasets.Dataset.from_list(ALPACA * 2).save_to_disk(str(tmp_path / "other"))
+    import shutil
+
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "other", folder)
+    assert token_cache.tokenized_dataset(str(folder), tok).rows == len(ALPACA) * 2
+
+
+def test_a_hub_dataset_is_known_by_its_datasets_fingerprint(cache, tok, monkeypatch):
+    """A Hub id is known by the fingerprint `datasets` keeps for its cached split: the second read
+    converts no row (the split itself is memory-mapped, as `datasets` loads it)."""
+    import datasets
+
+    split = datasets.Dataset.from_list(ALPACA * 3)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: split_of[name])
+    split_of = {"org/data": split}
+    first = token_cache.tokenized_dataset("org/data", tok)
+    monkeypatch.setattr(token_cache, "load_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    assert token_cache.tokenized_dataset("org/data", tok).path == first.path
+    split_of["org/data"] = datasets.Dataset.from_list(ALPACA * 2)  # the Hub's data changed: another fingerprint
+    monkeypatch.undo()
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: split_of[name])
+    assert token_cache.tokenized_dataset("org/data", tok).rows == len(ALPACA) * 2
