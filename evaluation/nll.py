@@ -77,7 +77,8 @@ def nll_result(nll_sums: Sequence[float], token_counts: Sequence[int]) -> NllRes
 def base_model_bits(model_ref: str):
     """The planner's `logloss` profile scorer (`planner.profile.profile_dataset(score_bits=...)`): each
     example's summed log loss on its completion tokens, in bits, under the base model `model_ref`
-    (loaded once, on the first call, on CPU in float32; the trainer's completion NLL)."""
+    (the trainer's completion NLL, on CPU in float32). Building it loads nothing: the model is loaded
+    when the scorer is called, which the profile does only for info_method=logloss."""
 
     def score(examples: Sequence) -> list[float]:
         from trainer.model import load_base_model

@@ -150,15 +150,13 @@ def _profile(args: argparse.Namespace):
     columns = _columns(args)
     check_local_file(args.dataset, columns)  # a bad local file fails now, not after the tokenizer loads
     tokenizer, notes = _load_tokenizer(args)
-    model_ref, score_bits = None, None
-    if args.info_method == "logloss":
-        from evaluation.nll import base_model_bits
+    from evaluation.nll import base_model_bits
 
-        model_ref = _tokenizer_ref(args.model)
-        score_bits = base_model_bits(model_ref)
+    ref = _tokenizer_ref(args.model)
     try:
         profile = profile_dataset(args.dataset, tokenizer, method=args.info_method, sample_size=args.sample_size,
-                                  model_ref=model_ref, score_bits=score_bits, columns=columns)
+                                  model_ref=ref if args.info_method == "logloss" else None,
+                                  score_bits=base_model_bits(ref), columns=columns)
     except OSError as exc:  # e.g. --info-method logloss with a Hub id offline
         raise UserError(f"Could not profile {args.dataset!r}: {exc}") from exc
     if not profile.examples:

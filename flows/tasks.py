@@ -130,17 +130,13 @@ def pipeline_plan(config):
     tokenizer and profiles the data (reading them here, not in the config object); writes nothing but
     the token cache."""
     from data.sources import load_tokenizer
+    from evaluation.nll import base_model_bits
     from planner.plan import build_plan
     from planner.profile import profile_dataset
 
     lora = config.train_config("lora")
-    score_bits = None
-    if config.info_method == "logloss":
-        from evaluation.nll import base_model_bits
-
-        score_bits = base_model_bits(config.model)
     profile = profile_dataset(config.dataset, load_tokenizer(config.model), method=config.info_method,
-                              model_ref=config.model, score_bits=score_bits, columns=lora.columns)
+                              model_ref=config.model, score_bits=base_model_bits(config.model), columns=lora.columns)
     return build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
                       target_unembedding=lora.target_unembedding, profile=profile, seq_len=lora.max_length,
                       packing=lora.packing, batch_size=lora.batch_size * lora.grad_accum_steps, gpu=config.gpu,
