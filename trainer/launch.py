@@ -122,18 +122,26 @@ def run(config: RunConfig, log: Callable[[str], None] = print, progress: bool = 
 
     config = resolve_launch(config, gpu)
     if not is_launched(config):
-        if isinstance(config, RLConfig):
-            from trainer.rl import train_rl
-
-            return train_rl(config, progress=progress)
-        from trainer.loop import train
-
-        return train(config, progress=progress, callbacks=callbacks)
+        return train_here(config, progress, callbacks)
     log(describe_launch(config))
     result = launch(config, log)
     if result is not None and not isinstance(config, RLConfig):  # RL runs take no callbacks
         _replay(config, result, callbacks)
     return result
+
+
+def train_here(config: RunConfig, progress: bool = True, callbacks: Sequence = ()):
+    """Train in this process (one process, or one rank under torchrun): `trainer.loop.train` for a
+    TrainConfig, `trainer.rl.train_rl` for an RLConfig (which takes no callbacks)."""
+    from trainer.rl_config import RLConfig
+
+    if isinstance(config, RLConfig):
+        from trainer.rl import train_rl
+
+        return train_rl(config, progress=progress)
+    from trainer.loop import train
+
+    return train(config, progress=progress, callbacks=callbacks)
 
 
 def write_config(config: RunConfig, path: Path) -> None:

@@ -25,19 +25,10 @@ def _record(kind: str, message: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from trainer.launch import read_config
-    from trainer.rl_config import RLConfig
+    from trainer.launch import read_config, train_here
 
     try:
-        config = read_config(Path(argv[0]))
-        if isinstance(config, RLConfig):
-            from trainer.rl import train_rl
-
-            train_rl(config, progress=False)
-        else:
-            from trainer.loop import train
-
-            train(config, progress=False)
+        train_here(read_config(Path(argv[0])), progress=False)
     except UserError as exc:
         _record("user", str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
