@@ -101,7 +101,8 @@ READ_COLUMNS = {
     "sharegpt": ("conversations", "system"),
     "text": ("text",),
 }
-MAPPABLE_COLUMNS = tuple(sorted({c for cs in READ_COLUMNS.values() for c in cs} | {"answer"}))
+RL_COLUMNS = ("prompt", "answer")  # what an RL row holds (trainer/rl.py)
+MAPPABLE_COLUMNS = tuple(sorted({c for cs in READ_COLUMNS.values() for c in cs} | set(RL_COLUMNS)))
 # Column names that, in datasets as they ship, usually hold what a format column holds: for the
 # suggestion a refusal makes (never applied without the user's mapping).
 _LIKELY_SOURCES = {

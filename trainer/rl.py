@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data.dataset import IGNORE_INDEX
+from data.dataset import IGNORE_INDEX, RL_COLUMNS
 from data.errors import UserError
 from data.sources import load_tokenizer, loadable_path
 from trainer import checkpoint as ckpt
@@ -147,7 +147,7 @@ def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
     first = train_rows[0] if isinstance(train_rows[0], dict) else {}
     stats = {"train_prompts": len(train), "eval_prompts": len(evals),
              "max_prompt_tokens_seen": max(len(p.input_ids) for p in train + evals),
-             "columns": config.columns, "ignored_columns": sorted(set(first) - {"prompt", "answer"})}
+             "columns": config.columns, "ignored_columns": sorted(set(first) - set(RL_COLUMNS))}
     return PromptData(train, evals, fingerprint, stats)
 
 
