@@ -37,17 +37,14 @@ from data import builtin_datasets
 from data.dataset import (
     IGNORE_INDEX,
     TokenizedExample,
-    check_max_length,
     dataset_fingerprint,
     detect_format,
     ignored_columns,
     load_rows,
-    prompt_too_long,
-    tokenize_rows,
-    truncate_example,
 )
+from data.render import Renderer, check_max_length, prompt_too_long, truncate_example
 
-# Bump when tokenize_rows changes what it produces for the same rows and tokenizer.
+# Bump when Renderer.examples changes what it produces for the same rows and tokenizer.
 TOKENIZATION_VERSION = 1
 _CHUNK_ROWS = 1000  # rows per batched tokenizer call and per Arrow record batch
 _DATA_FILE = "data.arrow"
@@ -253,6 +250,7 @@ def _build(key: str, rows: list[dict], fmt: str, tokenizer, meta: dict) -> None:
 
     from data.dataset import completion_texts
 
+    renderer = Renderer(tokenizer)
     ids = pa.list_(pa.int32())
     schema = pa.schema([("input_ids", ids), ("labels", ids), ("n_tokens", pa.int32()),
                         ("completion_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
@@ -267,7 +265,7 @@ def _build(key: str, rows: list[dict], fmt: str, tokenizer, meta: dict) -> None:
             for start in range(0, len(rows), _CHUNK_ROWS):
                 chunk = rows[start:start + _CHUNK_ROWS]
                 indices = list(range(start, start + len(chunk)))
-                examples = tokenize_rows(tokenizer, chunk, fmt, row_indices=indices)
+                examples = renderer.examples(chunk, fmt, row_indices=indices)
                 trained = [[label != IGNORE_INDEX for label in e.labels] for e in examples]
                 writer.write_batch(pa.record_batch({
                     "input_ids": [e.input_ids for e in examples],

@@ -68,8 +68,9 @@ def check_rl_inputs(config) -> dict:
     lora = config.train_config("lora")
     _check_model(config, lora)
     load_reward(lora.reward)
+    from data.render import Renderer
     from data.sources import load_tokenizer  # transformers: only once everything cheap has passed
     from trainer.rl import prepare_prompts
 
-    data = prepare_prompts(lora, load_tokenizer(config.model))
+    data = prepare_prompts(lora, Renderer(load_tokenizer(config.model)))
     return {"fingerprint": data.fingerprint, "train_prompts": len(data.train), "eval_prompts": len(data.eval)}

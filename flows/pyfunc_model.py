@@ -8,9 +8,11 @@ copied into the registry: a 135M-to-70B base is shared by every adapter trained 
 
 Input to `predict`: a string, a list of strings, a chat (list of `{"role", "content"}` dicts), a
 list of chats, or a DataFrame with a `messages` or `prompt` column. A string is continued as
-raw text; a chat is rendered with the tokenizer's chat template and answered as the assistant.
-Params: `max_new_tokens` (64), `temperature` (0.0 = greedy), `top_p` (1.0). Output: one string
-per input, the generated continuation only.
+raw text; a chat is rendered with the tokenizer's chat template and answered as the assistant
+(`data.render.Renderer.prompt`, as in training and serving). Params: `max_new_tokens` (64),
+`temperature` (0.0 = greedy), `top_p` (1.0). Output: one string per input, the generated
+continuation only. The inputs are generated in batches of `BATCH_SIZE` rows by the one
+generation helper (`trainer.generation.generate_batch`, the server's and RL's).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ BASE_MODEL_FILE = "base_model.json"
 # Logged as the model's code (MLflow "models from code"), so loading it unpickles nothing.
 MODEL_CODE = str(Path(__file__).with_name("pyfunc_entry.py"))
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+BATCH_SIZE = 16  # rows per generate call (the server's default max_batch_size)
 # Logged with the model (input_example.json, serving_input_example.json): one chat, one new token.
 INPUT_EXAMPLE = ([[{"role": "user", "content": "What does the Python function os.path.join do?"}]],
                  {"max_new_tokens": 1})
@@ -91,36 +94,22 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):
+        from data.render import Renderer
         from trainer.model import load_trained
 
         # The trainer's loader: a GGUF base is dequantised once and cached (~30 s saved per load).
         reference = json.loads(Path(context.artifacts["base_model"]).read_text())["base_model"]
-        self.model, self.tokenizer = load_trained(context.artifacts["adapter"], "float32", base_model=reference)
-
-    def _encode(self, request) -> list[int]:
-        if isinstance(request, str):
-            return self.tokenizer(request, add_special_tokens=True)["input_ids"]
-        return self.tokenizer.apply_chat_template(
-            request, add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
+        self.model, tokenizer = load_trained(context.artifacts["adapter"], "float32", base_model=reference)
+        self.renderer = Renderer(tokenizer)
 
     def predict(self, context, model_input, params=None):
-        import torch
+        from trainer.generation import GenerationRequest, generate_batch
 
         options = {**DEFAULT_PARAMS, **(params or {})}
-        sampling = float(options["temperature"]) > 0
+        requests = [GenerationRequest(self.renderer.prompt(request, at=f"Input {i}"), int(options["max_new_tokens"]),
+                                      temperature=float(options["temperature"]), top_p=float(options["top_p"]))
+                    for i, request in enumerate(_as_requests(model_input))]
         outputs = []
-        for request in _as_requests(model_input):
-            ids = torch.tensor([self._encode(request)])
-            with torch.no_grad():
-                generated = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=int(options["max_new_tokens"]),
-                    do_sample=sampling,
-                    temperature=float(options["temperature"]) if sampling else None,
-                    top_p=float(options["top_p"]) if sampling else None,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            outputs.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        for start in range(0, len(requests), BATCH_SIZE):
+            outputs += [r.text for r in generate_batch(self.model, self.renderer, requests[start:start + BATCH_SIZE])]
         return outputs

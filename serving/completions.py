@@ -14,8 +14,8 @@ from collections.abc import Callable
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from data.errors import UserError
 from serving.engine import Engine
-from serving.generation import GenerationRequest, GenerationResult
 from serving.metrics import ServerMetrics
 from serving.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -33,6 +33,7 @@ from serving.protocol import (
     Usage,
     new_id,
 )
+from trainer.generation import GenerationRequest, GenerationResult
 
 _DONE = object()  # end of a stream's pieces
 
@@ -56,21 +57,19 @@ def completions_router(
     router = APIRouter(tags=["openai"])
 
     def prompt_ids_for(kind: str, body) -> list[int]:
-        codec = engine.codec
+        renderer = engine.renderer
         if kind == "text":
-            ids = codec.encode(body.prompt)
+            ids = renderer.prompt(body.prompt)
         else:
-            if not codec.has_chat_template:
+            if not renderer.has_chat_template:
                 raise ApiError(
                     400, f"The base model {engine.base_name!r} has no chat template: use /v1/completions."
                 )
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             try:
-                ids = codec.encode(codec.chat_prompt(messages), add_special_tokens=False)
-            except Exception as exc:  # jinja errors from the template (e.g. a role it rejects)
-                raise ApiError(
-                    400, f"The chat template rejected these messages: {exc}.", param="messages"
-                ) from None
+                ids = renderer.prompt(messages, at="The messages")
+            except UserError as exc:  # the template rejected them (e.g. a role it does not know)
+                raise ApiError(400, str(exc), param="messages") from None
         if not ids:
             raise ApiError(400, "The prompt is empty after tokenisation: send some text.", param="prompt")
         return ids
@@ -100,6 +99,7 @@ def completions_router(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
             stop=body.stops,
         )
 

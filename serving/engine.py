@@ -29,9 +29,10 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
+from data.render import Renderer
 from serving.adapters import AdapterNotFound, AdapterPool
-from serving.generation import BASE_ADAPTER, Codec, GenerationRequest, generate_batch
 from serving.stacked_lora import StackedLoRA
+from trainer.generation import BASE_ADAPTER, GenerationRequest, generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Engine:
         stacked_lora: bool = True,
     ):
         self.pool = AdapterPool(model, max_adapters)
-        self.codec = Codec(tokenizer)
+        self.renderer = Renderer(tokenizer)
         self.base_name = base_name
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.batch_window_s = batch_window_s
@@ -227,7 +228,7 @@ class Engine:
                 ]
                 mixed_call = self.pool.resident_mixable()
                 if mixed_call:
-                    results = generate_batch(self.pool.model, self.codec, requests, stacked=self.stacked)
+                    results = generate_batch(self.pool.model, self.renderer, requests, stacked=self.stacked)
                 else:  # one generate call per adapter in this group
                     by_adapter: dict[str, list[int]] = {}
                     for row, request in enumerate(requests):
@@ -235,7 +236,7 @@ class Engine:
                     results = [None] * len(requests)
                     for rows in by_adapter.values():
                         part = generate_batch(
-                            self.pool.model, self.codec, [requests[r] for r in rows], mixed=False
+                            self.pool.model, self.renderer, [requests[r] for r in rows], mixed=False
                         )
                         for row, result in zip(rows, part, strict=True):
                             results[row] = result

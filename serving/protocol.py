@@ -74,6 +74,8 @@ class _Sampling(BaseModel):
     max_completion_tokens: StrictInt | None = Field(None, description="OpenAI's newer name for max_tokens")
     temperature: StrictFloat | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
     top_p: StrictFloat | None = Field(None, gt=0, le=1, description="nucleus mass; default 1")
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63, description="the same seed, prompt and settings give the "
+                                   "same sampled completion, whatever else is in its batch")
     stop: str | list[str] | None = Field(None, description=f"a string or at most {MAX_STOP_STRINGS} strings")
     stream: StrictBool | None = False
     stream_options: dict[str, Any] | None = Field(None, description="accepted; usage is always in the last chunk")

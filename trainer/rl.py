@@ -16,7 +16,8 @@ acts; there is no KL penalty, as in LoRA Without Regret's RL experiments. Groups
 earn the same reward have zero advantage and are skipped: they carry no signal.
 
 Sampling draws each episode with its own seed, (seed, step, prompt position, sample index), through
-inverse-CDF sampling with one hashed uniform per token (`SeededSampling`), so an episode's completion depends neither on the other rows
+inverse-CDF sampling with one hashed uniform per token (seeded rows of `trainer.generation`, the
+one generation helper, also the server's), so an episode's completion depends neither on the other rows
 of its batch nor on the process that samples it: a resumed run, and a run on any number of processes,
 draws exactly the episodes the uninterrupted one-process run drew. Held-out evaluation is greedy, at
 log-spaced steps: the mean reward and the accuracy (share of prompts whose reward reaches
@@ -48,11 +49,13 @@ import torch
 
 from data.dataset import IGNORE_INDEX, RL_COLUMNS
 from data.errors import UserError
+from data.render import Renderer
 from data.sources import load_tokenizer, loadable_path
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import lifecycle as life
 from trainer.data import Sequence, collate, load_split, step_indices
+from trainer.generation import GenerationRequest, generate_batch, hashed_seed
 from trainer.loss import completion_nll, loss_head
 from trainer.model import count_trainable, load_for_training, save_trained
 from trainer.rewards import SOLVED_REWARD, load_reward
@@ -105,16 +108,10 @@ def _answer(row: dict, index: int, source: str) -> str:
     return str(answer)
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt tokens: the chat template with the assistant turn opened, or the plain text without one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
-
-
-def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
-    """Load, split and tokenize the prompts of `config`.
+def prepare_prompts(config: RLConfig, renderer: Renderer) -> PromptData:
+    """Load, split and tokenize the prompts of `config`: each is a chat (a string prompt is one user turn)
+    rendered up to the opened assistant turn, or, for a tokenizer without a chat template, a string
+    prompt's raw text (`Renderer.prompt`).
 
     Raises:
         UserError: no rows, a row without prompt or answer, a prompt longer than max_prompt_tokens.
@@ -130,7 +127,8 @@ def prepare_prompts(config: RLConfig, tokenizer) -> PromptData:
                 raise UserError(f"{source}: row {i} is not an object with 'prompt' and 'answer'.")
             messages, text = _messages(row, i, source)
             answer = _answer(row, i, source)
-            ids = encode_prompt(tokenizer, messages)
+            plain = isinstance(row["prompt"], str) and not renderer.has_chat_template
+            ids = renderer.prompt(text if plain else messages, at=f"{source}: row {i}'s prompt")
             if len(ids) > config.max_prompt_tokens:
                 raise UserError(
                     f"{source}: row {i}'s prompt has {len(ids)} tokens > max_prompt_tokens={config.max_prompt_tokens}: "
@@ -174,79 +172,22 @@ class Rollouts:
         return collate(seqs, pad_id, packed=False)
 
 
-def end_token_ids(model, tokenizer) -> list[int]:
-    """Tokens that end a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
-def generate(model, prompts: list[tuple[int, ...]], *, max_new_tokens: int, pad_id: int, end_ids: list[int],
-             seeds: list[int] | None, tokenizer, synced: bool = False) -> Rollouts:
-    """Complete each prompt once (batched, left-padded): greedy when `seeds` is None, else sampled at
-    temperature 1 with row i's draws seeded by seeds[i] alone (`SeededSampling`), so a row's completion
-    does not depend on the other rows of its batch, nor on which process samples it. `synced`: every
-    process runs as many forwards as the longest (transformers' `synced_gpus`, what FSDP's all-gathers need).
-    """
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention[row, width - len(ids):] = 1
-    # Decoding is argmax; sampling first masks all but each row's seeded draw (no temperature, top-k or
-    # top-p warper is built, so the draws come from the policy's own distribution).
-    processors = LogitsProcessorList([] if seeds is None else [SeededSampling(seeds, width)])
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                  eos_token_id=end_ids)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             generation_config=generation, logits_processor=processors, synced_gpus=synced)
-    completions = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, token in enumerate(row) if token in end_ids), None)
-        completions.append(row if end is None else row[: end + 1])  # what follows the end token is padding
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    return Rollouts(list(prompts), completions, texts)
-
-
-class SeededSampling:
-    """A transformers logits processor that makes greedy decoding draw from softmax(logits) (temperature 1):
-    each row's token is the inverse CDF of softmax(logits) at one uniform number, and every other token
-    is masked, so the argmax is that draw. Row i's uniform at its t-th new token comes from (seeds[i], t)
-    only (a hash, no random stream), which is what makes a row's draw independent of its batch and
-    process: `torch.multinomial` over a batch draws from one stream for all rows."""
-
-    def __init__(self, seeds: list[int], prompt_width: int):
-        self.seeds, self.prompt_width = seeds, prompt_width
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        position = input_ids.shape[1] - self.prompt_width
-        uniform_B = torch.tensor([(_mix(seed, position) >> 10) / 2**53 for seed in self.seeds],  # in [0, 1)
-                                 dtype=torch.float64, device=scores.device)
-        cdf_B_V = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)
-        # The token whose CDF step holds u x total: the first with cdf > u x total (a zero-probability
-        # token has no step, so it is never drawn).
-        token_B = torch.searchsorted(cdf_B_V, (uniform_B * cdf_B_V[:, -1])[:, None], right=True)
-        token_B = token_B.clamp(max=scores.shape[-1] - 1)
-        drawn = torch.full_like(scores, float("-inf"))
-        return drawn.scatter_(1, token_B, 0.0)
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (sha256: distinct tuples give unrelated streams)."""
-    digest = hashlib.sha256(":".join(map(str, values)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+def sample(model, renderer: Renderer, prompts: list[tuple[int, ...]], *, max_new_tokens: int,
+           seeds: list[int] | None, synced: bool = False) -> Rollouts:
+    """Complete each prompt once, in one batch (`trainer.generation.generate_batch`): greedy when `seeds` is
+    None, else sampled at temperature 1 (no top-k or top-p: the draws come from the policy's own
+    distribution) with row i's draws seeded by seeds[i] alone, so a row's completion does not depend on
+    the other rows of its batch, nor on which process samples it. `synced`: under FSDP2."""
+    requests = [GenerationRequest(ids, max_new_tokens, temperature=0.0 if seeds is None else 1.0,
+                                  seed=None if seeds is None else seeds[row]) for row, ids in enumerate(prompts)]
+    results = generate_batch(model, renderer, requests, synced=synced)
+    return Rollouts(list(prompts), [r.completion_ids for r in results], [r.text for r in results])
 
 
 def sample_seeds(seed: int, step: int, positions: range, group: int) -> list[int]:
     """The sampling seeds of a step's episodes: prompt position p's j-th sample gets (seed, step, p, j).
     The same on any number of processes, and on resume."""
-    return [_mix(seed, step, p, j) for p in positions for j in range(group)]
+    return [hashed_seed(seed, step, p, j) for p in positions for j in range(group)]
 
 
 def group_advantages(rewards_P_G: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -260,8 +201,8 @@ def group_advantages(rewards_P_G: torch.Tensor, scale: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def greedy_rewards(model, tokenizer, prompts: list[Prompt], reward_fn, *, max_new_tokens: int, batch_size: int,
-                   end_ids: list[int], accelerator=None, synced: bool = False) -> tuple[list[float], list[str]]:
+def greedy_rewards(model, renderer: Renderer, prompts: list[Prompt], reward_fn, *, max_new_tokens: int,
+                   batch_size: int, accelerator=None, synced: bool = False) -> tuple[list[float], list[str]]:
     """Each held-out prompt's reward for its greedy completion, and the completions, in prompt order.
 
     With an `accelerator` of several processes the prompts are shared out (rank r takes r, r + P, ...)
@@ -277,15 +218,14 @@ def greedy_rewards(model, tokenizer, prompts: list[Prompt], reward_fn, *, max_ne
     mine = list(range(rank, len(prompts), world))
     for k in range(math.ceil(math.ceil(len(prompts) / world) / batch_size)):
         rows = mine[k * batch_size : (k + 1) * batch_size]
-        out = generate(model, [prompts[i].input_ids for i in rows or mine[:batch_size] or [0]],
-                       max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id, end_ids=end_ids, seeds=None,
-                       tokenizer=tokenizer, synced=synced)
+        out = sample(model, renderer, [prompts[i].input_ids for i in rows or mine[:batch_size] or [0]],
+                     max_new_tokens=max_new_tokens, seeds=None, synced=synced)
         for i, completion, text in zip(rows, out.completions, out.texts, strict=False):  # no rows: all dropped
             rewards_N[i] = reward_fn(prompts[i].text, text, prompts[i].answer)
             tokens_N_T[i, : len(completion)] = torch.tensor(completion, device=device) + 1
     if world > 1:
         rewards_N, tokens_N_T = accelerator.reduce(rewards_N, reduction="sum"), accelerator.reduce(tokens_N_T, "sum")
-    texts = [tokenizer.decode([t - 1 for t in row if t > 0], skip_special_tokens=True) for row in tokens_N_T.tolist()]
+    texts = [renderer.decode([t - 1 for t in row if t > 0]) for row in tokens_N_T.tolist()]
     return rewards_N.tolist(), texts
 
 
@@ -334,7 +274,8 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     with accelerator.main_process_first():  # one process converts a GGUF base into the cache, the others read it
         loadable_path(config.model)
         tokenizer = load_tokenizer(config.model)
-    data = prepare_prompts(config, tokenizer)
+    renderer = Renderer(tokenizer)
+    data = prepare_prompts(config, renderer)
     say(f"data: {len(data.train)} train / {len(data.eval)} held-out prompts; reward {config.reward}; "
         f"{config.prompts_per_step} prompts x {config.group_size} samples per step"
         + (f"; columns ignored: {', '.join(data.stats['ignored_columns'])}" if data.stats["ignored_columns"] else ""))
@@ -343,7 +284,6 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     model, what = load_for_training(config, use_cuda, device)
     trainable_params = count_trainable(model)
     say(f"trainable parameters: {trainable_params:,} ({what})")
-    end_ids = end_token_ids(model, tokenizer)
 
     episodes_per_step = config.prompts_per_step * config.group_size
     resume_state = None
@@ -398,8 +338,8 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
 
     def evaluate(at_step: int) -> None:
         rewards, final_texts[:] = greedy_rewards(
-            policy, tokenizer, data.eval, reward_fn, max_new_tokens=config.max_new_tokens,
-            batch_size=config.micro_batch_size, end_ids=end_ids, accelerator=accelerator, synced=synced)
+            policy, renderer, data.eval, reward_fn, max_new_tokens=config.max_new_tokens,
+            batch_size=config.micro_batch_size, accelerator=accelerator, synced=synced)
         curves["eval_reward"].append([at_step, sum(rewards) / len(rewards)])
         curves["eval_accuracy"].append([at_step, accuracy(rewards)])
         eval_rewards.append([at_step, rewards])
@@ -421,10 +361,9 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         # Sample: each prompt `group` times, each episode seeded by (seed, step, position, sample).
         t0 = time.perf_counter()
         policy.eval()
-        rollouts = generate(policy, [p.input_ids for p in prompts for _ in range(group)],
-                            max_new_tokens=config.max_new_tokens, pad_id=tokenizer.pad_token_id, end_ids=end_ids,
-                            seeds=sample_seeds(config.seed, step, positions, group), tokenizer=tokenizer,
-                            synced=synced)
+        rollouts = sample(policy, renderer, [p.input_ids for p in prompts for _ in range(group)],
+                          max_new_tokens=config.max_new_tokens, seeds=sample_seeds(config.seed, step, positions, group),
+                          synced=synced)
         sample_s = time.perf_counter() - t0
         rewards = torch.tensor([reward_fn(prompts[i // group].text, text, prompts[i // group].answer)
                                 for i, text in enumerate(rollouts.texts)], dtype=torch.float64)
@@ -442,7 +381,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         train_tokens = 0
         for k in range(passes):
             chunk = rows[k * micro : (k + 1) * micro]
-            batch = rollouts.batch(chunk or [0], tokenizer.pad_token_id).to(device)
+            batch = rollouts.batch(chunk or [0], renderer.pad_id).to(device)
             weights = (advantages[torch.tensor(chunk)] if chunk else torch.zeros(1)).to(device, torch.float32)
             with distributed.gradient_sync(model, sharding, accelerator, enabled=k == passes - 1):
                 nll = completion_nll(model, batch, head=head, weights_B=weights)

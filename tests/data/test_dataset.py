@@ -10,9 +10,9 @@ from data.dataset import (
     dataset_fingerprint,
     detect_format,
     load_rows,
-    tokenize_example,
 )
 from data.errors import UserError
+from data.render import Renderer, prompt_length
 from tests.tiny import build_tokenizer
 
 CHAT = [
@@ -193,7 +193,7 @@ def test_detect_format_names_the_source():
         detect_format([{"prompt": "a", "completion": None}], source="data.jsonl")
 
 
-# --- tokenize_example --------------------------------------------------------------------------
+# --- Renderer.example --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def tok():
 
 
 def test_chat_mask_is_exactly_the_assistant_turn_and_end_token(tok):
-    ex = tokenize_example(tok, CHAT[0], "chat", 512)
+    ex = Renderer(tok).example(CHAT[0], "chat", 512)
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(CHAT[0]["messages"], tokenize=False)
     assert _trained_runs(tok, ex) == ["hello there<|im_end|>"]
     assert len(ex.labels) == len(ex.input_ids) and not ex.truncated
@@ -223,7 +223,7 @@ def test_multi_turn_chat_trains_every_assistant_turn_only(tok):
             {"role": "assistant", "content": "the answer is json"},
         ]
     }
-    ex = tokenize_example(tok, row, "chat", 512)
+    ex = Renderer(tok).example(row, "chat", 512)
     assert _trained_runs(tok, ex) == ["hello there<|im_end|>", "the answer is json<|im_end|>"]
     # The "\n" after each <|im_end|> and the next turn's header are not trained.
     assert ex.labels[-1] == IGNORE_INDEX and tok.decode(ex.input_ids[-1:]) == "\n"
@@ -233,16 +233,16 @@ def test_conversation_opening_with_the_assistant_trains_only_its_turn(tok):
     row = {
         "messages": [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "hi"}]
     }
-    ex = tokenize_example(tok, row, "chat", 512)
+    ex = Renderer(tok).example(row, "chat", 512)
     assert _trained_runs(tok, ex) == ["How can I help?<|im_end|>"]
     first = next(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX)
     assert tok.decode(ex.input_ids[:first]) == "<|im_start|>assistant\n"
     empty_opening = {"messages": [{"role": "assistant", "content": ""}, *CHAT[0]["messages"]]}
-    assert _trained_runs(tok, tokenize_example(tok, empty_opening, "chat", 512)) == ["hello there<|im_end|>"]
+    assert _trained_runs(tok, Renderer(tok).example(empty_opening, "chat", 512)) == ["hello there<|im_end|>"]
 
 
 def test_prompt_completion_trains_completion_and_eos(tok):
-    ex = tokenize_example(tok, PC[0], "prompt_completion", 512)
+    ex = Renderer(tok).example(PC[0], "prompt_completion", 512)
     prompt_ids = tok(PC[0]["prompt"], add_special_tokens=False)["input_ids"]
     assert ex.input_ids[: len(prompt_ids)] == prompt_ids
     assert ex.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
@@ -252,30 +252,50 @@ def test_prompt_completion_trains_completion_and_eos(tok):
 
 @pytest.mark.parametrize("fmt,row", [("chat", CHAT[0]), ("prompt_completion", PC[0])])
 def test_truncation_keeps_the_first_tokens_and_flags_it(tok, fmt, row):
-    full = tokenize_example(tok, row, fmt, 10_000)
-    cut = tokenize_example(tok, row, fmt, len(full.input_ids) - 2)
+    full = Renderer(tok).example(row, fmt, 10_000)
+    cut = Renderer(tok).example(row, fmt, len(full.input_ids) - 2)
     assert cut.truncated and not full.truncated
     assert cut.input_ids == full.input_ids[:-2] and cut.labels == full.labels[:-2]
-    exact = tokenize_example(tok, row, fmt, len(full.input_ids))
+    exact = Renderer(tok).example(row, fmt, len(full.input_ids))
     assert not exact.truncated and exact == full
 
 
 @pytest.mark.parametrize("fmt,row", [("chat", CHAT[0]), ("prompt_completion", PC[0])])
 def test_prompt_filling_max_length_is_user_error(tok, fmt, row):
-    full = tokenize_example(tok, row, fmt, 10_000)
+    full = Renderer(tok).example(row, fmt, 10_000)
     n_prompt = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
     # One completion token fits: fine. None fits: error naming the row and the fix.
-    assert tokenize_example(tok, row, fmt, n_prompt + 1).labels[-1] != IGNORE_INDEX
+    assert Renderer(tok).example(row, fmt, n_prompt + 1).labels[-1] != IGNORE_INDEX
     with pytest.raises(UserError, match=rf"Row 7: the prompt alone is {n_prompt} tokens.*Raise max_length"):
-        tokenize_example(tok, row, fmt, n_prompt, row_index=7)
+        Renderer(tok).example(row, fmt, n_prompt, row_index=7)
 
 
 def test_tokenizer_without_chat_template_is_user_error(tok):
     bare = build_tokenizer.__wrapped__()  # a fresh copy: the cached one is shared
     bare.chat_template = None
     with pytest.raises(UserError, match="no chat template.*prompt/completion"):
-        tokenize_example(bare, CHAT[0], "chat", 512)
-    assert tokenize_example(bare, PC[0], "prompt_completion", 512).input_ids  # still fine
+        Renderer(bare).example(CHAT[0], "chat", 512)
+    assert Renderer(bare).example(PC[0], "prompt_completion", 512).input_ids  # still fine
+
+
+def test_a_generation_prompt_is_the_prompt_of_the_training_example(tok):
+    """One renderer: what RL, the pyfunc model and the server generate from is exactly the untrained
+    head of the training example of the same turns (chat and raw text)."""
+    renderer = Renderer(tok)
+    multi = {"messages": [*CHAT[0]["messages"], {"role": "user", "content": "and 2+2?"},
+                          {"role": "assistant", "content": "4"}]}
+    for row in (CHAT[0], multi):
+        example = renderer.example(row, "chat", 512)
+        prompt = renderer.prompt(row["messages"][:-1])
+        assert example.input_ids[:len(prompt)] == prompt
+        assert example.labels[len(prompt)] != IGNORE_INDEX and example.labels[len(prompt) - 1] == IGNORE_INDEX
+    pc = renderer.example(PC[0], "prompt_completion", 512)
+    assert pc.input_ids[:prompt_length(pc.labels)] == renderer.prompt(PC[0]["prompt"])
+    assert tok.eos_token_id in renderer.stop_ids() and renderer.pad_id is not None
+    bare = build_tokenizer.__wrapped__()
+    bare.chat_template = None
+    with pytest.raises(UserError, match="no chat template"):
+        Renderer(bare).prompt(CHAT[0]["messages"][:1])
 
 
 def test_template_that_rewrites_history_is_user_error(tok):
@@ -283,7 +303,7 @@ def test_template_that_rewrites_history_is_user_error(tok):
     odd = build_tokenizer.__wrapped__()
     odd.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
     with pytest.raises(UserError, match="renders the conversation up to assistant message 1 differently"):
-        tokenize_example(odd, CHAT[0], "chat", 512)
+        Renderer(odd).example(CHAT[0], "chat", 512)
 
 
 PLAIN_TEMPLATE = (  # no special tokens at all: nothing closes a turn
@@ -295,19 +315,19 @@ PLAIN_TEMPLATE = (  # no special tokens at all: nothing closes a turn
 def test_template_without_end_token_trains_the_content_only():
     plain = build_tokenizer.__wrapped__()
     plain.chat_template = PLAIN_TEMPLATE
-    ex = tokenize_example(plain, CHAT[0], "chat", 512)
+    ex = Renderer(plain).example(CHAT[0], "chat", 512)
     assert plain.decode(ex.input_ids) == "user: hi\nassistant: hello there\n"
     assert _trained_runs(plain, ex) == ["hello there"]
     empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
     with pytest.raises(UserError, match="Row 3: the assistant turns are empty"):
-        tokenize_example(plain, empty, "chat", 512, row_index=3)
+        Renderer(plain).example(empty, "chat", 512, row_index=3)
 
 
 def test_bad_max_length_and_bad_row(tok):
     with pytest.raises(UserError, match="max_length"):
-        tokenize_example(tok, PC[0], "prompt_completion", 0)
+        Renderer(tok).example(PC[0], "prompt_completion", 0)
     with pytest.raises(UserError, match="no assistant turn"):
-        tokenize_example(tok, {"messages": [{"role": "user", "content": "x"}]}, "chat", 512)
+        Renderer(tok).example({"messages": [{"role": "user", "content": "x"}]}, "chat", 512)
 
 
 # --- fingerprint ----------------------------------------------------------------------------
@@ -398,51 +418,51 @@ def test_detect_format_rejects_bad_alpaca_sharegpt_and_text_rows(rows, match):
 
 
 def test_alpaca_is_a_user_turn_and_only_the_output_is_trained(tok):
-    ex = tokenize_example(tok, ALPACA[0], "alpaca", 512)
+    ex = Renderer(tok).example(ALPACA[0], "alpaca", 512)
     as_chat = [{"role": "user", "content": "Name the capital.\nFrance"}, {"role": "assistant", "content": "Paris"}]
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(as_chat, tokenize=False)
     assert _trained_runs(tok, ex) == ["Paris<|im_end|>"]
-    assert tokenize_example(tok, {"messages": as_chat}, "chat", 512) == ex
+    assert Renderer(tok).example({"messages": as_chat}, "chat", 512) == ex
     # An empty input adds nothing; system and history become turns (history responses trained too).
-    assert _trained_runs(tok, tokenize_example(tok, ALPACA[1], "alpaca", 512)) == ["hello there<|im_end|>"]
+    assert _trained_runs(tok, Renderer(tok).example(ALPACA[1], "alpaca", 512)) == ["hello there<|im_end|>"]
     row = {"system": "Be brief.", "history": [["hi", "hello"]], "instruction": "and now?", "output": "json"}
-    ex = tokenize_example(tok, row, "alpaca", 512)
+    ex = Renderer(tok).example(row, "alpaca", 512)
     assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert _trained_runs(tok, ex) == ["hello<|im_end|>", "json<|im_end|>"]
 
 
 def test_sharegpt_trains_every_gpt_turn_only(tok):
-    ex = tokenize_example(tok, SHAREGPT[0], "sharegpt", 512)
+    ex = Renderer(tok).example(SHAREGPT[0], "sharegpt", 512)
     assert _trained_runs(tok, ex) == ["hello there<|im_end|>", "the answer is json<|im_end|>"]
     roles = {"system": "system", "human": "user", "gpt": "assistant"}
     as_chat = [{"role": roles[m["from"]], "content": m["value"]} for m in SHAREGPT[0]["conversations"]]
-    assert tokenize_example(tok, {"messages": as_chat}, "chat", 512) == ex
+    assert Renderer(tok).example({"messages": as_chat}, "chat", 512) == ex
     with_system_column = {"system": "Be brief.", "conversations": SHAREGPT[0]["conversations"][1:]}
-    assert tokenize_example(tok, with_system_column, "sharegpt", 512) == ex
+    assert Renderer(tok).example(with_system_column, "sharegpt", 512) == ex
 
 
 def test_text_trains_every_token_and_its_end(tok):
-    ex = tokenize_example(tok, TEXT[0], "text", 512)
+    ex = Renderer(tok).example(TEXT[0], "text", 512)
     assert ex.labels == ex.input_ids  # every token carries loss
     assert ex.input_ids[:-1] == tok(TEXT[0]["text"])["input_ids"] and ex.input_ids[-1] == tok.eos_token_id
-    cut = tokenize_example(tok, TEXT[0], "text", 3)
+    cut = Renderer(tok).example(TEXT[0], "text", 3)
     assert cut.truncated and cut.input_ids == ex.input_ids[:3] and cut.labels == cut.input_ids
 
 
 @pytest.mark.parametrize("rows,fmt", [(CHAT, "chat"), (PC, "prompt_completion"), (ALPACA, "alpaca"),
                                       (SHAREGPT, "sharegpt"), (TEXT, "text")])
 def test_batched_tokenization_equals_one_row_at_a_time(tok, rows, fmt):
-    from data.dataset import tokenize_rows
+    from data.render import Renderer
 
-    assert tokenize_rows(tok, rows, fmt) == [tokenize_example(tok, row, fmt, 10_000) for row in rows]
+    assert Renderer(tok).examples(rows, fmt) == [Renderer(tok).example(row, fmt, 10_000) for row in rows]
 
 
 def test_conversation_formats_need_a_chat_template():
     bare = build_tokenizer.__wrapped__()
     bare.chat_template = None
     with pytest.raises(UserError, match="no chat template, so alpaca rows"):
-        tokenize_example(bare, ALPACA[0], "alpaca", 512)
-    assert tokenize_example(bare, TEXT[0], "text", 512).input_ids  # text needs none
+        Renderer(bare).example(ALPACA[0], "alpaca", 512)
+    assert Renderer(bare).example(TEXT[0], "text", 512).input_ids  # text needs none
 
 
 def test_csv_conversations_cell_is_json(tmp_path):

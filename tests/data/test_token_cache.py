@@ -5,8 +5,9 @@ import json
 import pytest
 
 from data import token_cache
-from data.dataset import load_rows, tokenize_example
+from data.dataset import load_rows
 from data.errors import UserError
+from data.render import Renderer
 from tests.tiny import build_tokenizer
 
 ALPACA = [{"instruction": f"Name item {i}.", "input": "", "output": f"item number {i}"} for i in range(12)]
@@ -30,13 +31,13 @@ def _write(path, rows):
 
 def _count_tokenizations(monkeypatch) -> list:
     calls = []
-    real = token_cache.tokenize_rows
+    real = token_cache.Renderer.examples
 
-    def counting(*args, **kwargs):
-        calls.append(len(args[1]))
-        return real(*args, **kwargs)
+    def counting(self, rows, *args, **kwargs):
+        calls.append(len(rows))
+        return real(self, rows, *args, **kwargs)
 
-    monkeypatch.setattr(token_cache, "tokenize_rows", counting)
+    monkeypatch.setattr(token_cache.Renderer, "examples", counting)
     return calls
 
 
@@ -55,11 +56,11 @@ def test_second_read_neither_parses_nor_tokenizes(tmp_path, cache, tok, monkeypa
     assert token_cache.find_cached(str(path), tok).path == first.path
 
 
-def test_cached_examples_equal_tokenize_example_at_any_max_length(tmp_path, cache, tok):
+def test_cached_examples_equal_the_renderers_at_any_max_length(tmp_path, cache, tok):
     path = _write(tmp_path / "a.jsonl", ALPACA)
     data = token_cache.tokenized_dataset(str(path), tok)
     for max_length in (10_000, 26):
-        expected = [tokenize_example(tok, row, "alpaca", max_length, row_index=i) for i, row in enumerate(ALPACA)]
+        expected = [Renderer(tok).example(row, "alpaca", max_length, row_index=i) for i, row in enumerate(ALPACA)]
         assert data.examples([0, 5, 11], max_length) == [expected[i] for i in (0, 5, 11)]
         assert any(e.truncated for e in expected) == (max_length == 26)
     assert data.column("completion_text", [3]) == ["item number 3"]
@@ -116,7 +117,7 @@ def test_profile_reads_the_cache_and_gives_the_same_numbers(tmp_path, cache, tok
     assert token_cache.find_cached(path, tok) is None
     token_cache.tokenized_dataset(path, tok)
     calls = _count_tokenizations(monkeypatch)
-    for name in ("load_rows", "tokenize_rows"):
+    for name in ("load_rows", "Renderer"):
         monkeypatch.setattr(f"planner.profile.{name}", lambda *a, n=name, **k: (_ for _ in ()).throw(AssertionError(n)))
     assert profile_dataset(path, tok, sample_size=10) == cold
     assert calls == []

@@ -41,12 +41,13 @@ def adapter(tiny_models, tmp_path_factory):
 
 
 def expected_tokens(model_dir, rows, max_length):
-    from data.dataset import detect_format, tokenize_example
+    from data.dataset import detect_format
+    from data.render import Renderer
     from data.sources import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     fmt = detect_format(rows)
-    examples = [tokenize_example(tok, r, fmt, max_length) for r in rows]
+    examples = [Renderer(tok).example(r, fmt, max_length) for r in rows]
     return sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
 
 

@@ -19,11 +19,11 @@ def test_tokenization_change_in_the_data_layer_changes_the_key(tmp_path):
     before = code_version(copy)
     assert before == code_version(ROOT)  # the key depends on the files, not on where they are
     sources = {p.relative_to(copy).as_posix() for p in training_sources(copy)}
-    assert {"data/dataset.py", "trainer/loop.py", "trainer/loss.py", "data/builtin_datasets.py"} <= sources
-    dataset = copy / "data" / "dataset.py"
-    text = dataset.read_text()
-    assert "def tokenize_example(" in text
-    dataset.write_text(text.replace("def tokenize_example(", "def tokenize_example(  # masking changed\n", 1))
+    assert {"data/dataset.py", "data/render.py", "trainer/loop.py", "trainer/loss.py", "data/builtin_datasets.py"} <= sources
+    render = copy / "data" / "render.py"
+    text = render.read_text()
+    assert "    def examples(" in text
+    render.write_text(text.replace("    def examples(", "    def examples(  # masking changed\n", 1))
     code_version.cache_clear()
     assert code_version(copy) != before
 

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from data.builtin_datasets import facts_information_bits
-from data.dataset import load_rows, tokenize_example
+from data.dataset import load_rows
 from data.errors import UserError
+from data.render import Renderer
 from planner.profile import DatasetProfile, extrapolate_total, lzma_bits, profile_dataset, profile_rl
 from tests.data.test_dataset import _trained_runs
 from tests.tiny import build_tokenizer
@@ -191,7 +192,7 @@ def test_real_smollm2_tokenizer_masks_turns_and_profiles_pydoc_fast():
             {"role": "assistant", "content": "Rome."},
         ]
     }
-    ex = tokenize_example(tokenizer, row, "chat", 2048)
+    ex = Renderer(tokenizer).example(row, "chat", 2048)
     assert tokenizer.decode(ex.input_ids) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
     assert _trained_runs(tokenizer, ex) == ["The capital of France is Paris.<|im_end|>", "Rome.<|im_end|>"]
     # Opening assistant turn whose text also occurs in SmolLM2's default system prompt.
@@ -201,9 +202,9 @@ def test_real_smollm2_tokenizer_masks_turns_and_profiles_pydoc_fast():
             {"role": "user", "content": "ok"},
         ]
     }
-    ex = tokenize_example(tokenizer, opening, "chat", 2048)
+    ex = Renderer(tokenizer).example(opening, "chat", 2048)
     assert _trained_runs(tokenizer, ex) == ["You are a helpful AI<|im_end|>"]
-    pc = tokenize_example(tokenizer, {"prompt": "Q: 2+2? A:", "completion": " 4"}, "prompt_completion", 64)
+    pc = Renderer(tokenizer).example({"prompt": "Q: 2+2? A:", "completion": " 4"}, "prompt_completion", 64)
     assert _trained_runs(tokenizer, pc) == [" 4<|im_end|>"]
 
     start = time.perf_counter()

@@ -163,7 +163,7 @@ def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_t
     import serving.engine
     from serving.engine import Engine
 
-    engine = Engine(server.engine.pool.model, server.engine.codec.tokenizer, "b", batch_window_s=0.02,
+    engine = Engine(server.engine.pool.model, server.engine.renderer.tokenizer, "b", batch_window_s=0.02,
                     max_batch_wait_s=0.08, max_batch_size=64)  # fmt: skip
     engine.stop()  # no generation thread: the test drives _collect itself
     engine._expected = expected  # rows of the previous batch
@@ -173,3 +173,27 @@ def test_a_batch_takes_requests_that_follow_each_other_within_the_window_up_to_t
     batch = engine._collect(_ScriptedArrivals([0]).arrivals[0][1])  # the first job, at t = 0
     assert len(batch) == rows
     assert script.now_s == pytest.approx(closed_at_s)
+
+
+def test_a_seeded_request_samples_the_same_alone_and_in_a_mixed_batch(server):
+    """OpenAI's `seed`: the one generation helper draws a seeded row from its own hashed uniforms (as RL's
+    episodes), so the same seed gives the same sampled text whatever shares its batch."""
+    client = Client(server.url)
+
+    def ask(model, seed):
+        status, body = client.complete(model, max_tokens=8, temperature=1.0, seed=seed)
+        assert status == 200, body
+        return body["choices"][0]["text"]
+
+    alone = {seed: ask("paris", seed) for seed in (1, 2, 3)}
+    assert len(set(alone.values())) > 1  # sampled, not greedy
+    results: dict = {}
+    with server.engine.pool.lock:  # the requests queue up and share one batch with other adapters' rows
+        threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, ask("paris", s))) for s in (1, 2, 3)]
+        threads += [threading.Thread(target=lambda: client.complete("docs", max_tokens=4, temperature=0.7))]
+        for t in threads:
+            t.start()
+        wait_for(lambda: metric(client, "lowregret_requests_waiting") == 4)
+    for t in threads:
+        t.join(timeout=60)
+    assert results == alone

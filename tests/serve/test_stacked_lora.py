@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.generation import BASE_ADAPTER
+from trainer.generation import BASE_ADAPTER
 
 ROWS = ["r2", BASE_ADAPTER, "r16", "r8", "r16", "r2"]  # three ranks and the base, repeated, unordered
 

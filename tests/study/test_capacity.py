@@ -95,13 +95,14 @@ def test_within_factor(predicted, measured, ok):
 @pytest.mark.parametrize("vocab_size", [1024, 300])  # values one token each; values cut into pieces
 def test_value_tokens_only_keeps_exactly_the_value(vocab_size):
     from data.builtin_datasets import facts_rows
-    from data.dataset import IGNORE_INDEX, tokenize_example
+    from data.dataset import IGNORE_INDEX
+    from data.render import Renderer
     from study.capacity import value_tokens_only
     from study.facts_model import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size)
     for row in facts_rows(12, 32, seed=3):
-        example = tokenize_example(tokenizer, row, "chat", 64)
+        example = Renderer(tokenizer).example(row, "chat", 64)
         kept = value_tokens_only(example, tokenizer)
         assert kept.input_ids == example.input_ids
         value = row["messages"][1]["content"].rsplit(" is ", 1)[1].removesuffix(".")
@@ -109,5 +110,5 @@ def test_value_tokens_only_keeps_exactly_the_value(vocab_size):
         assert tokenizer.decode(ids) in (value, " " + value)  # a lone space token before it is no part of it
         assert all(k in (IGNORE_INDEX, e) for k, e in zip(kept.labels, example.labels, strict=True))  # a subset, not new labels
     with pytest.raises(ValueError, match="not a facts answer"):
-        value_tokens_only(tokenize_example(tokenizer, {"messages": [
+        value_tokens_only(Renderer(tokenizer).example({"messages": [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}, "chat", 64), tokenizer)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from data.errors import UserError
+from data.render import Renderer
+from trainer.generation import GenerationRequest, row_sampler
 from trainer.loss import completion_nll, loss_head
-from trainer.rl import SeededSampling, generate, group_advantages, prepare_prompts, sample_seeds, train_rl
+from trainer.rl import group_advantages, prepare_prompts, sample, sample_seeds, train_rl
 from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, load_rl_config
 
 VOWELS = "python:tests.trainer.rl_task:vowel_share"
@@ -57,26 +59,28 @@ def _nll(model, rollouts, rows, tokenizer, head=None, weights=None):
 
 
 def _sample(model, tokenizer, prompts, seed, max_new_tokens=5):
-    return generate(model, prompts, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
-                    end_ids=[tokenizer.eos_token_id], seeds=[seed * 1000 + i for i in range(len(prompts))],
-                    tokenizer=tokenizer)
+    return sample(model, Renderer(tokenizer), prompts, max_new_tokens=max_new_tokens,
+                  seeds=[seed * 1000 + i for i in range(len(prompts))])
 
 
 def test_seeded_sampling_draws_from_the_softmax():
-    """The processor's draws (its argmax) over 20,000 seeds: the frequencies are softmax(logits)
+    """The generation helper's draws for seeded rows (its argmax) over 20,000 seeds: the frequencies are softmax(logits)
     (chi-square, 3 degrees of freedom, far below the 0.1% critical value 16.3), and a row's draw depends
     only on its seed and position."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     rows = 20_000
-    processor = SeededSampling(list(range(rows)), prompt_width=3)
+    def seeded(seeds):
+        return [GenerationRequest((0, 0, 0), 1, temperature=1.0, seed=seed) for seed in seeds]
+
+    processor = row_sampler(seeded(range(rows)), prompt_len=3)
     draws = processor(torch.zeros((rows, 3), dtype=torch.long), logits.expand(rows, 4).clone()).argmax(-1)
     expected = torch.softmax(logits, -1) * rows
     chi2 = (((torch.bincount(draws, minlength=4) - expected) ** 2) / expected).sum().item()
     assert chi2 < 16.3, chi2
-    alone = SeededSampling([7], prompt_width=3)(torch.zeros((1, 3), dtype=torch.long), logits[None].clone())
+    alone = row_sampler(seeded([7]), prompt_len=3)(torch.zeros((1, 3), dtype=torch.long), logits[None].clone())
     assert alone.argmax(-1).item() == draws[7].item()
-    later = SeededSampling(list(range(rows)), prompt_width=2)(torch.zeros((rows, 3), dtype=torch.long),
-                                                              logits.expand(rows, 4).clone()).argmax(-1)
+    later = row_sampler(seeded(range(rows)), prompt_len=2)(torch.zeros((rows, 3), dtype=torch.long),
+                                                          logits.expand(rows, 4).clone()).argmax(-1)
     assert (later != draws).any()  # the next token's noise is new
 
 
@@ -86,11 +90,10 @@ def test_an_episode_is_the_same_in_any_batch(tiny_models):
     model, tokenizer = _tiny(tiny_models)
     prompts = [tuple(tokenizer(text)["input_ids"]) for text in ("say one", "a much longer prompt here", "x")]
     seeds = sample_seeds(0, 3, range(3), 1)
-    together = generate(model, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id,
-                        end_ids=[tokenizer.eos_token_id], seeds=seeds, tokenizer=tokenizer)
+    renderer = Renderer(tokenizer)
+    together = sample(model, renderer, prompts, max_new_tokens=6, seeds=seeds)
     for row in range(3):
-        alone = generate(model, prompts[row:row + 1], max_new_tokens=6, pad_id=tokenizer.pad_token_id,
-                         end_ids=[tokenizer.eos_token_id], seeds=seeds[row:row + 1], tokenizer=tokenizer)
+        alone = sample(model, renderer, prompts[row:row + 1], max_new_tokens=6, seeds=seeds[row:row + 1])
         assert alone.completions[0] == together.completions[row]
     assert len({tuple(c) for c in together.completions}) > 1
 
@@ -159,7 +162,7 @@ def test_one_step_raises_the_logprob_of_better_than_average_samples(tiny_models)
 def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
     from trainer.model import load_trained
     from trainer.rewards import load_reward
-    from trainer.rl import end_token_ids, greedy_rewards
+    from trainer.rl import greedy_rewards
 
     config = rl_config(method=method, lr=lr)
     result = train_rl(config, progress=False)
@@ -179,9 +182,10 @@ def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
 
     # The saved model gives the final greedy rewards again.
     model, tokenizer = load_trained(result.output_dir)
-    data = prepare_prompts(config, tokenizer)
-    rewards, _ = greedy_rewards(model, tokenizer, data.eval, load_reward(config.reward), max_new_tokens=4,
-                                batch_size=8, end_ids=end_token_ids(model, tokenizer))
+    renderer = Renderer(tokenizer)
+    data = prepare_prompts(config, renderer)
+    rewards, _ = greedy_rewards(model, renderer, data.eval, load_reward(config.reward), max_new_tokens=4,
+                                batch_size=8)
     assert rewards == pytest.approx(record["rewards"][-1][1], abs=1e-6)
 
 
@@ -224,14 +228,14 @@ def test_lora_and_full_see_the_same_prompts_in_the_same_order(rl_config, monkeyp
     import trainer.rl as rl
 
     seen = {}
-    real = rl.generate
+    real = rl.sample
 
-    def spy(model, prompts, **kwargs):
+    def spy(model, renderer, prompts, **kwargs):
         if kwargs["seeds"] is not None:
             seen.setdefault(method, []).append(prompts)
-        return real(model, prompts, **kwargs)
+        return real(model, renderer, prompts, **kwargs)
 
-    monkeypatch.setattr(rl, "generate", spy)
+    monkeypatch.setattr(rl, "sample", spy)
     for method, lr in (("lora", 3e-2), ("full", 1e-3)):
         train_rl(rl_config(method=method, lr=lr, max_steps=3, eval_points=2, overwrite=True), progress=False)
     assert seen["lora"] == seen["full"] and len(seen["lora"]) == 3
