@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from data.builtin_datasets import facts_information_bits, is_builtin, parse_builtin
-from data.dataset import IGNORE_INDEX, completion_texts, detect_format, load_rows, tokenize_rows
+from data.dataset import IGNORE_INDEX, completion_texts, detect_format, load_rows
+from data.render import Renderer
 from data.errors import UserError
 from data.token_cache import find_cached
 
@@ -156,7 +157,7 @@ def profile_dataset(
     Raises:
         UserError: unknown method, bad sample size or prior, `exact` on a dataset whose
             information is not known, `logloss` without a model, or any error of `load_rows`,
-            `detect_format`, `tokenize_example`.
+            `detect_format`, `data.render.Renderer.example`.
     """
     if method not in METHODS:
         raise UserError(f"Unknown information method {method!r}: use one of {', '.join(METHODS)}.")
@@ -203,7 +204,7 @@ def profile_dataset(
         examples = cached.examples(indices, _NO_TRUNCATION)
         texts = cached.column("completion_text", indices)
     else:
-        examples = tokenize_rows(tok, [rows[i] for i in indices], fmt, row_indices=indices)
+        examples = Renderer(tok).examples([rows[i] for i in indices], fmt, row_indices=indices)
         texts = ["\n".join(completion_texts(rows[i], fmt)) for i in indices]
     total, total_se = extrapolate_total([len(e.input_ids) for e in examples], n_rows)
     completion, completion_se = extrapolate_total(
