@@ -22,7 +22,7 @@ from pathlib import Path
 from data.errors import UserError
 from evaluation.curves import Curve
 from evaluation.regret import FAIL, INCONCLUSIVE, PASS, RegretInterval, decide, regret_interval
-from evaluation.runs import RunRecord, check_comparable, load_run
+from evaluation.runs import HeldOutLosses, RunRecord, load_run, paired_losses
 from planner.advice import (
     BATCH_SMALL_PENALTY_ABOVE,
     LORA_OVER_FULLFT_LR,
@@ -76,16 +76,6 @@ class MatchedPoint:
     full_loss: float
     regret_nats: float
     regret_relative: float
-
-
-@dataclass(frozen=True)
-class HeldOutLosses:
-    """Per held-out example: completion tokens and summed NLL (nats) of each run, seeds as rows."""
-
-    tokens: tuple[int, ...]
-    lora: tuple[tuple[float, ...], ...]
-    full: tuple[tuple[float, ...], ...]
-    base: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -304,17 +294,7 @@ def compare_runs(
     """
     lora_dirs = lora_dirs if isinstance(lora_dirs, list) else [lora_dirs]
     full_dirs = full_dirs if isinstance(full_dirs, list) else [full_dirs]
-    lora = sorted((load_run(d) for d in lora_dirs), key=lambda r: r.config.get("seed") or 0)
-    full = sorted((load_run(d) for d in full_dirs), key=lambda r: r.config.get("seed") or 0)
-    check_comparable(lora, full)
-    lora_nll = [r.scores.by_step for r in lora]
-    full_nll = [r.scores.by_step for r in full]
-    held_out = HeldOutLosses(
-        tokens=tuple(lora[0].scores.weights),
-        lora=tuple(tuple(nll[max(nll)]) for nll in lora_nll),
-        full=tuple(tuple(nll[max(nll)]) for nll in full_nll),
-        base=tuple(full_nll[0][0]) if 0 in full_nll[0] else None,
-    )
+    held_out, lora, full = paired_losses([load_run(d) for d in lora_dirs], [load_run(d) for d in full_dirs])
     config = lora[0].config
     facts = RunFacts(lora_lr=config.get("lr"), full_lr=full[0].config.get("lr"),
                      global_batch=lora[0].get("global_batch"), steps=lora[0].get("steps"), rank=config.get("rank"))

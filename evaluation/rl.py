@@ -1,7 +1,7 @@
 """Reward regret of an RL-trained LoRA against FullFT, paired over held-out prompts.
 
 Both runs are scored greedily on the identical held-out prompts at log-spaced steps (trainer/rl.py
-writes each prompt's reward to `eval_rewards.json`). With r_i the final greedy reward of prompt i:
+writes each prompt's reward to the run's `eval_scores.json`). With r_i the final greedy reward of prompt i:
 
     regret    = mean_i (r_i^FullFT − r_i^LoRA)     (reward units; for a pass/fail reward, accuracy)
     recovered = Σ (r^LoRA − r^base) / Σ (r^FullFT − r^base)
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import UserError
-from evaluation.runs import RL, RunRecord, check_comparable, load_run
+from evaluation.runs import RL, RunRecord, load_run, paired_losses
 
 #: LoRA's final held-out reward may trail FullFT's by this much and still PASS (5 points of accuracy
 #: for a pass/fail reward). A product default, not a finding: set it from the seed spread of your task.
@@ -76,15 +76,16 @@ def compare_rewards(lora: RunRecord, full: RunRecord, *, allowed_regret: float =
 
     if not allowed_regret >= 0:
         raise UserError(f"allowed regret {allowed_regret}: must be >= 0 (0.05 = 5 points of accuracy).")
-    check_comparable([lora], [full])
     from trainer.rewards import SOLVED_REWARD
 
+    # A reward is a negative loss, one "token" per prompt (`paired_losses`): regret_interval's
+    # Σ(L − F)/Σn is then mean(r_full − r_lora), and its "recovered" Σ(B − L)/Σ(B − F) the share of
+    # FullFT's gain.
+    held_out, _, _ = paired_losses([lora], [full])
+    interval = regret_interval(held_out.tokens, held_out.lora, held_out.full, held_out.base)
     lora_rewards, full_rewards = lora.scores.by_step, full.scores.by_step
-    lora_r, full_r = np.array(lora_rewards[max(lora_rewards)]), np.array(full_rewards[max(full_rewards)])
-    base_r = np.array(full_rewards[0])
-    # A reward is a negative loss, one "token" per prompt: regret_interval's Σ(L − F)/Σn is then
-    # mean(r_full − r_lora), and its "recovered" Σ(B − L)/Σ(B − F) the share of FullFT's gain.
-    interval = regret_interval(np.ones(len(lora_r)), -lora_r, -full_r, -base_r)
+    lora_r, full_r = -np.array(held_out.lora[0]), -np.array(held_out.full[0])
+    base_r = -np.array(held_out.base)
     verdict = decide(interval, allowed_regret)
     matched = tuple((step, float(np.mean(lora_rewards[step])), float(np.mean(full_rewards[step])))
                     for step in sorted(lora_rewards) if step > 0 and step in full_rewards)

@@ -3,9 +3,9 @@
 `lowregret compare` (evaluation/compare.py: held-out NLL) and `lowregret rl-compare`
 (evaluation/rl.py: held-out reward) both read runs with `load_run` and refuse what is not a
 LoRA-vs-FullFT comparison with `check_comparable`; their paired statistics then read
-`RunRecord.scores`, each run's per-example held-out scores at every evaluated step: summed NLL
-weighted by completion tokens (supervised, `trainer.result.EVAL_EXAMPLES_FILE`) or reward, one per
-prompt (RL, `trainer.rl_config.EVAL_REWARDS_FILE`).
+`RunRecord.scores`, each run's per-example held-out scores at every evaluated step, from the one
+score file both trainers write (`trainer.result.EVAL_SCORES_FILE`): summed NLL weighted by
+completion tokens (supervised) or reward, one per prompt (RL).
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import UserError
-from trainer.result import EVAL_EXAMPLES_FILE
-from trainer.rl_config import EVAL_REWARDS_FILE
-
-SUPERVISED, RL = "supervised", "rl"
+from trainer.result import EVAL_SCORES_FILE, RL, SCORE_OF, SUPERVISED
 
 
 @dataclass(frozen=True)
 class Objective:
     """What differs between a supervised and an RL run's records."""
 
-    scores_file: str
     unit: str  # what the held-out scores are of: "examples" or "prompts"
     score: str  # what is compared: "losses" or "rewards"
     same: tuple[tuple[str, str], ...]  # config keys both runs must share, and what they are
@@ -34,8 +30,8 @@ class Objective:
 
 
 OBJECTIVES = {
-    SUPERVISED: Objective(EVAL_EXAMPLES_FILE, "examples", "losses", (("model", "base models"),), "lowregret train"),
-    RL: Objective(EVAL_REWARDS_FILE, "prompts", "rewards",
+    SUPERVISED: Objective("examples", "losses", (("model", "base models"),), "lowregret train"),
+    RL: Objective("prompts", "rewards",
                   (("model", "base models"), ("reward", "rewards"), ("max_new_tokens", "completion lengths")),
                   "lowregret rl-train"),
 }
@@ -82,23 +78,24 @@ class RunRecord:
             UserError: the file is missing (a run from before per-example scores were kept) or bad.
         """
         objective = OBJECTIVES[self.objective]
-        path = self.path / objective.scores_file
+        path = self.path / EVAL_SCORES_FILE
         if not path.is_file():
             raise UserError(
-                f"{self.path} has no {objective.scores_file} (per-example held-out scores), so no interval can be "
+                f"{self.path} has no {EVAL_SCORES_FILE} (per-example held-out scores), so no interval can be "
                 f"computed: it was trained by an older LowRegret. Re-train it with `{objective.command}`."
             )
         try:
             record = json.loads(path.read_text())
-            if self.objective == RL:
-                ids = record["prompt_ids"]
-                weights, by_step = [1.0] * len(ids), {int(step): values for step, values in record["rewards"]}
-            else:
-                ids, weights = record["example_ids"], record["tokens"]
-                by_step = {int(step): values for step, values in record["nll"]}
+            kind = record["objective"]
+            ids, weights = record["ids"], [float(w) for w in record["weights"]]
+            by_step = {int(step): values for step, values in record["by_step"]}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path} is not a per-example score file ({exc}); re-train the run "
                             f"(`{objective.command}`).") from exc
+        if kind != self.objective:
+            raise UserError(f"{self.path} is a {kind!r} run ({SCORE_OF.get(kind, kind)} scores), not a "
+                            f"{self.objective!r} one: compare it with `lowregret "
+                            f"{'rl-compare' if kind == RL else 'compare'}`.")
         if not by_step or any(len(values) != len(ids) for values in by_step.values()) or len(weights) != len(ids):
             raise UserError(f"{path} is inconsistent (example counts differ); re-train the run (`{objective.command}`).")
         if self.objective == RL and 0 not in by_step:
@@ -112,13 +109,13 @@ def load_run(run_dir: str | Path, objective: str = SUPERVISED) -> RunRecord:
 
     Raises:
         UserError: the directory or one of its files is missing or unreadable (a supervised run:
-            summary.json, curves.json; an RL run: those and eval_rewards.json, checked at once).
+            summary.json, curves.json; an RL run: those and eval_scores.json, checked at once).
     """
     from evaluation.curves import load_curves
 
     run_dir = Path(run_dir)
     if objective == RL:
-        files = {name: run_dir / name for name in ("summary.json", "curves.json", EVAL_REWARDS_FILE)}
+        files = {name: run_dir / name for name in ("summary.json", "curves.json", EVAL_SCORES_FILE)}
         missing = [name for name, path in files.items() if not path.is_file()]
         if missing:
             raise UserError(f"{run_dir} is not a finished RL run (no {', '.join(missing)}): pass the output_dir of "
@@ -148,6 +145,43 @@ def load_run(run_dir: str | Path, objective: str = SUPERVISED) -> RunRecord:
     if not curves_path.is_file():
         raise UserError(f"{run_dir} has summary.json but no curves.json; re-run the trainer.")
     return RunRecord(path=run_dir, summary=summary, curves=load_curves(curves_path))
+
+
+@dataclass(frozen=True)
+class HeldOutLosses:
+    """The paired per-example scores of a comparison, as losses: each held-out example's weight
+    (completion tokens; 1 per RL prompt) and final summed NLL in nats (RL: minus the reward) of each
+    LoRA and FullFT run (seed replicates as rows, paired by seed), and the base model's (step 0)."""
+
+    tokens: tuple[float, ...]
+    lora: tuple[tuple[float, ...], ...]
+    full: tuple[tuple[float, ...], ...]
+    base: tuple[float, ...] | None = None
+
+
+def paired_losses(lora: list[RunRecord], full: list[RunRecord]
+                  ) -> tuple[HeldOutLosses, list[RunRecord], list[RunRecord]]:
+    """The one pairing of `compare` and `rl-compare`: the runs sorted by seed, checked
+    (`check_comparable`), and their final per-example scores (a reward is a negative loss, so one
+    statistic, `evaluation.regret.regret_interval`, serves both: regret > 0 means LoRA trails), with
+    the base model's from the first FullFT run's step 0. Returns them with the sorted runs.
+
+    Raises:
+        UserError: `check_comparable` refuses the runs.
+    """
+    lora = sorted(lora, key=lambda r: r.config.get("seed") or 0)
+    full = sorted(full, key=lambda r: r.config.get("seed") or 0)
+    check_comparable(lora, full)
+    sign = -1.0 if lora[0].objective == RL else 1.0
+
+    def final(run: RunRecord) -> tuple[float, ...]:
+        by_step = run.scores.by_step
+        return tuple(sign * v for v in by_step[max(by_step)])
+
+    first = full[0].scores.by_step
+    base = tuple(sign * v for v in first[0]) if 0 in first else None
+    return (HeldOutLosses(tuple(lora[0].scores.weights), tuple(map(final, lora)), tuple(map(final, full)), base),
+            lora, full)
 
 
 def check_comparable(lora: list[RunRecord], full: list[RunRecord]) -> None:

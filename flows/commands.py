@@ -68,7 +68,7 @@ def register(subparsers) -> None:
             "scores them with the reward (exact, regex:<pattern>, or python:<module>:<function>, which runs your "
             "code) and follows reward minus the group mean. Options are RLConfig fields "
             "(configs/rl/*.yaml, docs/RL.md), e.g. `lowregret rl-train method=full lr=3e-5`. Writes adapter/ or "
-            "model/, curves.json, eval_rewards.json and summary.json to output_dir."
+            "model/, curves.json, eval_scores.json and summary.json to output_dir."
         ),
     )
     p.add_argument("--config", help="YAML preset (configs/rl/); omitted = the RLConfig defaults")

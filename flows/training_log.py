@@ -50,7 +50,7 @@ def log_metrics(client, run_id: str, metrics: list) -> None:
 def log_result(client, run_id: str, result, *, curves: bool, tags: dict | None = None,
                files: tuple[str, ...] = ()) -> None:
     """Log a finished `TrainResult` or `trainer.rl_config.RLResult`: its curves (when not logged
-    live), final metrics, tags and files (an RLResult's per-prompt held-out rewards too).
+    live), final metrics, tags and files (its per-example held-out scores too).
 
     Args:
         curves: also log curves.json with step=: a TrainResult's as `train_loss` / `eval_loss`, an
@@ -66,13 +66,13 @@ def log_result(client, run_id: str, result, *, curves: bool, tags: dict | None =
         recorded = json.loads(Path(result.curves_path).read_text())
         metrics += [Metric(_CURVE_METRICS.get(name, name), float(value), now, int(step))
                     for name, points in recorded.items() for step, value in points]
-    rl = hasattr(result, "rewards_path")
+    rl = hasattr(result, "final_eval_reward")
     finals = {name: getattr(result, name) for name in (_RL_FINAL_METRICS if rl else _FINAL_METRICS)}
     metrics += [Metric(k, float(v), now, 0) for k, v in finals.items() if v is not None]
     log_metrics(client, run_id, metrics)
     for key, value in {"output_dir": result.output_dir, "config_hash": result.config_hash, **(tags or {})}.items():
         client.set_tag(run_id, key, str(value))
-    for path in (result.curves_path, result.summary_path, *((result.rewards_path,) if rl else ()), *files):
+    for path in (result.curves_path, result.summary_path, *((result.scores_path,) if result.scores_path else ()), *files):
         if Path(path).is_dir():
             client.log_artifacts(run_id, path, Path(path).name)
         else:

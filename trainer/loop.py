@@ -33,7 +33,7 @@ from trainer.config import TrainConfig
 from trainer.data import collate, describe_data, example_id, micro_batches, prepare_data, step_indices
 from trainer.loss import completion_nll, loss_head, train_micro_batch
 from trainer.model import base_dtype, count_trainable, load_for_training, save_trained
-from trainer.result import EVAL_EXAMPLES_FILE, TrainResult
+from trainer.result import EVAL_SCORES_FILE, SUPERVISED, TrainResult, scores_record
 
 
 def lr_lambda(config: TrainConfig, max_steps: int | None = None):
@@ -94,7 +94,7 @@ def precision(config: TrainConfig, use_cuda: bool) -> tuple[str, str]:
 
 def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
     """Train `config.method` on `config.dataset`; write adapter/ or model/, curves.json, summary.json
-    and eval_examples.json (per-example held-out NLL, `trainer.result.EVAL_EXAMPLES_FILE`).
+    and eval_scores.json (per-example held-out NLL, `trainer.result.EVAL_SCORES_FILE`).
 
     `callbacks` (main process only) see the run start, each step's metrics and the result: how
     `lowregret train` logs to MLflow (flows.training_log) without the trainer importing it.
@@ -261,6 +261,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         model_dir=str(final_dir / sub),
         curves_path=str(final_dir / "curves.json"),
         summary_path=str(final_dir / "summary.json"),
+        scores_path=str(final_dir / EVAL_SCORES_FILE),
         final_train_loss=curves["train"][-1][1],
         final_eval_loss=curves["eval"][-1][1],
         steps=max_steps,
@@ -278,8 +279,8 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         save_trained(unwrapped, tokenizer, run_dir / sub, method=config.method, base_ref=config.model,
                      state_dict=state_dict)
         (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
-        (run_dir / EVAL_EXAMPLES_FILE).write_text(json.dumps(
-            {"example_ids": held_out_ids, "tokens": [s.loss_tokens for s in data.eval], "nll": eval_nll}))
+        (run_dir / EVAL_SCORES_FILE).write_text(json.dumps(
+            scores_record(SUPERVISED, held_out_ids, [s.loss_tokens for s in data.eval], eval_nll)))
         summary = {
             **result.to_dict(),
             "config": config.to_dict(),

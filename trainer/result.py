@@ -6,11 +6,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# Written by the trainer next to curves.json: each held-out example's id (`trainer.data.example_id`),
-# completion-token count and summed NLL (nats) at every eval step, {"example_ids": [...],
-# "tokens": [...], "nll": [[step, [per-example NLL, ...]], ...]}. The paired regret statistics of
-# `evaluation.compare` read it.
-EVAL_EXAMPLES_FILE = "eval_examples.json"
+# The one per-example held-out score file, written by both trainers (trainer/loop.py, trainer/rl.py)
+# next to curves.json and read by `evaluation.runs` for the paired comparison of `compare` and
+# `rl-compare`: {"objective": SUPERVISED | RL, "score": "nll" | "reward", "ids": [...], "weights": [...],
+# "by_step": [[step, [per-example score, ...]], ...], "examples": [...]}. Supervised: example i's id
+# (`trainer.data.example_id`), its completion tokens as weight and its summed NLL (nats); RL: prompt
+# i's id, weight 1 and its greedy reward (step 0 is the base model), with some completions as examples.
+EVAL_SCORES_FILE = "eval_scores.json"
+SUPERVISED, RL = "supervised", "rl"
+SCORE_OF = {SUPERVISED: "nll", RL: "reward"}
+
+
+def scores_record(objective: str, ids: list[str], weights: list[float], by_step: list, examples: list = ()) -> dict:
+    """The JSON object of EVAL_SCORES_FILE (`by_step`: [[step, [score per example, ...]], ...])."""
+    return {"objective": objective, "score": SCORE_OF[objective], "ids": list(ids), "weights": list(weights),
+            "by_step": by_step, "examples": list(examples)}
 
 
 class RunResult:
@@ -45,6 +55,7 @@ class TrainResult(RunResult):
         trainable_params: parameters updated by the optimizer (adapter only for LoRA).
         config_hash: `TrainConfig.hash(data fingerprint)`: same hash, same training.
         peak_memory_kind: "cuda_max_memory_allocated" (GPU) or "process_max_rss" (CPU, whole process).
+        scores_path: eval_scores.json, each held-out example's NLL at each evaluated step.
     """
 
     method: str
@@ -62,3 +73,4 @@ class TrainResult(RunResult):
     trainable_params: int
     config_hash: str
     peak_memory_kind: str = ""
+    scores_path: str = ""

@@ -58,8 +58,9 @@ from trainer.data import Sequence, collate, load_split, step_indices
 from trainer.generation import GenerationRequest, generate_batch, hashed_seed
 from trainer.loss import completion_nll, loss_head
 from trainer.model import count_trainable, load_for_training, save_trained
+from trainer.result import EVAL_SCORES_FILE, RL, scores_record
 from trainer.rewards import SOLVED_REWARD, load_reward
-from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, RLResult
+from trainer.rl_config import RLConfig, RLResult
 
 # ---------------------------------------------------------------------------------------- data
 
@@ -239,7 +240,7 @@ def accuracy(rewards: list[float]) -> float:
 
 def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     """Train `config.method` with RL on `config.dataset`; write adapter/ or model/, curves.json,
-    eval_rewards.json and summary.json to `config.output_dir`. Runs as is in one process, and as
+    eval_scores.json and summary.json to `config.output_dir`. Runs as is in one process, and as
     every rank of a torchrun launch (`trainer.launch`; module docstring, "Several processes").
 
     Raises:
@@ -324,17 +325,15 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     final_texts: list[str] = []  # the last evaluation's greedy completions, kept as examples
 
     def write_curves() -> None:
-        """curves.json and eval_rewards.json as they stand: a run stopped early still shows its curves
+        """curves.json and eval_scores.json as they stand: a run stopped early still shows its curves
         in `<output_dir>.partial/` (the final write adds the completions as examples)."""
         if not accelerator.is_main_process:
             return
         (run_dir / "curves.json").write_text(json.dumps(curves, indent=1))
-        (run_dir / EVAL_REWARDS_FILE).write_text(json.dumps({
-            "prompt_ids": [p.key for p in data.eval],
-            "rewards": eval_rewards,
-            "examples": [{"prompt": p.text, "answer": p.answer, "completion": t}
-                         for p, t in zip(data.eval[:20], final_texts, strict=False)],
-        }))
+        (run_dir / EVAL_SCORES_FILE).write_text(json.dumps(scores_record(
+            RL, [p.key for p in data.eval], [1.0] * len(data.eval), eval_rewards,
+            [{"prompt": p.text, "answer": p.answer, "completion": t}
+             for p, t in zip(data.eval[:20], final_texts, strict=False)])))
 
     def evaluate(at_step: int) -> None:
         rewards, final_texts[:] = greedy_rewards(
@@ -434,7 +433,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         model_dir=str(final_dir / sub),
         curves_path=str(final_dir / "curves.json"),
         summary_path=str(final_dir / "summary.json"),
-        rewards_path=str(final_dir / EVAL_REWARDS_FILE),
+        scores_path=str(final_dir / EVAL_SCORES_FILE),
         base_eval_reward=curves["eval_reward"][0][1],
         base_eval_accuracy=curves["eval_accuracy"][0][1],
         final_eval_reward=curves["eval_reward"][-1][1],

@@ -19,7 +19,6 @@ from trainer.rewards import parse_reward
 # The built-in task: integer addition that SmolLM2-135M-Instruct partly solves (docs/RL.md).
 DEFAULT_RL_DATASET = "builtin:arithmetic"
 #: Each held-out prompt's greedy reward at each evaluated step (evaluation/rl.py pairs runs by it).
-EVAL_REWARDS_FILE = "eval_rewards.json"
 
 
 @dataclass
@@ -98,8 +97,8 @@ class RLResult(RunResult):
 
     Attributes:
         method: "lora" or "full".
-        output_dir, model_dir, curves_path, summary_path, rewards_path: the run's files
-            (model_dir: the peft adapter dir for LoRA, the saved model for full; rewards_path: each
+        output_dir, model_dir, curves_path, summary_path, scores_path: the run's files
+            (model_dir: the peft adapter dir for LoRA, the saved model for full; scores_path: each
             held-out prompt's greedy reward at each evaluated step).
         base_eval_reward, base_eval_accuracy: greedy held-out mean reward / accuracy at step 0.
         final_eval_reward, final_eval_accuracy: the same after the last step.
@@ -119,7 +118,7 @@ class RLResult(RunResult):
     model_dir: str
     curves_path: str
     summary_path: str
-    rewards_path: str
+    scores_path: str
     base_eval_reward: float
     base_eval_accuracy: float
     final_eval_reward: float

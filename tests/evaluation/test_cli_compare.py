@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from flows.cli import main
+from trainer.result import EVAL_SCORES_FILE, SUPERVISED, scores_record
 
 N, TOKENS = 200, 10
 
@@ -23,8 +24,8 @@ def write_run(root, name, method, per_token, eval_points, spread=0.05):
     train = [[s, 2.5 - 0.1 * s**0.5] for s in range(1, 101)]
     (run / "curves.json").write_text(json.dumps({"train": train, "eval": eval_points}))
     nll = [(per_token + (spread if i % 2 else -spread)) * TOKENS for i in range(N)]
-    (run / "eval_examples.json").write_text(json.dumps(
-        {"example_ids": [str(i) for i in range(N)], "tokens": [TOKENS] * N, "nll": [[0, [24.0] * N], [100, nll]]}))
+    (run / EVAL_SCORES_FILE).write_text(json.dumps(
+        scores_record(SUPERVISED, [str(i) for i in range(N)], [TOKENS] * N, [[0, [24.0] * N], [100, nll]])))
     return run
 
 

@@ -16,6 +16,7 @@ from evaluation.compare import (
     matched_points,
 )
 from evaluation.runs import load_run
+from trainer.result import EVAL_SCORES_FILE, SUPERVISED, scores_record
 
 N, TOKENS = 300, 10
 
@@ -93,7 +94,7 @@ def test_hints_come_from_what_was_run():
 
 def write_run(root, name, method, nll, *, seed=0, ids=None, tokens=None, fingerprint="data-1", model="m",
               lr=None, base=None):
-    """A finished run as the trainer writes it: summary.json, curves.json, eval_examples.json."""
+    """A finished run as the trainer writes it: summary.json, curves.json, eval_scores.json."""
     run = root / name
     run.mkdir()
     n = len(nll)
@@ -106,9 +107,8 @@ def write_run(root, name, method, nll, *, seed=0, ids=None, tokens=None, fingerp
                "data_fingerprint": fingerprint}
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "curves.json").write_text(json.dumps({"train": [[1, 3.0]], "eval": [[0, 3.0], [100, final]]}))
-    (run / "eval_examples.json").write_text(json.dumps(
-        {"example_ids": ids or [f"{i:016x}" for i in range(n)], "tokens": tokens,
-         "nll": [[0, base], [100, list(nll)]]}))
+    (run / EVAL_SCORES_FILE).write_text(json.dumps(
+        scores_record(SUPERVISED, ids or [f"{i:016x}" for i in range(n)], tokens, [[0, base], [100, list(nll)]])))
     return run
 
 
@@ -146,7 +146,8 @@ def test_seed_replicates_pair_by_seed(tmp_path):
         ("other held-out", "different held-out examples"),
         ("other data", "different data"),
         ("other model", "different base models"),
-        ("no per-example file", "no eval_examples.json"),
+        ("no per-example file", "no eval_scores.json"),
+        ("an RL run", "is a 'rl' run"),
         ("unpaired seeds", "pair up"),
     ],
 )
@@ -162,12 +163,16 @@ def test_what_is_not_a_comparison_is_refused(tmp_path, case, match):
         "other data": lambda: (lora, write_run(tmp_path, "f2", "full", _losses(2.0), fingerprint="data-2")),
         "other model": lambda: (lora, write_run(tmp_path, "f2", "full", _losses(2.0), model="other")),
         "no per-example file": lambda: (lora, full),
+        "an RL run": lambda: (lora, full),
         "unpaired seeds": lambda: ([lora, write_run(tmp_path, "l2", "lora", _losses(2.0), seed=1)],
                                    [full, write_run(tmp_path, "f2", "full", _losses(2.0), seed=2)]),
     }
     args = other[case]()
     if case == "no per-example file":
-        (full / "eval_examples.json").unlink()
+        (full / EVAL_SCORES_FILE).unlink()
+    if case == "an RL run":  # an RL run's score file given to `compare`
+        record = json.loads((full / EVAL_SCORES_FILE).read_text())
+        (full / EVAL_SCORES_FILE).write_text(json.dumps(record | {"objective": "rl"}))
     with pytest.raises(UserError, match=match):
         compare_runs(*args)
 

@@ -8,8 +8,9 @@ import pytest
 
 from data.errors import UserError
 from evaluation.rl import compare_rl_runs
-from evaluation.runs import RL, load_run
+from evaluation.runs import load_run
 from flows.cli import main
+from trainer.result import EVAL_SCORES_FILE, RL, scores_record
 
 
 def write_run(root: Path, name: str, method: str, final: list[float], *, base: list[float] | None = None,
@@ -24,7 +25,7 @@ def write_run(root: Path, name: str, method: str, final: list[float], *, base: l
     mean = sum(final) / len(final)
     (run / "curves.json").write_text(json.dumps({"train_reward": [[1, 0.1], [2, mean]],
                                                  "eval_accuracy": [[0, sum(base) / len(base)], [2, mean]]}))
-    (run / "eval_rewards.json").write_text(json.dumps({"prompt_ids": ids, "rewards": [[0, base], [2, final]]}))
+    (run / EVAL_SCORES_FILE).write_text(json.dumps(scores_record(RL, ids, [1.0] * len(ids), [[0, base], [2, final]])))
     return run
 
 
@@ -80,7 +81,7 @@ def test_an_unfinished_or_broken_run_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a finished RL run"):
         load_run(tmp_path, RL)
     run = write_run(tmp_path, "r", "lora", [1.0, 0.0])
-    (run / "eval_rewards.json").write_text(json.dumps({"prompt_ids": ["a"], "rewards": [[0, [1.0, 0.0]]]}))
+    (run / EVAL_SCORES_FILE).write_text(json.dumps(scores_record(RL, ["a"], [1.0], [[0, [1.0, 0.0]]])))
     with pytest.raises(UserError, match="inconsistent"):
         load_run(run, RL)
 

@@ -251,8 +251,8 @@ def test_rl_on_two_processes_equals_one_process_and_resumes_after_a_kill(tmp_pat
         assert (summary["processes"], summary["sharding"], summary["sharded_parameters"]) == (
             2, sharding, sharding == "fsdp")
         assert _curves(two) == _curves(one)
-        rewards = [json.loads((run / "eval_rewards.json").read_text()) for run in (one, two)]
-        assert rewards[0]["rewards"] == rewards[1]["rewards"] and rewards[0]["examples"] == rewards[1]["examples"]
+        rewards = [json.loads((run / "eval_scores.json").read_text()) for run in (one, two)]
+        assert rewards[0]["by_step"] == rewards[1]["by_step"] and rewards[0]["examples"] == rewards[1]["examples"]
         curves = _curves(one)
         assert min(f for _, f in curves["signal_fraction"]) < 1, "some groups must carry no signal"
         assert max(r for _, r in curves["train_reward"][3:]) > curves["train_reward"][0][1], "the policy must learn"

@@ -10,8 +10,9 @@ from data.errors import UserError
 from data.render import Renderer
 from trainer.generation import GenerationRequest, row_sampler
 from trainer.loss import completion_nll, loss_head
+from trainer.result import EVAL_SCORES_FILE
 from trainer.rl import group_advantages, prepare_prompts, sample, sample_seeds, train_rl
-from trainer.rl_config import EVAL_REWARDS_FILE, RLConfig, load_rl_config
+from trainer.rl_config import RLConfig, load_rl_config
 
 VOWELS = "python:tests.trainer.rl_task:vowel_share"
 RL_PRESETS = sorted((Path(__file__).parents[2] / "configs" / "rl").glob("*.yaml"))
@@ -167,14 +168,15 @@ def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
     config = rl_config(method=method, lr=lr)
     result = train_rl(config, progress=False)
     out = Path(result.output_dir)
-    assert {p.name for p in out.iterdir()} >= {"config.json", "curves.json", "summary.json", EVAL_REWARDS_FILE,
+    assert {p.name for p in out.iterdir()} >= {"config.json", "curves.json", "summary.json", EVAL_SCORES_FILE,
                                                "adapter" if method == "lora" else "model"}
     assert not out.with_name(out.name + ".partial").exists()
     curves = json.loads(Path(result.curves_path).read_text())
     assert [s for s, _ in curves["train_reward"]] == [1, 2, 3, 4]
     assert [s for s, _ in curves["eval_accuracy"]] == [0, 1, 4]  # log-spaced: eval_steps(4, 3)
-    record = json.loads(Path(result.rewards_path).read_text())
-    assert len(record["prompt_ids"]) == 4 and [s for s, _ in record["rewards"]] == [0, 1, 4]  # 10% of 40
+    record = json.loads(Path(result.scores_path).read_text())
+    assert (record["objective"], record["score"], record["weights"]) == ("rl", "reward", [1.0] * 4)
+    assert len(record["ids"]) == 4 and [s for s, _ in record["by_step"]] == [0, 1, 4]  # 10% of 40
     assert result.episodes == 4 * 2 * 4 and result.completion_tokens > 0
     assert result.sample_tokens_per_s > 0 and result.train_tokens_per_s > 0
     if trainable:
@@ -186,7 +188,7 @@ def test_run_writes_its_files_and_reloads(rl_config, method, lr, trainable):
     data = prepare_prompts(config, renderer)
     rewards, _ = greedy_rewards(model, renderer, data.eval, load_reward(config.reward), max_new_tokens=4,
                                 batch_size=8)
-    assert rewards == pytest.approx(record["rewards"][-1][1], abs=1e-6)
+    assert rewards == pytest.approx(record["by_step"][-1][1], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -43,12 +43,13 @@ def test_loss_falls_and_the_saved_result_reloads_exactly(tiny_config, method, lr
     summary = json.loads(open(result.summary_path).read())
     assert summary["config"]["method"] == method and summary["trainable_params"] == result.trainable_params
     # Per-example held-out losses: they add up to the eval curve at every eval step.
-    examples = json.loads((Path(result.output_dir) / "eval_examples.json").read_text())
-    assert len(examples["example_ids"]) == summary["data"]["eval_examples"]
-    assert sum(examples["tokens"]) == summary["data"]["eval_completion_tokens"]
-    assert [step for step, _ in examples["nll"]] == [step for step, _ in curves["eval"]]
-    for (_, nll), (_, loss) in zip(examples["nll"], curves["eval"], strict=True):
-        assert sum(nll) / sum(examples["tokens"]) == pytest.approx(loss, rel=1e-9)
+    examples = json.loads(Path(result.scores_path).read_text())
+    assert (examples["objective"], examples["score"]) == ("supervised", "nll")
+    assert len(examples["ids"]) == summary["data"]["eval_examples"]
+    assert sum(examples["weights"]) == summary["data"]["eval_completion_tokens"]
+    assert [step for step, _ in examples["by_step"]] == [step for step, _ in curves["eval"]]
+    for (_, nll), (_, loss) in zip(examples["by_step"], curves["eval"], strict=True):
+        assert sum(nll) / sum(examples["weights"]) == pytest.approx(loss, rel=1e-9)
     assert summary["data_fingerprint"] and summary["heldout_fingerprint"]
     assert result.tokens > 0 and result.tokens_per_s > 0 and result.peak_memory_bytes > 0
     if method == "lora":
