@@ -45,10 +45,10 @@ def run_rl_pipeline(args) -> int:
     check_rl_inputs(config)  # UserError here, before any server, MLflow run or file
     _start(settings)
     from evaluation.compare import EXIT_CODES
-    from flows.rl_pipeline import rl_pipeline
+    from flows.pipeline import pipeline
 
     with _prefect_server(settings):
-        summary = rl_pipeline(config, workdir=str(settings.home.parent))
+        summary = pipeline(config, workdir=str(settings.home.parent))
     print(format_rl_summary(summary, settings))
     return EXIT_CODES[summary["comparison"]["verdict"]]
 
@@ -210,7 +210,7 @@ def dry_run(config, sweep=None) -> int:
               f"{describe_launch(train)}")
     from flows.tasks import pipeline_plan
 
-    plan = pipeline_plan(config)
+    plan = pipeline_plan(config, config.train_config("lora"))
     print(f"Capacity plan (LoRA r={config.rank}):\n  " + "\n  ".join(summary_lines(plan)))
     print("Dry run: nothing trained, nothing written.")
     return 0

@@ -235,6 +235,11 @@ class RLPipelineConfig(_GatedPipeline):
         if self.reward_entropy_bits <= 0:
             raise UserError(f"reward_entropy_bits={self.reward_entropy_bits!r}: must be > 0 (1 for pass/fail).")
 
+    @property
+    def run_seeds(self) -> list[int]:
+        """The one run's seed (`rl.seed`, default 0): RL pipelines take no seed replicates."""
+        return [int(self.rl.get("seed", 0))]
+
     def train_config(self, method: str, output_dir: str | None = None, **changes):
         """The RLConfig of one run of this pipeline ('full' or 'lora')."""
         from trainer.rl_config import RLConfig

@@ -125,16 +125,15 @@ def check_inputs(config) -> dict:
     return data
 
 
-def pipeline_plan(config):
-    """The capacity plan (`planner.plan.CapacityPlan`) of a pipeline's LoRA run: loads the model's
-    tokenizer and profiles the data (reading them here, not in the config object); writes nothing but
-    the token cache."""
+def pipeline_plan(config, lora):
+    """The capacity plan (`planner.plan.CapacityPlan`) of a pipeline's LoRA run `lora` (its resolved
+    TrainConfig): loads the model's tokenizer and profiles the data (reading them here, not in the
+    config object); writes nothing but the token cache."""
     from data.sources import load_tokenizer
     from evaluation.nll import base_model_bits
     from planner.plan import build_plan
     from planner.profile import profile_dataset
 
-    lora = config.train_config("lora")
     profile = profile_dataset(config.dataset, load_tokenizer(config.model), method=config.info_method,
                               model_ref=config.model, score_bits=base_model_bits(config.model), columns=lora.columns)
     return build_plan(config.model, config.rank, targets=lora.targets, expert_rank_divisor=lora.expert_rank_divisor,
@@ -144,20 +143,20 @@ def pipeline_plan(config):
 
 
 @task
-def make_plan(config, out_dir: str) -> dict:
-    """Capacity plan of the LoRA run, written as a report; returns its summary, files, the advised
-    LoRA LR and a warning when the configured one disagrees with it."""
+def make_plan(config, lora, out_dir: str) -> dict:
+    """Capacity plan of the LoRA run `lora`, written as a report; returns its summary, files, the
+    advised LoRA LR and a warning when the configured one disagrees with it."""
     from planner.advice import lr_disagreement
     from planner.report import write_report
     from planner.report_text import summary_lines
 
-    plan = pipeline_plan(config)
+    plan = pipeline_plan(config, lora)
     files = write_report(plan, out_dir)
     verdict = plan.capacity.verdict if plan.capacity else "no-dataset"
     return {"verdict": verdict, "adapter_params": plan.adapter_params, "summary": summary_lines(plan),
             "files": {name: str(path) for name, path in files.items()},
             "advised_lora_lr": plan.advice.lora_lr,
-            "lr_warning": lr_disagreement(config.train_config("lora").lr, plan.advice)}
+            "lr_warning": lr_disagreement(lora.lr, plan.advice)}
 
 
 # --------------------------------------------------------------------------------- trainer
@@ -197,11 +196,13 @@ def train_adapter(train_config):
 
 def keyed_run(config, method: str, runs: Path, data_fingerprint: str, code: str, **changes):
     """The run config of one of a pipeline's runs (`config.train_config(method, **changes)`), writing to
-    `runs/<run_prefix><method>[-r<rank>]-<key>`, and the key (`run_key`)."""
-    key = run_key(config.train_config(method, **changes), data_fingerprint, code)
+    `runs/<run_prefix><method>[-r<rank>]-<key>`, and the key (`run_key`). The config is resolved once
+    (`launch.processes=auto` included) and the pipeline hands it to the plan and the run."""
+    resolved = config.train_config(method, **changes)
+    key = run_key(resolved, data_fingerprint, code)
     folder = runs / f"{config.run_prefix}{method}{'' if method == 'full' else f'-r{config.rank}'}-{key}"
     # overwrite: the folder is named by the run key, so what it holds is this very run's output.
-    return config.train_config(method, output_dir=str(folder), overwrite=True, **changes), key
+    return dataclasses.replace(resolved, output_dir=str(folder), overwrite=True), key
 
 
 def cached_baseline(full_config, fingerprint: str, code: str, refresh: bool):

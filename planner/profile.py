@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from data.builtin_datasets import facts_information_bits, is_builtin, parse_builtin
 from data.dataset import IGNORE_INDEX, completion_texts, detect_format, load_rows
-from data.render import Renderer
 from data.errors import UserError
+from data.render import Renderer
 from data.token_cache import find_cached
 
 METHODS = ("auto", "exact", "lzma", "prior", "logloss")

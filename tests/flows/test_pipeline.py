@@ -64,10 +64,39 @@ def _aliases(client):
     return {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()}
 
 
-def test_first_run_registers_and_promotes_a_champion(run_pipeline, tiny_models, train_calls, registry_client):
+def _count_reads(monkeypatch) -> collections.Counter:
+    """Counts the rows read from the dataset and the rows tokenized, wherever a pipeline step does it."""
+    import data.token_cache
+    import planner.profile
+    from data.render import Renderer
+
+    counts = collections.Counter()
+    for module in (data.token_cache, planner.profile):
+        def reading(*args, _real=module.load_rows, **kwargs):
+            counts["reads"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "load_rows", reading)
+    examples = Renderer.examples
+
+    def tokenizing(self, rows, *args, **kwargs):
+        counts["tokenized_rows"] += len(rows)
+        return examples(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Renderer, "examples", tokenizing)
+    return counts
+
+
+def test_first_run_registers_and_promotes_a_champion(run_pipeline, tiny_models, train_calls, registry_client,
+                                                     monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWREGRET_TOKEN_CACHE", str(tmp_path / "token-cache"))  # nothing tokenized yet
+    counts = _count_reads(monkeypatch)
     summary = run_pipeline(tiny_models("llama"))
 
     assert train_calls == {"full": 1, "lora": 1}
+    # The data is read and tokenized once for the whole pipeline (check, plan, both runs): the checked,
+    # tokenized dataset in the token cache is what every later step opens.
+    assert counts == {"reads": 1, "tokenized_rows": summary["dataset"]["examples"]}
     assert summary["comparison"]["verdict"] == "PASS" and not summary["baseline_cached"]
     comparison = summary["comparison"]
     assert comparison["regret_low"] <= comparison["regret_nats"] <= comparison["regret_high"]
@@ -221,6 +250,6 @@ def test_seed_replicates_share_the_held_out_set_and_report_seed_noise(run_pipeli
     assert interval["seeds"] == 2 and len(interval["seed_regrets"]) == 2
     assert interval["full_seed_sd"] is not None and interval["seed_half_width"] > 0
     assert [r["final_eval_loss"] for r in summary["baselines"]][0] == pytest.approx(summary["baseline"]["final_eval_loss"])
-    examples = [json.loads((Path(r["output_dir"]) / "eval_examples.json").read_text())["example_ids"]
+    examples = [json.loads((Path(r["output_dir"]) / "eval_scores.json").read_text())["ids"]
                 for r in summary["baselines"] + summary["loras"]]
     assert all(ids == examples[0] for ids in examples)

@@ -63,7 +63,7 @@ def test_rl_pipeline_trains_both_runs_under_the_launcher_and_registers(prefect_h
     ranks, the rewards compared, the adapter registered and promoted. ~25 s."""
     import trainer.rl
     from flows.config import load_rl_pipeline_config
-    from flows.rl_pipeline import rl_pipeline
+    from flows.pipeline import pipeline
     from tests.flows.test_rl_pipeline import tiny_overrides as rl_overrides
     from tests.trainer.test_rl import write_prompts
 
@@ -74,7 +74,7 @@ def test_rl_pipeline_trains_both_runs_under_the_launcher_and_registers(prefect_h
     name = "tiny-rl-launched"
     overrides = rl_overrides(tiny_models("llama"), write_prompts(tmp_path / "prompts.jsonl"), name=name,
                              **{"rl.launch.processes": 2})
-    summary = rl_pipeline(load_rl_pipeline_config(None, overrides), workdir=str(flow_settings.home.parent))
+    summary = pipeline(load_rl_pipeline_config(None, overrides), workdir=str(flow_settings.home.parent))
 
     assert summary["comparison"]["verdict"] == "PASS" and summary["comparison"]["prompts"] == 4
     assert summary["registration"] == {"name": name, "version": "1", "created": True}

@@ -57,10 +57,10 @@ def rl_calls(monkeypatch):
 
 @pytest.fixture
 def run_rl_pipeline(prefect_harness, flow_settings):
-    from flows.rl_pipeline import rl_pipeline
+    from flows.pipeline import pipeline
 
     def run(model_dir, prompts, **extra):
-        return rl_pipeline(load_rl_pipeline_config(None, tiny_overrides(model_dir, prompts, **extra)),
+        return pipeline(load_rl_pipeline_config(None, tiny_overrides(model_dir, prompts, **extra)),
                            workdir=str(flow_settings.home.parent))
 
     return run
