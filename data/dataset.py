@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from data import guard
 from data.builtin_datasets import is_builtin, load_builtin
 from data.errors import UserError
 
@@ -91,6 +92,10 @@ def load_rows(source: str, limit: int | None = None, columns: dict | None = None
             f"builtin:pydoc / builtin:facts."
         )
     rows = rows if limit is None else rows[:limit]
+    if not is_builtin(source):  # ours are known to be fine; every other source goes through the guard
+        fix = "fix or drop the row (docs/RELIABILITY.md, limits)."
+        for i, row in enumerate(rows):
+            guard.check_value(row, f"{source}, row {i}", fix)
     return rows if not columns else apply_columns(rows, columns, source)
 
 
@@ -224,17 +229,16 @@ def _load_file(path: Path, limit: int | None) -> list[dict]:
 
 def _read_json_lines(path: Path, limit: int | None) -> list[dict]:
     rows: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    max_line = guard.limit("row_bytes")
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is read as nothing
+        for line_no, line in enumerate(iter(lambda: f.readline(max_line + 1), ""), start=1):
+            if len(line) > max_line:  # read no further than the limit: a 5 GB line is refused, not loaded
+                raise guard.over("row_bytes", f"{path}, line {line_no}: the line", len(line),
+                                 "split the text into several rows.")
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}, line {line_no}: not valid JSON ({exc.msg}). Each line "
-                    f"of a .jsonl file must be one JSON object."
-                ) from exc
+            row = guard.loads(line, f"{path}, line {line_no}", "each line of a .jsonl file must be one JSON object.",
+                              text_limit=None)
             if not isinstance(row, dict):
                 raise UserError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}.")
             rows.append(row)
@@ -244,7 +248,11 @@ def _read_json_lines(path: Path, limit: int | None) -> list[dict]:
 
 
 def _read_json(path: Path, limit: int | None) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > guard.limit("file_bytes"):
+        raise guard.over("file_bytes", f"{path}: a .json dataset is read whole, and the file", size,
+                         "save it as JSON Lines (.jsonl), which is read line by line.")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -252,6 +260,10 @@ def _read_json(path: Path, limit: int | None) -> list[dict]:
             raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
         # `datasets`' to_json writes JSON Lines under a .json name by default.
         return _read_json_lines(path, limit)
+    except RecursionError:
+        raise guard.over("json_depth", f"{path}: the nesting depth", 10**4, "a dataset row is a flat JSON object.") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise UserError(f"{path}: a value JSON cannot be read here ({str(exc)[:120]}).") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -261,21 +273,36 @@ def _read_json(path: Path, limit: int | None) -> list[dict]:
 
 def _read_csv(path: Path, limit: int | None) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
+    csv.field_size_limit(guard.limit("row_bytes"))
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in _csv_rows(reader, path):
+            if None in row:  # DictReader's key for fields beyond the header
+                raise UserError(f"{path}, line {reader.line_num}: {len(row[None])} more field(s) than the header's "
+                                f"{len(reader.fieldnames)} columns: quote cells that hold commas, or fix the row.")
+            if None in row.values():
+                raise UserError(f"{path}, line {reader.line_num}: fewer fields than the header's "
+                                f"{len(reader.fieldnames)} columns: fix the row.")
             # A CSV cell is text: a list column (`messages`, `conversations`) is accepted as its JSON.
             for column in ("messages", "conversations"):
                 if isinstance(row.get(column), str) and row[column].lstrip().startswith("["):
-                    try:
-                        row[column] = json.loads(row[column])
-                    except json.JSONDecodeError as exc:
-                        raise UserError(
-                            f"{path}, row {len(rows)}: the `{column}` cell is not valid JSON ({exc.msg})."
-                        ) from exc
+                    row[column] = guard.loads(row[column], f"{path}, row {len(rows)}, the `{column}` cell",
+                                              "a list cell holds the JSON of the list.")
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+def _csv_rows(reader, path: Path):
+    """The rows of a csv reader, its errors (a field over the limit, a NUL byte) as UserError."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise guard.over("row_bytes", f"{path}, line {reader.line_num}: a field", guard.limit("row_bytes") + 1,
+                             "split the text into several rows.") from None
+        raise UserError(f"{path}, line {reader.line_num}: not readable CSV ({exc}).") from None
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[dict]:
@@ -286,10 +313,13 @@ def _read_parquet(path: Path, limit: int | None) -> list[dict]:
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
         raise UserError(f"{path}: not a readable Parquet file ({exc}).") from exc
     rows: list[dict] = []
-    for batch in parquet.iter_batches():
-        rows.extend(batch.to_pylist())
-        if limit is not None and len(rows) >= limit:
-            break
+    try:
+        for batch in parquet.iter_batches():
+            rows.extend(batch.to_pylist())
+            if limit is not None and len(rows) >= limit:
+                break
+    except Exception as exc:  # a corrupt page or column chunk: pyarrow's OSError / ArrowInvalid
+        raise UserError(f"{path}: damaged Parquet data after row {len(rows)} ({exc}): re-export the file.") from None
     return rows
 
 
@@ -301,7 +331,11 @@ def _load_saved_dataset(path: Path, limit: int | None) -> list[dict]:
         )
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a damaged state.json / dataset_info.json / arrow file, in any of their ways
+        raise UserError(f"{path}: a damaged save_to_disk folder ({type(exc).__name__}: {str(exc)[:200]}): save "
+                        "the dataset again with Dataset.save_to_disk.") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise UserError(
@@ -500,6 +534,10 @@ def check_row(row, fmt: Format, at: str) -> None:
             raise UserError(f'{at}: no "gpt" turn, so there is nothing to learn. Each conversation needs one.')
     else:
         _check_messages(row.get("messages"), at)
+    turns = {"alpaca": "history", "sharegpt": "conversations", "chat": "messages"}.get(fmt)
+    if turns and isinstance(row.get(turns), list) and len(row[turns]) > guard.limit("turns"):
+        raise guard.over("turns", f"{at}: the conversation's `{turns}` count", len(row[turns]),
+                         "split it into several rows (rendering one costs time that grows with turns squared).")
 
 
 def _check_messages(messages, at: str) -> None:

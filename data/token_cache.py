@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from data.render import Renderer, check_max_length, prompt_too_long, truncate_ex
 
 # Bump when Renderer.examples changes what it produces for the same rows and tokenizer.
 TOKENIZATION_VERSION = 1
+_STALE_S = 3600  # a temporary of a build older than this is a dead build's (a live one renames sooner)
 _CHUNK_ROWS = 1000  # rows per batched tokenizer call and per Arrow record batch
 _DATA_FILE = "data.arrow"
 _META_FILE = "meta.json"
@@ -257,6 +259,13 @@ def _build(key: str, rows: list[dict], fmt: str, tokenizer, meta: dict) -> None:
                         ("completion_text", pa.large_string())])
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{key}.*"):  # a build killed mid-way (an abort, kill -9) left its temporary
+        try:
+            touched = max([stale.stat().st_mtime, *(f.stat().st_mtime for f in stale.iterdir())])
+        except OSError:  # removed meanwhile by another process
+            continue
+        if time.time() - touched > _STALE_S:  # a live build writes its files continually
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
         with pa.OSFile(str(tmp / _DATA_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:

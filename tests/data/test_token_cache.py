@@ -158,3 +158,29 @@ def test_a_hub_dataset_is_known_by_its_datasets_fingerprint(cache, tok, monkeypa
     monkeypatch.undo()
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: split_of[name])
     assert token_cache.tokenized_dataset("org/data", tok).rows == len(ALPACA) * 2
+
+
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(tmp_path, cache, tok):
+    """An abort or kill -9 mid-build leaves `.KEY.xxxx/`; the next build of that entry removes it once it has
+    been untouched for an hour, and leaves a live build's (recently written) alone."""
+    import os
+    import time
+
+    from data.token_cache import _entry_key, tokenizer_fingerprint
+
+    path = _write(tmp_path / "a.jsonl", ALPACA)
+    rows = load_rows(str(path))
+    from data.dataset import dataset_fingerprint
+
+    key = _entry_key(dataset_fingerprint(rows), tokenizer_fingerprint(tok))
+    root = token_cache.cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    dead, live = root / f".{key}.dead", root / f".{key}.live"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "data.arrow").write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    for p in (dead / "data.arrow", dead):
+        os.utime(p, (old, old))
+    token_cache.tokenized_dataset(str(path), tok)
+    assert not dead.exists() and live.exists()
