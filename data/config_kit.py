@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import typing
 from pathlib import Path
@@ -54,7 +55,35 @@ def parse_yaml(text: str):
     """
     import yaml
 
-    return yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
+    from data import guard
+
+    if len(text) > guard.limit("yaml_bytes"):
+        raise guard.over("yaml_bytes", "The config", len(text), "a config holds options, not data.")
+    try:
+        value = yaml.load(text, Loader=_config_loader())  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise guard.over("json_depth", "The config's nesting depth", 10**3, "a config is a few levels deep.") from None
+    _check_size(value)
+    return value
+
+
+def _check_size(value) -> None:
+    """Refuse a config whose values, aliases expanded, number more than `yaml_nodes` (an alias bomb:
+    1.2 KB of YAML that stands for billions of values, which every later walk or message would expand).
+    Counts without expanding, and stops at the limit."""
+    from data import guard
+
+    most, seen, stack = guard.limit("yaml_nodes"), 0, [value]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > most:
+            raise guard.over("yaml_nodes", "The config's number of values (YAML aliases expanded)", seen,
+                             "write the values out; aliases that repeat aliases multiply.")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 @functools.cache
@@ -114,10 +143,28 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
         target[leaf] = value
 
 
+# The one numeric validator's bounds for a number without a RANGES entry: any whole number fits in an
+# int64 tensor or a seed, any float is finite (inf and nan train to a nan loss, or never end).
+DEFAULT_INT_RANGE = (-(2**53), 2**53)
+
+
+def ranges(cls) -> dict[str, tuple[float | None, float | None]]:
+    """{option: (lowest, highest)} of a config class: the `RANGES` of it and every class it derives from
+    (None: no bound on that side beyond the defaults; the class's own checks say more there)."""
+    merged: dict = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(vars(klass).get("RANGES", {}))
+    return merged
+
+
 def coerce_types(config, names: typing.Iterable[str] | None = None) -> None:
     """Check each field (or the `names` given) of a config dataclass against its annotation; accept what
-    YAML gives for numbers ("1e-4" is a str in YAML 1.1)."""
+    YAML gives for numbers ("1e-4" is a str in YAML 1.1). The one numeric validator: whatever a value
+    came from (YAML, an override, a pipeline's section, Python), a float must be finite and every
+    number within its class's `RANGES` (`ranges`), so `seed=-1`, `alpha=.inf` or
+    `max_steps=1000000000000` are refused in one line before any work."""
     hints = typing.get_type_hints(type(config))
+    bounds = ranges(type(config))
     for field in dataclasses.fields(config):
         if names is not None and field.name not in names:
             continue
@@ -136,18 +183,28 @@ def coerce_types(config, names: typing.Iterable[str] | None = None) -> None:
                 if isinstance(value, float) and value.is_integer():
                     value = int(value)
                 else:
-                    raise UserError(f"Option {field.name} must be a whole number, got {value!r}.")
+                    raise UserError(f"Option {field.name} must be a whole number, got {value!r:.80}.")
         elif float in allowed:
             if isinstance(value, bool):
                 raise UserError(f"Option {field.name} must be a number, got {value!r}.")
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise UserError(f"Option {field.name} must be a number, got {value!r}.") from None
+                raise UserError(f"Option {field.name} must be a number, got {value!r:.80}.") from None
+            if not math.isfinite(value):
+                raise UserError(f"Option {field.name} must be a finite number, got {value!r}.")
         elif str in allowed:
             if isinstance(value, (dict, list)):
-                raise UserError(f"Option {field.name} must be a string, got {value!r}.")
+                raise UserError(f"Option {field.name} must be a string, got {value!r:.80}.")
             value = str(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            default = DEFAULT_INT_RANGE if isinstance(value, int) else (-math.inf, math.inf)
+            low, high = bounds.get(field.name, default)
+            low, high = default[0] if low is None else low, default[1] if high is None else high
+            if not low <= value <= high:
+                bound = f"at least {low:g}" if value < low else f"at most {high:g}"
+                raise UserError(f"Option {field.name}={value!r:.40} is out of range: it must be {bound} (beyond it a run "
+                                "overflows, never ends or means nothing).")
         setattr(config, field.name, value)
 
 

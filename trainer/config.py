@@ -181,6 +181,14 @@ class RunConfig:
     #: Processes, nodes and sharding of the run (launch.processes, launch.nodes, ...; see below).
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
 
+    #: Bounds of the numbers (`data.config_kit.coerce_types`, the one numeric validator): beyond them a
+    #: run never ends, overflows or means nothing. None: the options' own checks below.
+    RANGES: typing.ClassVar[dict] = {
+        "seed": (0, 2**32 - 1), "max_steps": (None, 10**7), "rank": (None, 2**16), "alpha": (None, 1e6),
+        "dataset_limit": (None, 10**9), "eval_points": (None, 10**4), "eval_max_examples": (None, 10**8),
+        "checkpoint_every": (None, 10**7), "keep_checkpoints": (None, 10**4), "weight_decay": (None, 1e3),
+        "max_grad_norm": (None, 1e9),
+    }
     #: "training" or "RL": names the options in error messages.
     _kind: typing.ClassVar[str] = "training"
     #: Prefix of the default output_dir under runs/.
@@ -250,6 +258,11 @@ class TrainConfig(RunConfig):
     #: Where `lowregret train` also logs the run: "none", or "mlflow" (params, per-step metrics, files).
     report_to: str = "none"
 
+    RANGES: typing.ClassVar[dict] = {
+        "num_epochs": (None, 1e4), "batch_size": (None, 2**16), "grad_accum_steps": (None, 2**16),
+        "max_length": (None, 2**24), "split_seed": (0, 2**32 - 1), "warmup_steps": (None, 10**7),
+    }
+
     def _resolve_steps(self) -> None:
         if self.max_steps is not None and self.num_epochs is not None:
             raise UserError(
@@ -273,6 +286,8 @@ class TrainConfig(RunConfig):
         if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps >= self.max_steps):
             raise UserError(f"warmup_steps={self.warmup_steps}: must be in [0, max_steps={self.max_steps}).")
 
+    RANGES_MAX_STEPS: typing.ClassVar[int] = RunConfig.RANGES["max_steps"][1]
+
     def total_steps(self, train_rows: int, global_batch: int) -> int:
         """Optimizer steps of the run: max_steps, or ceil(num_epochs x train_rows / global_batch).
 
@@ -282,6 +297,9 @@ class TrainConfig(RunConfig):
         if self.max_steps is not None:
             return self.max_steps
         steps = max(1, math.ceil(self.num_epochs * train_rows / global_batch))
+        if steps > self.RANGES_MAX_STEPS:
+            raise UserError(f"num_epochs={self.num_epochs:g} over {train_rows} rows at global batch {global_batch} is "
+                            f"{steps:,} steps, over the limit of {self.RANGES_MAX_STEPS:,}: lower num_epochs.")
         if self.warmup_steps >= steps:
             raise UserError(
                 f"warmup_steps={self.warmup_steps} does not fit in the {steps} steps of num_epochs="

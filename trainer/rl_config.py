@@ -53,6 +53,9 @@ class RLConfig(RunConfig):
     #: Sequences per forward/backward chunk of a step's episodes (bounds memory, not the math).
     micro_batch_size: int = 64
 
+    RANGES: ClassVar[dict] = {"prompts_per_step": (None, 2**16), "group_size": (None, 2**12),
+                              "max_new_tokens": (None, 2**16), "max_prompt_tokens": (None, 2**20),
+                              "micro_batch_size": (None, 2**16)}
     _kind: ClassVar[str] = "RL"
     _output_prefix: ClassVar[str] = "rl-"
 
