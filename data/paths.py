@@ -21,6 +21,12 @@ def check_output_dir(path: str | os.PathLike, option: str) -> None:
         option: how the user named it (`--out`, `output_dir`, ...), for the message.
     """
     folder = Path(path).expanduser()
+    if folder.is_symlink():  # replaced or renamed onto at the end of the work: refused before it
+        target = os.readlink(folder)
+        state = "a dangling symbolic link" if not folder.exists() else "a symbolic link"
+        raise UserError(f"{option} {str(path)!r} is {state} (to {target!r}): the folder is replaced or renamed "
+                        f"onto when the work ends, which a link would turn into a failure then. Pass a real folder "
+                        f"path (e.g. {target!r} itself).")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{option} {str(path)!r} is a file, not a folder: pass a folder path.")
     _check_creatable(folder, path, option)

@@ -7,7 +7,6 @@ matplotlib is imported inside `plot_curves`, so importing this module stays ligh
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -32,6 +31,9 @@ def parse_curves(record: dict, origin: str = "curves") -> dict[str, Curve]:
     curves: dict[str, Curve] = {}
     for kind in CURVE_KINDS:
         points = record.get(kind, [])
+        if not isinstance(points, list):
+            raise UserError(f"{origin}: {kind!r} is {type(points).__name__}, not a list of [step, loss]. "
+                            "Re-run the trainer or fix the file.")
         parsed = []
         for point in points:
             if (
@@ -40,7 +42,7 @@ def parse_curves(record: dict, origin: str = "curves") -> dict[str, Curve]:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
             ):
                 raise UserError(
-                    f"{origin}: {kind!r} holds {point!r}; each point must be [step, loss]. "
+                    f"{origin}: {kind!r} holds {point!r:.80}; each point must be [step, loss]. "
                     "Re-run the trainer or fix the file."
                 )
             parsed.append((int(point[0]), float(point[1])))
@@ -57,11 +59,9 @@ def load_curves(path: str | Path) -> dict[str, Curve]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: pass a run directory the trainer finished writing.")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-run the trainer.") from exc
-    return parse_curves(record, origin=str(path))
+    from data.guard import read_json
+
+    return parse_curves(read_json(path, "re-run the trainer."), origin=str(path))
 
 
 def curves_title(model: str | None, dataset: str | None, verdict: str) -> str:

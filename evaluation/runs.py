@@ -11,11 +11,11 @@ completion tokens (supervised) or reward, one per prompt (RL).
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import UserError
+from data.guard import read_json
 from trainer.result import EVAL_SCORES_FILE, RL, SCORE_OF, SUPERVISED
 
 
@@ -84,14 +84,16 @@ class RunRecord:
                 f"{self.path} has no {EVAL_SCORES_FILE} (per-example held-out scores), so no interval can be "
                 f"computed: it was trained by an older LowRegret. Re-train it with `{objective.command}`."
             )
+        fix = f"re-train the run (`{objective.command}`)."
+        record = read_json(path, fix)
         try:
-            record = json.loads(path.read_text())
-            kind = record["objective"]
-            ids, weights = record["ids"], [float(w) for w in record["weights"]]
-            by_step = {int(step): values for step, values in record["by_step"]}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path} is not a per-example score file ({exc}); re-train the run "
-                            f"(`{objective.command}`).") from exc
+            kind, ids, by_step = record["objective"], record["ids"], record["by_step"]
+            if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                raise TypeError("ids must be a list of strings")
+            weights = [_number(w) for w in record["weights"]]
+            by_step = {_whole(step): [_number(v) for v in values] for step, values in by_step}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} is not a per-example score file ({str(exc)[:120]}): {fix}") from None
         if kind != self.objective:
             raise UserError(f"{self.path} is a {kind!r} run ({SCORE_OF.get(kind, kind)} scores), not a "
                             f"{self.objective!r} one: compare it with `lowregret "
@@ -120,10 +122,11 @@ def load_run(run_dir: str | Path, objective: str = SUPERVISED) -> RunRecord:
         if missing:
             raise UserError(f"{run_dir} is not a finished RL run (no {', '.join(missing)}): pass the output_dir of "
                             "`lowregret rl-train` after it completed.")
-        try:
-            summary, curves = (json.loads(files[name].read_text()) for name in ("summary.json", "curves.json"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{run_dir}: unreadable RL run files ({exc}); re-run `lowregret rl-train`.") from exc
+        fix = "re-run `lowregret rl-train`."
+        summary, curves = (read_json(files[name], fix) for name in ("summary.json", "curves.json"))
+        if not isinstance(summary, dict):
+            raise UserError(f"{files['summary.json']} should hold a JSON object: {fix}")
+        _check_rl_curves(curves, files["curves.json"], fix)
         run = RunRecord(run_dir, summary, curves, RL)
         run.scores  # noqa: B018 - an RL run is checked whole when read
         return run
@@ -135,10 +138,7 @@ def load_run(run_dir: str | Path, objective: str = SUPERVISED) -> RunRecord:
             f"{run_dir} has no summary.json, so it is not a finished training run (the trainer "
             "writes it last). Pass the run's output_dir after `lowregret train` has completed."
         )
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{summary_path} is not valid JSON ({exc}); re-run the trainer.") from exc
+    summary = read_json(summary_path, "re-run the trainer.")
     if not isinstance(summary, dict):
         raise UserError(f"{summary_path} should hold a JSON object; re-run the trainer.")
     curves_path = run_dir / "curves.json"
@@ -182,6 +182,28 @@ def paired_losses(lora: list[RunRecord], full: list[RunRecord]
     base = tuple(sign * v for v in first[0]) if 0 in first else None
     return (HeldOutLosses(tuple(lora[0].scores.weights), tuple(map(final, lora)), tuple(map(final, full)), base),
             lora, full)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r:.40} is not a number")
+    return float(value)
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"step {value!r:.40} is not a whole number")
+    return value
+
+
+def _check_rl_curves(curves, path: Path, fix: str) -> None:
+    """An RL curves.json: {name: [[step, value], ...]} (train_reward, signal_fraction, eval_reward, ...)."""
+    ok = isinstance(curves, dict) and all(
+        isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in p) for p in points)
+        for points in curves.values())
+    if not ok:
+        raise UserError(f"{path} is not an RL curves record ({{name: [[step, value], ...]}}): {fix}")
 
 
 def check_comparable(lora: list[RunRecord], full: list[RunRecord]) -> None:

@@ -61,7 +61,33 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
     Unsharded: the main process alone calls it. Sharded (FSDP2): every rank calls it, with `is_main`
     and `barrier` (wait for every rank) from the loop's accelerator.
+
+    Raises:
+        UserError: the disk is full (or another write error): the half-written `.step-N.tmp` is
+            removed, the earlier checkpoints stay, and the message names the disk and the space
+            the last complete checkpoint took.
     """
+    try:
+        return _save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, sharded, is_main, barrier)
+    except OSError as exc:
+        import errno
+
+        tmp = Path(run_dir) / "checkpoints" / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        earlier = list_checkpoints(run_dir)
+        need = sum(f.stat().st_size for f in earlier[-1].rglob("*") if f.is_file()) if earlier else None
+        free = shutil.disk_usage(run_dir).free
+        raise UserError(
+            f"No space left on the disk of {run_dir} while writing checkpoint step-{step} ({free:,} bytes free"
+            + (f"; a checkpoint takes about {need:,}" if need else "") + "). The incomplete checkpoint was removed"
+            + (f" and {earlier[-1].name} is intact: free space, then resume=auto." if earlier
+               else ": free space (or checkpoint_every=0) and start again.")) from None
+
+
+def _save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                     sharded: bool, is_main: bool, barrier) -> Path:
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"step-{step}"
     tmp = folder / f".step-{step}.tmp"
@@ -92,7 +118,47 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
 
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    """The checkpoint's state.json (checked JSON: `data.guard.read_json`), an object."""
+    from data.guard import read_json
+
+    state = read_json(Path(checkpoint) / STATE_FILE, "resume from a checkpoint this trainer wrote, or start a fresh run.")
+    if not isinstance(state, dict):
+        raise UserError(f"{Path(checkpoint) / STATE_FILE} is not a checkpoint state (a JSON object): start a fresh run.")
+    return state
+
+
+def check_state(checkpoint: Path, state: dict, max_steps: int, curve: str) -> None:
+    """Refuse a state.json that does not describe its own checkpoint: the step a whole number in
+    [1, max_steps] equal to the folder's step-N, and the `curve` (the per-step training curve:
+    "train" or "train_reward") holding one point per step up to it; for a supervised run also
+    `examples_seen` = step x global batch and a token count >= 0. A tampered step would otherwise
+    resume "at step 1000000000000" as a finished run that never trained.
+
+    Raises:
+        UserError: naming the checkpoint and what is inconsistent.
+    """
+    def refuse(problem: str) -> UserError:
+        return UserError(f"Cannot resume from {checkpoint}: its {STATE_FILE} {problem}, so it does not describe this "
+                         "checkpoint (damaged or edited). Resume from an earlier checkpoint, or start a fresh run "
+                         "(overwrite=true).")
+
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= max_steps:
+        raise refuse(f"says step {step!r:.40}, not a step of this run's 1..{max_steps}")
+    match = _STEP_DIR.match(Path(checkpoint).name)
+    if match and int(match.group(1)) != step:
+        raise refuse(f"says step {step}, and the folder is {Path(checkpoint).name}")
+    curves = state.get("curves")
+    points = curves.get(curve) if isinstance(curves, dict) else None
+    if not (isinstance(points, list) and len(points) == step and all(
+            isinstance(p, list) and len(p) == 2 and p[0] == i + 1 for i, p in enumerate(points))):
+        raise refuse(f"has no {curve!r} curve of one point per step up to step {step}")
+    if "examples_seen" in state or "tokens" in state:
+        tokens, batch = state.get("tokens"), state.get("global_batch")
+        if state.get("examples_seen") != step * (batch if isinstance(batch, int) else 0):
+            raise refuse(f"counts {state.get('examples_seen')!r:.40} examples seen, not step x global batch")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise refuse(f"counts {tokens!r:.40} tokens")
 
 
 def check_resumable(checkpoint: Path, state: dict, config_hash: str, global_batch: int, processes: int,

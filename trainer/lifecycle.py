@@ -9,6 +9,7 @@ renamed to `output_dir` once complete (`finalize`), so a killed run never looks 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -27,6 +28,25 @@ def run_dirs(config) -> tuple[Path, Path]:
     """(output_dir, its `.partial` sibling where the run writes until it is complete)."""
     final = Path(config.output_dir)
     return final, final.with_name(final.name + ".partial")
+
+
+def finished_summary(config) -> dict | None:
+    """The summary.json of the finished run at output_dir when this command is a retry of it: resume=auto
+    (what a retry loop passes) and the same options (resume and overwrite aside). The data is not
+    re-read: the run is the one this config names. A retry of a run that finished just before its
+    process was killed is then done (exit 0), not refused as "already exists"."""
+    final, _ = run_dirs(config)
+    if config.resume != "auto" or config.overwrite or not (final / "summary.json").is_file():
+        return None
+    from data.guard import read_json
+
+    summary = read_json(final / "summary.json", "remove the folder or choose another output_dir.")
+    ignore = {"resume", "overwrite"}
+    recorded = summary.get("config") if isinstance(summary, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    mine = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k not in ignore}
+    return summary if {k: v for k, v in recorded.items() if k not in ignore} == mine else None
 
 
 def preflight_dirs(config) -> Path | None:
@@ -92,6 +112,23 @@ def eval_steps(max_steps: int, points: int) -> list[int]:
         # Round, but stay above the previous step and leave room for the ones still to come.
         steps.append(min(max(int(round(target)), steps[-1] + 1), max_steps - (len(targets) - 1 - k)))
     return steps
+
+
+def check_finite(what: str, value: float, step: int, config) -> None:
+    """Stop a run whose loss is not a finite number (inf or nan), which no later step repairs: a run that
+    "finishes" with a nan loss would exit 0 and could be registered.
+
+    Raises:
+        UserError: naming the step and the likely cause (step 0: the model itself).
+    """
+    if math.isfinite(value):
+        return
+    cause = ("the base model's own weights or outputs are not finite: check the model files"
+             if step == 0 else f"training diverged: lower lr (now {config.lr:g}) or alpha (now {config.alpha:g}), "
+             "or clip gradients (max_grad_norm=1.0)")
+    raise UserError(f"The {what} is {value} at step {step}: {cause}. The run stopped; nothing was finished or "
+                    f"registered, and its partial folder {config.output_dir}.partial keeps the checkpoints from "
+                    "before (resume=auto after a fix, or overwrite=true).")
 
 
 def checkpoint_due(config, step: int, max_steps: int) -> bool:

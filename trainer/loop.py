@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from data.errors import UserError
 from data.sources import load_tokenizer, loadable_path
 from trainer import checkpoint as ckpt
 from trainer import distributed
@@ -108,6 +110,10 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
+    finished = life.finished_summary(config)
+    if finished is not None:
+        print(f"{config.output_dir} is this run, already finished: nothing to do (resume=auto).", flush=True)
+        return TrainResult.from_dict(finished)
     # ---- setup: checks, data, model (nothing written until all of it succeeded) ----------------
     resume_from = life.preflight_dirs(config)
     final_dir, run_dir = life.run_dirs(config)
@@ -154,6 +160,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         resume_state = ckpt.read_state(resume_from)
         ckpt.check_resumable(resume_from, resume_state, config_hash, global_batch, accelerator.num_processes,
                              sharding)
+        ckpt.check_state(resume_from, resume_state, max_steps, "train")
 
     if sharding == "fsdp":
         model.to(accelerator.device)
@@ -194,11 +201,18 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
 
     def evaluate(at_step: int) -> None:
         held_out = _evaluate(model, data.eval, config.batch_size, pad_id, accelerator, head)
+        life.check_finite("held-out loss", held_out.loss, at_step, config)
         curves["eval"].append([at_step, held_out.loss])
         eval_nll.append([at_step, held_out.example_nll])
 
     if start_step == 0:
-        evaluate(0)
+        try:
+            evaluate(0)
+        except UserError:  # the base model's own loss is not finite: the fresh partial folder goes too
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         say(f"step 0: eval loss {curves['eval'][-1][1]:.4f} (base model)")
         notify("on_step", 0, {"eval_loss": curves["eval"][-1][1]})
     model.train()
@@ -230,6 +244,7 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
         optimizer.zero_grad(set_to_none=True)
         nll_step, input_tokens = accelerator.reduce(torch.stack([nll_step, input_tokens]), reduction="sum")
         train_loss = nll_step.item() / loss_tokens
+        life.check_finite("training loss", train_loss, step + 1, config)
         speed = throughput.add(int(input_tokens.item()), time.perf_counter() - t0)
         tokens_total += int(input_tokens.item())
         curves["train"].append([step + 1, train_loss])

@@ -252,6 +252,10 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
+    finished = life.finished_summary(config)
+    if finished is not None:
+        print(f"{config.output_dir} is this run, already finished: nothing to do (resume=auto).", flush=True)
+        return RLResult.from_dict(finished)
     # ---- setup: checks, reward, prompts, model (nothing written until all of it succeeded) -----
     resume_from = life.preflight_dirs(config)
     final_dir, run_dir = life.run_dirs(config)
@@ -291,6 +295,7 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     if resume_from is not None:
         resume_state = ckpt.read_state(resume_from)
         ckpt.check_resumable(resume_from, resume_state, config_hash, episodes_per_step, world, sharding)
+        ckpt.check_state(resume_from, resume_state, config.max_steps, "train_reward")
     if sharding == "fsdp":
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -378,14 +383,18 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
         counts = distributed.gathered_counts(accelerator, len(rows), -(-len(rows) // micro))
         signal_rows, passes = int(counts[:, 0].sum()), int(counts[:, 1].max())
         train_tokens = 0
+        loss_sum = torch.zeros((), device=device)
         for k in range(passes):
             chunk = rows[k * micro : (k + 1) * micro]
             batch = rollouts.batch(chunk or [0], renderer.pad_id).to(device)
             weights = (advantages[torch.tensor(chunk)] if chunk else torch.zeros(1)).to(device, torch.float32)
             with distributed.gradient_sync(model, sharding, accelerator, enabled=k == passes - 1):
                 nll = completion_nll(model, batch, head=head, weights_B=weights)
+                loss_sum = loss_sum + nll.nll_sum.detach().float()
                 accelerator.backward(nll.nll_sum * (world / episodes_per_step))  # DDP and FSDP average over processes
             train_tokens += sum(len(rollouts.prompts[i]) + len(rollouts.completions[i]) for i in chunk)
+        # Summed over every process (a collective all of them run), so all stop together on a non-finite loss.
+        life.check_finite("policy-gradient loss", accelerator.reduce(loss_sum, reduction="sum").item(), step + 1, config)
         if signal_rows:
             if config.max_grad_norm is not None and sharding == "fsdp":  # the norm of DTensor gradients is global
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
