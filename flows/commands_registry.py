@@ -12,9 +12,11 @@ from flows.commands import _prefect_server, _settings
 def _registry(settings, name: str):
     """A client on the existing registry, after checking `name` is registered there (UserError), and
     the lock on `name`'s read-modify-write."""
+    from flows.config import check_model_name
     from flows.locks import registry_lock
     from flows.registry import open_registry, registered_model
 
+    check_model_name(name, "NAME")
     client = open_registry(settings)
     registered_model(client, name)
     return client, registry_lock(settings, name)

@@ -28,6 +28,18 @@ _PIPELINE_OWNED = ("model", "dataset", "method", "rank", "lr", "output_dir", "re
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def check_model_name(name, option: str) -> None:
+    """The one check of a registered model name (pipelines, promote, rollback): MLflow would raise its
+    own exception on `a/b` deep inside a command.
+
+    Raises:
+        UserError: not 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit.
+    """
+    if not _NAME_RE.match(str(name or "")):
+        raise UserError(f"{option}={str(name)!r:.120}: a registered model name is 1-100 letters, digits, '.', '_' or "
+                        "'-', starting with a letter or digit.")
+
+
 @dataclass
 class _GatedPipeline:
     """What both pipelines (supervised and RL) share: the adapter's name, the base model and data, the
@@ -61,11 +73,7 @@ class _GatedPipeline:
 
     def __post_init__(self) -> None:
         coerce_types(self, ("rank", "lora_lr", "full_lr", *self._floats))
-        if not _NAME_RE.match(str(self.name or "")):
-            raise UserError(
-                f"name={self.name!r}: a registered model name is 1-100 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit."
-            )
+        check_model_name(self.name, "name")
         if not isinstance(self.refresh_baseline, bool):
             raise UserError(f"refresh_baseline={self.refresh_baseline!r}: must be true or false.")
         section = getattr(self, self._section)

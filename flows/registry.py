@@ -86,8 +86,14 @@ def verify_adapter(adapter_dir: str | Path) -> dict:
 
 
 def client_for(settings):
-    """An MlflowClient on the settings' tracking and registry stores."""
+    """An MlflowClient on the settings' tracking and registry stores (a local SQLite store that exists is
+    opened and checked first: `flows.settings.initialize_store` refuses a damaged one in one paragraph)."""
     from mlflow.tracking import MlflowClient
+
+    from flows.settings import initialize_store
+
+    if settings.registry_uri.startswith("sqlite:///") and Path(settings.registry_uri.removeprefix("sqlite:///")).is_file():
+        initialize_store(settings)
 
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.errors import UserError
+
 HOME_DIRNAME = ".lowregret"
 # Prefect's default startup wait is 20 s; the ephemeral server takes ~30 s on 2 busy CPU cores.
 EPHEMERAL_STARTUP_TIMEOUT_S = 120
@@ -145,9 +147,20 @@ def initialize_store(settings: FlowSettings) -> None:
         from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
 
-        with hold_file(uri.removeprefix("sqlite:///")):
-            TrackingStore(uri, settings.artifact_root)
-            RegistryStore(uri)
+        database = Path(uri.removeprefix("sqlite:///"))
+        fix = (f"move {database} aside (it is the local MLflow store: runs and registered models) and run "
+               "again to start a fresh one, or restore it from a backup; a read-only folder needs write access.")
+        if database.is_file() and database.stat().st_size and database.open("rb").read(16) != b"SQLite format 3\x00":
+            raise UserError(f"{database} is not an SQLite database (damaged or overwritten): {fix}")
+        try:
+            with hold_file(str(database)):
+                TrackingStore(uri, settings.artifact_root)
+                RegistryStore(uri)
+        except UserError:
+            raise
+        except Exception as exc:  # sqlalchemy's DatabaseError / OperationalError, alembic's, OSError
+            reason = " ".join(str(exc).split())[:200]
+            raise UserError(f"The MLflow store {database} cannot be opened ({type(exc).__name__}: {reason}): {fix}") from None
 
 
 def ensure_experiment(name: str, settings: FlowSettings) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import shutil
 from pathlib import Path
 
 from prefect import task
@@ -400,7 +401,10 @@ def register_adapter(settings, run_id: str, adapter_dir: str, base_model: str, n
         existing = registry.find_version(client, name, fingerprint)
         if existing is not None:
             return registry.Registration(name=name, version=str(existing.version), created=False)
-        model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
+        try:
+            model_uri = registry.log_adapter_model(run_id, adapter_dir, base_model, scratch)
+        finally:  # base_model.json is logged (copied into the run's artifacts): the scratch folder goes
+            shutil.rmtree(scratch, ignore_errors=True)
         return registry.register_adapter(client, name, model_uri, fingerprint, tags, description)
 
 

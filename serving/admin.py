@@ -87,11 +87,15 @@ class HostCheck:
         return name in self.names or (self.any_ip and _is_ip(name))
 
 
+# No control characters (a NUL byte in a path is a 500 from the OS layer otherwise): refused as 400.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
+
 class AddAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="the served name (the `model` field of requests)")
-    source: str = Field(description="NAME@ALIAS, NAME@VERSION, or a folder relative to an --adapter-root")
+    name: str = Field(pattern=PRINTABLE, description="the served name (the `model` field of requests)")
+    source: str = Field(pattern=PRINTABLE, description="NAME@ALIAS, NAME@VERSION, or a folder relative to an --adapter-root")
     replace: StrictBool = Field(False, description="swap the weights behind a served name")
 
 
@@ -100,8 +104,8 @@ class LoadLoraAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str
-    lora_path: str = Field(description="NAME@ALIAS, NAME@VERSION, or a folder relative to an --adapter-root")
+    lora_name: str = Field(pattern=PRINTABLE)
+    lora_path: str = Field(pattern=PRINTABLE, description="NAME@ALIAS, NAME@VERSION, or a folder relative to an --adapter-root")
     load_inplace: StrictBool = Field(False, description="vLLM's name for replace")
 
 

@@ -38,6 +38,9 @@ from trainer.generation import GenerationRequest, GenerationResult
 _DONE = object()  # end of a stream's pieces
 
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
+
+
 def completions_router(
     engine: Engine,
     metrics: ServerMetrics,
@@ -97,7 +100,9 @@ def completions_router(
             prompt_ids=prompt_ids,
             adapter=adapter,
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
+            # Below GREEDY_BELOW a temperature is greedy (vLLM's rule): dividing logits by 1e-300 overflows.
+            temperature=1.0 if body.temperature is None else (
+                0.0 if body.temperature < GREEDY_BELOW else body.temperature),
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=body.stops,

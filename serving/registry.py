@@ -44,7 +44,7 @@ def download_adapter(ref: str, cache_dir: str | Path | None = None) -> ResolvedS
     from mlflow.exceptions import MlflowException
 
     settings = load_settings()
-    client = registry.client_for(settings)
+    client = registry.open_registry(settings)  # no registry here: refused, none created
     name, alias_or_version = _split(ref)
     try:
         if alias_or_version.isdigit():

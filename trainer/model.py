@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from data.errors import UserError
-from data.sources import from_pretrained, load_tokenizer
+from data.sources import from_pretrained, load_tokenizer, loading
 from planner.lora import check_rank_fits
 
 # Path components that mark a sub-module as attention or MLP in transformers' decoder layers.
@@ -335,13 +335,16 @@ def load_trained(run_or_model_dir: str | Path, dtype: str | torch.dtype = "float
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = base_model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        with _quiet_peft():
-            model = PeftModel.from_pretrained(load_base_model(base, dtype), path)
+        with loading("the adapter", str(path)):
+            base = base_model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_model_ = load_base_model(base, dtype)
+        with _quiet_peft(), loading("the adapter", str(path)):
+            model = PeftModel.from_pretrained(base_model_, path)
     else:
         info = path / RUN_INFO_FILE
-        base = base_model or (json.loads(info.read_text()).get("base_model") if info.is_file() else None)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        with loading("the model", str(path)):
+            base = base_model or (json.loads(info.read_text()).get("base_model") if info.is_file() else None)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.eval()
     if (path / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(str(path))

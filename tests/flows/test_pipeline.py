@@ -97,6 +97,7 @@ def test_first_run_registers_and_promotes_a_champion(run_pipeline, tiny_models, 
     # The data is read and tokenized once for the whole pipeline (check, plan, both runs): the checked,
     # tokenized dataset in the token cache is what every later step opens.
     assert counts == {"reads": 1, "tokenized_rows": summary["dataset"]["examples"]}
+    assert not (Path(summary["lora"]["output_dir"]).parent / "registry-scratch").exists()  # removed after logging
     assert summary["comparison"]["verdict"] == "PASS" and not summary["baseline_cached"]
     comparison = summary["comparison"]
     assert comparison["regret_low"] <= comparison["regret_nats"] <= comparison["regret_high"]

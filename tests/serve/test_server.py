@@ -250,7 +250,17 @@ BAD_REQUESTS = [
     ("n > 1", "POST", "/v1/completions", b'{"model": "paris", "prompt": "a", "n": 2}', {}, 400, "n"),
     ("unknown route", "POST", "/v1/embeddings", b"{}", {}, 404, "No route"),
     ("delete unknown adapter", "DELETE", "/v1/adapters/nope", None, ADMIN, 404, "nope"),
+    ("NUL byte in an adapter source", "POST", "/v1/adapters", b'{"name": "x", "source": "a\\u0000b"}', ADMIN, 400,
+     "source"),
+    ("control character in a vLLM lora_path", "POST", "/v1/load_lora_adapter",
+     b'{"lora_name": "x", "lora_path": "a\\nb"}', ADMIN, 400, "lora_path"),
 ]
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_server_error(client, expected):
+    """temperature 1e-300 would divide the logits into inf: below vLLM's 1e-5 it is greedy."""
+    body = greedy(client, "docs", temperature=1e-300)
+    assert body["choices"][0]["text"] == expected["docs"]
 
 
 @pytest.mark.parametrize(
