@@ -65,3 +65,23 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(finished_run
         train(TrainConfig(**config, output_dir=str(out), resume=str(checkpoint)), progress=False)
     assert not marker.exists(), "the payload ran"
     assert not out.exists() and not out.with_name("resumed.partial").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_paragraph_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a checkpoint: the .step-N.tmp is removed, the earlier checkpoint stays, and the
+    error names the disk's free space and a checkpoint's size."""
+    import errno
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    state = {"curves": {"train": [[1, 1.0]]}}
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, state, keep=2)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_save_rng", full)
+    with pytest.raises(UserError, match=r"No space left on the disk .*free; a checkpoint takes about [\d,]+\).*step-1 is intact"):
+        ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, state, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
