@@ -73,7 +73,7 @@ def check_value(value, where: str, fix: str, *, text_limit: str = "row_bytes") -
         item, depth = stack.pop()
         if isinstance(item, str):
             chars += len(item)
-            if _SURROGATE.search(item):
+            if not item.isascii() and _SURROGATE.search(item):  # isascii: a flag, no scan
                 raise UserError(f"{where}: holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text: {fix}")
         elif isinstance(item, dict | list | tuple):
             if depth > max_depth:
