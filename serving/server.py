@@ -68,12 +68,62 @@ class ServerLimits:
         max_new_tokens_limit: the largest `max_tokens` a request may ask for (CPU time is the cost).
         request_timeout_s: a request without an answer after this long gets 503.
         body_timeout_s: a request body that has not fully arrived after this long gets 408.
+        header_timeout_s: a connection whose request line and headers have not fully arrived after
+            this long (from its opening, or from its previous response) is closed: 100 sockets sending
+            partial headers would otherwise be held open for ever (slowloris).
+        max_connections: connections and requests in progress beyond this many get 503 (uvicorn's
+            limit_concurrency).
     """
 
     max_request_bytes: int = 1_000_000
     max_new_tokens_limit: int = 512
     request_timeout_s: float = 600.0
     body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a header deadline (ServerLimits.header_timeout_s): uvicorn's own
+    keep-alive timer is cancelled by every byte received, so trickled partial headers never time out."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._deadline = None
+            waiting = self.cycle is None or self.cycle.response_complete  # no request in progress
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the headers are in: the body has its own timeout
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request's headers on this keep-alive connection
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -300,6 +350,8 @@ def uvicorn_server(
         log_config=None,  # the CLI's logging configuration, not uvicorn's own
         log_level=log_level,
         timeout_keep_alive=5,  # idle keep-alive connections close after 5 s (uvicorn's default)
+        http=header_timeout_protocol((limits or ServerLimits()).header_timeout_s),
+        limit_concurrency=(limits or ServerLimits()).max_connections,
         timeout_graceful_shutdown=30,
         server_header=False,
     )

@@ -127,7 +127,7 @@ CASES = [
      ["num_epochs", "at most"], {}),
     ("number/grad-accum-1e9", {"d.jsonl": JSONL}, TRAIN + ("grad_accum_steps=1000000000",), ["grad_accum_steps"], {}),
     ("number/batch-size-1e8", {"d.jsonl": JSONL}, TRAIN + ("batch_size=100000000",), ["batch_size", "at most"], {}),
-    ("number/rank-1e9", {"d.jsonl": JSONL}, TRAIN + ("rank=1000000000",), ["rank", "at most"], {}),
+    ("number/rank-1e9", {"d.jsonl": JSONL}, TRAIN + ("rank=1000000000",), ["rank 1000000000", "min(d_in, d_out)"], {}),
     ("number/eval-points-1e9", {"d.jsonl": JSONL}, TRAIN + ("eval_points=1000000000",), ["eval_points"], {}),
     ("number/rl-group-size-1e9", {}, ("rl-train", "group_size=1000000000"), ["group_size", "at most"], {}),
     ("number/pipeline-lr-inf", {}, ("pipeline", "lora_lr=.inf"), ["lora_lr", "finite"], {}),

@@ -184,7 +184,7 @@ class RunConfig:
     #: Bounds of the numbers (`data.config_kit.coerce_types`, the one numeric validator): beyond them a
     #: run never ends, overflows or means nothing. None: the options' own checks below.
     RANGES: typing.ClassVar[dict] = {
-        "seed": (0, 2**32 - 1), "max_steps": (None, 10**7), "rank": (None, 2**16), "alpha": (None, 1e6),
+        "seed": (0, 2**32 - 1), "max_steps": (None, 10**7), "alpha": (None, 1e6),
         "dataset_limit": (None, 10**9), "eval_points": (None, 10**4), "eval_max_examples": (None, 10**8),
         "checkpoint_every": (None, 10**7), "keep_checkpoints": (None, 10**4), "weight_decay": (None, 1e3),
         "max_grad_norm": (None, 1e9),

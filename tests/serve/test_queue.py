@@ -44,7 +44,7 @@ def ask_in_threads(client, models, results):
 
 @pytest.fixture(scope="module")
 def server(base_dir, adapters):
-    running = start(base_dir, adapters, max_pending=6, body_timeout_s=1.0)
+    running = start(base_dir, adapters, max_pending=6, body_timeout_s=1.0, header_timeout_s=1.0)
     yield running
     running.stop()
 
@@ -197,3 +197,37 @@ def test_a_seeded_request_samples_the_same_alone_and_in_a_mixed_batch(server):
     for t in threads:
         t.join(timeout=60)
     assert results == alone
+
+
+def test_connections_that_never_finish_their_headers_are_dropped(server):
+    """Slowloris: 100 sockets send a request line and part of the headers, some trickling a byte now and
+    then. The header deadline (header_timeout_s=1 here) closes every one of them; the server answers on."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    sockets = []
+    for _ in range(100):
+        conn = socket.create_connection((address.hostname, address.port), timeout=10)
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        sockets.append(conn)
+    started = time.monotonic()
+    for _ in range(6):  # trickle: uvicorn's own keep-alive timer restarts on every byte
+        time.sleep(0.3)
+        for conn in sockets[:10]:
+            try:
+                conn.sendall(b"a")
+            except OSError:
+                pass
+    closed = 0
+    for conn in sockets:
+        try:
+            closed += conn.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+        except TimeoutError:  # still open after 10 s: not dropped
+            pass
+        conn.close()
+    assert closed == 100 and time.monotonic() - started < 15
+    status, body = Client(server.url).complete("paris", max_tokens=2, temperature=0)
+    assert status == 200, body
