@@ -15,6 +15,7 @@ real dataset that needs more:
 | `yaml_bytes` | 1 MiB | a config file |
 | `yaml_nodes` | 100,000 | values in a config once its aliases are expanded |
 | `file_bytes` | 512 MiB | a run or state file (summary, curves, scores, checkpoint state), a .json dataset read whole |
+| `template_s` | 2 | seconds one row's chat-template rendering may take (data/render.py) |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DEFAULTS = {
     "yaml_bytes": 2**20,
     "yaml_nodes": 100_000,
     "file_bytes": 512 * 2**20,
+    "template_s": 2,
 }
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

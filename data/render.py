@@ -28,8 +28,11 @@ event loop encodes while its generation thread decodes), so every call goes thro
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 
+from data import guard
 from data.dataset import IGNORE_INDEX, Format, TokenizedExample, as_messages, check_row
 from data.errors import UserError
 
@@ -130,7 +133,8 @@ class Renderer:
                     f"{at} is a chat, and the tokenizer has no chat template to render it: send plain text "
                     "(a string prompt), or use a model whose tokenizer has a chat template."
                 )
-            text = _render(self.tokenizer, request, at, add_generation_prompt=True)
+            with _template_deadline(at):
+                text = _render(self.tokenizer, request, at, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def stop_ids(self, generation_config=None) -> list[int]:
@@ -210,7 +214,40 @@ def _pieces(tokenizer, row: dict, fmt: Format, at: str) -> list[_Piece]:
         if fmt == "text":
             return [(row["text"], True, True), (eos, True, False)]
         return [(row["prompt"], False, True), (row["completion"], True, False), (eos, True, False)]
-    return [(text, trained, False) for text, trained in _chat_pieces(tokenizer, as_messages(row, fmt), at, fmt)]
+    with _template_deadline(at):
+        chat = _chat_pieces(tokenizer, as_messages(row, fmt), at, fmt)
+    return [(text, trained, False) for text, trained in chat]
+
+
+class _TemplateTimeout(BaseException):
+    """Raised by the deadline's alarm inside a chat template (a BaseException: no `except Exception` in
+    jinja or transformers swallows it)."""
+
+
+@contextlib.contextmanager
+def _template_deadline(at: str):
+    """Stop a chat template that runs longer than the `template_s` limit (a model's own Jinja template
+    can loop: two nested range(100000) loops render for hours and fill memory). SIGALRM, so only on the
+    main thread and when no other timer is set; a legit template renders in well under a millisecond."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield
+        return
+    seconds = guard.limit("template_s")
+
+    def expire(signum, frame):
+        raise _TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _TemplateTimeout:
+        raise UserError(f"{at}: the tokenizer's chat template was still rendering after {seconds} s, the limit "
+                        "(template_s; raise it with LOWREGRET_LIMIT_TEMPLATE_S=N if this is intended): the template "
+                        "loops or grows without end. Use the model's published template, or prompt/completion rows.") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _render(tokenizer, messages: list[dict], at: str, *, add_generation_prompt: bool) -> str:

@@ -180,6 +180,7 @@ MODEL_CASES = [
     ("model/custom-code-auto-map", "auto_map", ["could not load", "my_custom"]),
     ("model/gguf-truncated", "gguf", ["could not load", "gguf"]),
     ("model/nan-weights", "nan", ["loss is nan at step 0", "model"]),
+    ("model/chat-template-that-loops", "template", ["chat template", "template_s"]),
     ("adapter/pickled-bin", "pickled_adapter", ["could not load", "adapter"]),
 ]
 STATE_CASES = [
@@ -311,6 +312,14 @@ def _damaged_model(kind: str, tiny: Path, folder: Path) -> tuple[str, ...]:
 
         tensors = load_file(weights)
         save_file({k: v.fill_(float("nan")) for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    elif kind == "template":  # two nested loops: hours of rendering and gigabytes of text
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+        for extra in model.glob("chat_template.*"):
+            extra.unlink()
+        (folder / "d.jsonl").write_text(conversation(4).splitlines()[0] + "\n")
+        return ("plan", "--model", str(model), "--rank", "4", "--dataset", "d.jsonl")
     elif kind == "pickled_adapter":
         adapter = folder / "adapter"
         adapter.mkdir()
