@@ -2,7 +2,8 @@
 
 Every command that writes (plan --out, train output_dir, export DIR, compare --chart, the flows'
 --workdir) calls these first, so a path under a regular file or in a read-only folder is a
-`UserError` naming the path, not a traceback after minutes of work. Nothing is created here.
+`UserError` naming the path, not a traceback after minutes of work. Nothing is left behind here (the
+writability probe is an unnamed temporary file).
 """
 
 from __future__ import annotations
@@ -70,3 +71,14 @@ def _check_creatable(folder: Path, given: str | os.PathLike, option: str) -> Non
             f"{option} {str(given)!r} cannot be written: {ancestor} is read-only for this user. "
             "Choose a folder you can write to."
         )
+    # os.access says yes to root everywhere, but /proc, /sys or a read-only mount still refuse (EPERM,
+    # ENOENT, EROFS) when the work ends: probe with an unnamed temporary file, gone when closed.
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as exc:
+        raise UserError(
+            f"{option} {str(given)!r} cannot be written: creating a file in {ancestor} fails "
+            f"({exc.strerror or exc}). Choose a folder you can write to."
+        ) from None

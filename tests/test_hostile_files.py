@@ -159,6 +159,11 @@ CASES = [
         "curves.json": '{"eval_accuracy": "high"}',
         "eval_scores.json": json.dumps({"objective": "rl", "ids": ["p"], "weights": [1], "by_step": [[0, [1.0]]]}),
     }.items()}, ("rl-compare", "--lora", "l", "--full", "f"), ["curves.json", "rl curves"], {}),
+    # --- 7. output paths the OS refuses even to root -------------------------------------------------
+    ("paths/plan-out-under-proc", {}, ("plan", "--model", "{M}", "--rank", "4", "--out", "/proc/lowregret-report"),
+     ["--out", "/proc", "cannot be written"], {}),
+    ("paths/train-output-dir-under-sys", {"d.jsonl": JSONL}, (*TRAIN[:-1], "output_dir=/sys/lowregret-run"),
+     ["output_dir", "/sys", "cannot be written"], {}),
     # --- 6. registry state -------------------------------------------------------------------------
     ("registry/models-on-a-damaged-store", {".lowregret/mlflow.db": b"not a database" * 100}, ("models",),
      ["mlflow.db", "not an sqlite database"], {}),
