@@ -187,10 +187,7 @@ def pydoc_rows(limit: int | None = None) -> list[dict]:
     Args:
         limit: keep only the first `limit` pairs (None: all of them).
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise UserError(f"builtin:pydoc needs limit >= 1 (or no limit), got {limit!r}.")
-    rows = _pydoc_all()
-    return [_copy_row(r) for r in (rows if limit is None else rows[:limit])]
+    return _first_rows("pydoc", _pydoc_all, limit)
 
 
 def _copy_row(row: dict) -> dict:
@@ -269,9 +266,15 @@ def numpydoc_rows(limit: int | None = None) -> list[dict]:
     Args:
         limit: keep only the first `limit` pairs (None: all of them).
     """
+    return _first_rows("numpydoc", _numpydoc_all, limit)
+
+
+def _first_rows(name: str, all_rows, limit: int | None) -> list[dict]:
+    """Copies of the first `limit` of a built-in's cached rows (`all_rows()`; all of them for None),
+    the limit checked before the rows are built."""
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise UserError(f"builtin:numpydoc needs limit >= 1 (or no limit), got {limit!r}.")
-    rows = _numpydoc_all()
+        raise UserError(f"builtin:{name} needs limit >= 1 (or no limit), got {limit!r}.")
+    rows = all_rows()
     return [_copy_row(r) for r in (rows if limit is None else rows[:limit])]
 
 

@@ -10,7 +10,6 @@ Norms and biases are left out: under 0.1% of the parameters of every catalog mod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,12 +280,10 @@ def check_context(seq_len: int, context_length: int | None, model: str, option: 
 
 
 def _read_config_file(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"Could not read {str(path)!r}: {exc}.") from exc
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{str(path)!r} is not valid JSON ({exc}): pass a model's config.json.") from exc
+    """A model's config.json, through the one checked JSON reader (`data.guard.read_json`)."""
+    from data.guard import read_json
+
+    config = read_json(path, "pass a model's config.json.")
     if not isinstance(config, dict):
         raise UserError(f"{str(path)!r} holds JSON but not an object: pass a model's config.json.")
     return config
