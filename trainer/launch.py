@@ -207,13 +207,12 @@ def launch(config: RunConfig, log: Callable[[str], None] = print):
         UserError: bad input, found here or by every rank before any work (the ranks' message).
         LaunchFailed: a rank crashed or was killed (its rank and error), after all ranks have ended.
     """
-    from trainer.lifecycle import finished_summary, preflight_dirs
+    from trainer.lifecycle import finished_result, preflight_dirs
 
     check_launch(config)
-    finished = finished_summary(config)
+    finished = finished_result(config, _result_class(config), log)
     if finished is not None:  # a retry of a run that finished: done, no process started
-        log(f"{config.output_dir} is this run, already finished: nothing to do (resume=auto).")
-        return _result_class(config).from_dict(finished)
+        return finished
     preflight_dirs(config)  # output/resume paths: refused here, before any process starts
     with tempfile.TemporaryDirectory(prefix="lowregret-launch-") as tmp:
         config_path = Path(tmp) / "config.json"

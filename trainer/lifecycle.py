@@ -30,6 +30,16 @@ def run_dirs(config) -> tuple[Path, Path]:
     return final, final.with_name(final.name + ".partial")
 
 
+def finished_result(config, result_class, log=print):
+    """The result (`result_class.from_dict` of its summary.json) of the finished run this command retries
+    (`finished_summary`), said in one line; None when it is not a retry of a finished run."""
+    summary = finished_summary(config)
+    if summary is None:
+        return None
+    log(f"{config.output_dir} is this run, already finished: nothing to do (resume=auto).")
+    return result_class.from_dict(summary)
+
+
 def finished_summary(config) -> dict | None:
     """The summary.json of the finished run at output_dir when this command is a retry of it: resume=auto
     (what a retry loop passes) and the same options (resume and overwrite aside). The data is not

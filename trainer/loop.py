@@ -15,6 +15,7 @@ gradient independent of how the step is split into micro-batches and processes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -110,10 +111,9 @@ def train(config: TrainConfig, progress: bool = True, callbacks: Sequence[TrainC
     from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
-    finished = life.finished_summary(config)
+    finished = life.finished_result(config, TrainResult, functools.partial(print, flush=True))
     if finished is not None:
-        print(f"{config.output_dir} is this run, already finished: nothing to do (resume=auto).", flush=True)
-        return TrainResult.from_dict(finished)
+        return finished
     # ---- setup: checks, data, model (nothing written until all of it succeeded) ----------------
     resume_from = life.preflight_dirs(config)
     final_dir, run_dir = life.run_dirs(config)

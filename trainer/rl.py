@@ -39,6 +39,7 @@ the resume check, the optimizer, the eval and checkpoint cadence, finalize): eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -252,10 +253,9 @@ def train_rl(config: RLConfig, progress: bool = True) -> RLResult:
     from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
-    finished = life.finished_summary(config)
+    finished = life.finished_result(config, RLResult, functools.partial(print, flush=True))
     if finished is not None:
-        print(f"{config.output_dir} is this run, already finished: nothing to do (resume=auto).", flush=True)
-        return RLResult.from_dict(finished)
+        return finished
     # ---- setup: checks, reward, prompts, model (nothing written until all of it succeeded) -----
     resume_from = life.preflight_dirs(config)
     final_dir, run_dir = life.run_dirs(config)
